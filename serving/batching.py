@@ -1,0 +1,243 @@
+"""Dynamic batching: requests wait in a bounded queue; one worker groups them into batches.
+
+A batch closes when it holds `max_batch_size` images or when its oldest image has waited
+`max_batch_wait_s`, and runs on a dedicated inference thread so the event loop keeps answering
+health checks and scrapes. Early-exit and full-mode images never share a batch. Threshold swaps
+take the same lock as a running batch, so they land between batches. Everything except the
+runtime call runs on the event loop thread, which is what makes the queue checks atomic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from serving.metrics import ServingMetrics
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ClassifyingRuntime(Protocol):
+    """What the batcher needs from `serving.runtime.EarlyExitRuntime`."""
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray: ...
+
+    def classify(self, batch: np.ndarray, full: bool = False) -> Any: ...
+
+
+class QueueFullError(RuntimeError):
+    """The queue cannot take the images now; the client should retry later (503)."""
+
+
+class BatcherClosedError(RuntimeError):
+    """The server is shutting down and takes no new work (503)."""
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """The answer for one image."""
+
+    probs: np.ndarray  # C answer probabilities
+    exit: int  # 1..K, 0 = fallback
+    exit_probs: np.ndarray | None  # K×C, full mode only
+    queue_seconds: float  # time waiting for its batch
+    batch_size: int
+
+
+@dataclass
+class _Job:
+    image: np.ndarray  # H×W×C uint8
+    full: bool
+    future: asyncio.Future[RowResult]
+    enqueued: float
+
+
+class DynamicBatcher:
+    """Owns the queue, the worker task and the inference thread for one runtime."""
+
+    def __init__(
+        self,
+        runtime: ClassifyingRuntime,
+        *,
+        max_batch_size: int,
+        max_batch_wait_s: float,
+        queue_size: int,
+        metrics: ServingMetrics | None = None,
+    ) -> None:
+        if max_batch_size < 1 or queue_size < 1 or max_batch_wait_s < 0:
+            raise ValueError("max_batch_size and queue_size must be ≥ 1, max_batch_wait_s ≥ 0")
+        self._runtime = runtime
+        self.max_batch_size = max_batch_size
+        self.max_batch_wait_s = max_batch_wait_s
+        self.queue_size = queue_size
+        self._metrics = metrics
+        self._pending: dict[bool, deque[_Job]] = {False: deque(), True: deque()}
+        self._wakeup = asyncio.Event()
+        self._run_lock = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="earlyexit-infer")
+        self._worker: asyncio.Task[None] | None = None
+        self._closing = False
+        self.batches_run = 0
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending[False]) + len(self._pending[True])
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(
+                self._work(), name="earlyexit-batcher"
+            )
+
+    async def classify(self, images: Sequence[np.ndarray], full: bool = False) -> list[RowResult]:
+        """Queue the images (all or none) and wait for their answers, in order."""
+        futures = self.enqueue(images, full)
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for fut in futures:
+                fut.cancel()  # a disconnected client's rows are skipped, not computed
+            raise
+
+    def enqueue(self, images: Sequence[np.ndarray], full: bool) -> list[asyncio.Future[RowResult]]:
+        if self._closing:
+            raise BatcherClosedError("server is shutting down")
+        if self._worker is None or self._worker.done():
+            raise BatcherClosedError("batch worker is not running")
+        if self.depth + len(images) > self.queue_size:
+            raise QueueFullError(
+                f"queue full ({self.depth} images waiting, limit {self.queue_size})"
+            )
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        futures: list[asyncio.Future[RowResult]] = []
+        for image in images:
+            fut: asyncio.Future[RowResult] = loop.create_future()
+            self._pending[bool(full)].append(_Job(image, bool(full), fut, now))
+            futures.append(fut)
+        self._update_depth()
+        self._wakeup.set()
+        return futures
+
+    async def run_exclusive(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the event loop while no batch is running (threshold swaps)."""
+        async with self._run_lock:
+            return fn()
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Refuse new work, finish everything queued, then stop the worker and thread."""
+        self._closing = True
+        self._wakeup.set()
+        if self._worker is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._worker), timeout=timeout_s)
+            except asyncio.TimeoutError:
+                logger.error("batcher did not drain within %.1fs; cancelling", timeout_s)
+                self._worker.cancel()
+                self._fail_pending(BatcherClosedError("server shut down before answering"))
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # ------------------------------------------------------------------ worker
+
+    def _update_depth(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(self.depth)
+
+    def _oldest_mode(self) -> bool | None:
+        heads = [(q[0].enqueued, mode) for mode, q in self._pending.items() if q]
+        return min(heads)[1] if heads else None
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        for queue in self._pending.values():
+            while queue:
+                job = queue.popleft()
+                if not job.future.done():
+                    job.future.set_exception(exc)
+        self._update_depth()
+
+    async def _next_batch(self) -> list[_Job] | None:
+        """Wait for work, then until the batch is full or its oldest job's wait is up."""
+        while True:
+            mode = self._oldest_mode()
+            if mode is None:
+                if self._closing:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            queue = self._pending[mode]
+            deadline = queue[0].enqueued + self.max_batch_wait_s
+            while len(queue) < self.max_batch_size and not self._closing:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch = []
+            while queue and len(batch) < self.max_batch_size:
+                job = queue.popleft()
+                if not job.future.done():  # cancelled: the client went away
+                    batch.append(job)
+            self._update_depth()
+            if batch:
+                return batch
+
+    def _run_batch(self, images: np.ndarray, full: bool) -> Any:
+        return self._runtime.classify(self._runtime.preprocess(images), full=full)
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            full = batch[0].full
+            images = np.stack([job.image for job in batch])
+            started = time.perf_counter()
+            try:
+                async with self._run_lock:
+                    result = await loop.run_in_executor(self._executor, self._run_batch, images, full)
+            except Exception as exc:  # noqa: BLE001 - every waiting request must get an answer
+                logger.exception("batch of %d images failed", len(batch))
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            self.batches_run += 1
+            self._resolve(batch, result, started)
+
+    def _resolve(self, batch: list[_Job], result: Any, started: float) -> None:
+        probs = np.asarray(result.probs)
+        exits = np.asarray(result.exits)
+        exit_probs = None if result.exit_probs is None else np.asarray(result.exit_probs)
+        if self._metrics is not None:
+            self._metrics.observe_batch(
+                exits, probs.max(axis=1), result.rows_per_segment, result.segment_seconds
+            )
+        for row, job in enumerate(batch):
+            if job.future.done():
+                continue
+            job.future.set_result(
+                RowResult(
+                    probs=probs[row],
+                    exit=int(exits[row]),
+                    exit_probs=None if exit_probs is None else exit_probs[row],
+                    queue_seconds=started - job.enqueued,
+                    batch_size=len(batch),
+                )
+            )
+

@@ -1,0 +1,133 @@
+"""Prometheus metrics of one app instance (own CollectorRegistry, so tests and several apps in a
+process never share counters). Names and labels are the contract's; labels stay low-cardinality:
+status code, exit number (or "fallback") and segment number only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+# Request and segment latencies are milliseconds on CPU and sub-millisecond on GPU.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+SEGMENT_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 0.999, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+FALLBACK = "fallback"
+
+
+def exit_label(exit_index: int) -> str:
+    """Runtime exit number (1..K, 0 = fallback) → the `exit` label value."""
+    return FALLBACK if exit_index == 0 else str(exit_index)
+
+
+class ServingMetrics:
+    """Every metric of the contract plus model info and the live thresholds."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "earlyexit_requests", "Classification HTTP requests by status code.", ["code"],
+            registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "earlyexit_request_duration_seconds",
+            "Wall time of classification requests, body read to response.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.exits = Counter(
+            "earlyexit_exit", "Answered images by the exit that answered them.", ["exit"],
+            registry=r,
+        )  # fmt: skip
+        self.exit_confidence = Histogram(
+            "earlyexit_exit_confidence",
+            "Confidence (max probability) of answers, by exit.",
+            ["exit"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.segment_duration = Histogram(
+            "earlyexit_segment_duration_seconds",
+            "Wall time of one segment run over one batch.",
+            ["segment"],
+            buckets=SEGMENT_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "earlyexit_batch_size", "Images per runtime batch.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge(
+            "earlyexit_queue_depth", "Images waiting for a batch.", registry=r
+        )
+        self.model_info = Gauge(
+            "earlyexit_model_info", "The served bundle (value 1).", ["name", "version"],
+            registry=r,
+        )  # fmt: skip
+        self.threshold = Gauge(
+            "earlyexit_threshold", "Current acceptance threshold per exit.", ["exit"], registry=r
+        )
+        self.ready = Gauge("earlyexit_ready", "1 once the bundle is loaded.", registry=r)
+        self.threshold_updates = Counter(
+            "earlyexit_threshold_updates", "Threshold swaps by source (api, reload).", ["source"],
+            registry=r,
+        )  # fmt: skip
+
+    def prime(self, num_exits: int) -> None:
+        """Create every exit/segment series at 0 so dashboards see them before traffic."""
+        for k in range(1, num_exits + 1):
+            self.exits.labels(exit=str(k))
+            self.exit_confidence.labels(exit=str(k))
+            self.segment_duration.labels(segment=str(k))
+        self.exits.labels(exit=FALLBACK)
+        self.exit_confidence.labels(exit=FALLBACK)
+
+    def set_model(self, name: str, version: str, thresholds: Sequence[float]) -> None:
+        self.model_info.labels(name=name, version=version).set(1)
+        self.set_thresholds(thresholds)
+        self.ready.set(1)
+
+    def set_thresholds(self, thresholds: Sequence[float]) -> None:
+        for k, value in enumerate(thresholds, start=1):
+            self.threshold.labels(exit=str(k)).set(float(value))
+
+    def observe_request(self, code: int, seconds: float) -> None:
+        self.requests.labels(code=str(code)).inc()
+        self.request_duration.observe(seconds)
+
+    def observe_batch(
+        self,
+        exits: np.ndarray,
+        confidences: np.ndarray,
+        rows_per_segment: Sequence[int],
+        segment_seconds: Sequence[float],
+    ) -> None:
+        """One runtime batch: every answered row counts once under the exit that answered it."""
+        self.batch_size.observe(int(exits.shape[0]))
+        for exit_index, confidence in zip(exits.tolist(), confidences.tolist(), strict=True):
+            label = exit_label(int(exit_index))
+            self.exits.labels(exit=label).inc()
+            self.exit_confidence.labels(exit=label).observe(float(confidence))
+        for k, (rows, seconds) in enumerate(
+            zip(rows_per_segment, segment_seconds, strict=False), start=1
+        ):
+            if rows > 0:
+                self.segment_duration.labels(segment=str(k)).observe(float(seconds))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

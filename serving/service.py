@@ -1,0 +1,195 @@
+"""The serving state of one app: settings, metrics, the runtime once loaded, the batcher, and the
+threshold lifecycle (swap via the API, re-read on SIGHUP). No HTTP here: routes translate the
+exceptions raised below into status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from serving.batching import DynamicBatcher
+from serving.bundle import (
+    BundleError,
+    Manifest,
+    Thresholds,
+    read_thresholds,
+    validate_threshold_values,
+    write_thresholds,
+)
+from serving.metrics import ServingMetrics
+from serving.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class NotReadyError(RuntimeError):
+    """The bundle is still loading, or failed to load (503)."""
+
+
+class PersistError(RuntimeError):
+    """thresholds.json could not be written; the old thresholds stay in force."""
+
+
+class ServingState:
+    """Everything a request handler needs, created by `create_app` and filled by the lifespan."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = ServingMetrics()
+        self.runtime: Any | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.load_error: str | None = None
+        self.tuned: dict[str, Any] = {}
+        self.started_at = time.time()
+        self._threshold_lock = asyncio.Lock()
+
+    @property
+    def bundle_dir(self) -> Path:
+        return Path(self.settings.bundle)
+
+    @property
+    def ready(self) -> bool:
+        return self.runtime is not None and self.batcher is not None
+
+    def require_ready(self) -> tuple[Any, DynamicBatcher]:
+        if self.runtime is None or self.batcher is None:
+            if self.load_error:
+                raise NotReadyError(f"bundle failed to load: {self.load_error}")
+            raise NotReadyError("model is loading")
+        return self.runtime, self.batcher
+
+    @property
+    def manifest(self) -> Manifest:
+        runtime, _ = self.require_ready()
+        return runtime.manifest
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        runtime, _ = self.require_ready()
+        return tuple(float(t) for t in runtime.thresholds)
+
+    @property
+    def providers(self) -> list[str]:
+        if self.runtime is not None:
+            active = getattr(self.runtime, "providers", None)
+            if active:
+                return [str(p) for p in active]
+        return list(self.settings.providers)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _load_runtime(self) -> Any:
+        # Imported here: onnxruntime is heavy and must not load when the app module is imported.
+        from serving.runtime import EarlyExitRuntime
+
+        return EarlyExitRuntime(
+            self.bundle_dir,
+            providers=list(self.settings.providers),
+            intra_op_threads=self.settings.intra_op_threads,
+            strict=self.settings.strict_providers,
+        )
+
+    async def load(self) -> None:
+        """Load the bundle off the event loop; on failure remember why (readyz says so)."""
+        started = time.perf_counter()
+        try:
+            runtime = await asyncio.to_thread(self._load_runtime)
+            tuned = await asyncio.to_thread(
+                read_thresholds, self.bundle_dir, runtime.manifest.num_exits
+            )
+        except Exception as exc:  # noqa: BLE001 - reported through /readyz and the log
+            self.load_error = str(exc) or type(exc).__name__
+            logger.error("bundle failed to load: %s", self.load_error)
+            return
+        manifest = runtime.manifest
+        batcher = DynamicBatcher(
+            runtime,
+            max_batch_size=self.settings.max_batch_size,
+            max_batch_wait_s=self.settings.max_batch_wait_s,
+            queue_size=self.settings.queue_size,
+            metrics=self.metrics,
+        )
+        batcher.start()
+        self.tuned = dict(tuned.tuned)
+        self.metrics.prime(manifest.num_exits)
+        self.metrics.set_model(manifest.name, manifest.version, runtime.thresholds)
+        self.runtime, self.batcher = runtime, batcher
+        logger.info(
+            "bundle loaded",
+            extra={
+                "fields": {
+                    "bundle": str(self.bundle_dir),
+                    "model": manifest.name,
+                    "version": manifest.version,
+                    "exits": manifest.num_exits,
+                    "thresholds": list(runtime.thresholds),
+                    "providers": self.providers,
+                    "load_seconds": round(time.perf_counter() - started, 3),
+                }
+            },
+        )
+
+    async def shutdown(self) -> None:
+        """Answer everything already queued, then release the inference thread."""
+        if self.batcher is not None:
+            await self.batcher.stop(timeout_s=self.settings.shutdown_timeout_s)
+
+    # ------------------------------------------------------------------ thresholds
+
+    async def update_thresholds(
+        self, values: Sequence[Any], tuned: dict[str, Any] | None, source: str = "api"
+    ) -> tuple[tuple[float, ...], tuple[float, ...], dict[str, Any], Path]:
+        """Validate, persist atomically, then swap between batches. Returns (new, old, tuned,
+        path). BundleError on invalid values, PersistError when the file cannot be written;
+        either way the old thresholds stay in force."""
+        runtime, batcher = self.require_ready()
+        checked = validate_threshold_values(values, runtime.manifest.num_exits)
+        record = dict(tuned) if tuned else {}
+        record.setdefault("method", "manual")
+        record.setdefault("source", "PUT /v1/thresholds")
+        record.setdefault("updated_at", dt.datetime.now(dt.timezone.utc).isoformat())
+        async with self._threshold_lock:
+            previous = tuple(float(t) for t in runtime.thresholds)
+            try:
+                path = await asyncio.to_thread(
+                    write_thresholds, self.bundle_dir, Thresholds(values=checked, tuned=record)
+                )
+            except OSError as exc:
+                raise PersistError(f"could not write thresholds.json: {exc}") from exc
+            await batcher.run_exclusive(lambda: runtime.set_thresholds(checked))
+            self.tuned = record
+        self.metrics.set_thresholds(checked)
+        self.metrics.threshold_updates.labels(source=source).inc()
+        logger.info(
+            "thresholds updated",
+            extra={"fields": {"source": source, "thresholds": list(checked), "previous": list(previous)}},
+        )
+        return checked, previous, record, path
+
+    async def reload_thresholds(self, source: str = "reload") -> tuple[float, ...]:
+        """Re-read thresholds.json (SIGHUP, reload endpoint); BundleError keeps the old ones."""
+        runtime, batcher = self.require_ready()
+        async with self._threshold_lock:
+            loaded = await asyncio.to_thread(
+                read_thresholds, self.bundle_dir, runtime.manifest.num_exits
+            )
+            await batcher.run_exclusive(lambda: runtime.set_thresholds(loaded.values))
+            self.tuned = dict(loaded.tuned)
+        self.metrics.set_thresholds(loaded.values)
+        self.metrics.threshold_updates.labels(source=source).inc()
+        logger.info(
+            "thresholds reloaded", extra={"fields": {"source": source, "thresholds": list(loaded.values)}}
+        )
+        return loaded.values
+
+    async def reload_from_signal(self) -> None:
+        try:
+            await self.reload_thresholds(source="sighup")
+        except (BundleError, NotReadyError, OSError) as exc:
+            logger.error("SIGHUP: thresholds not reloaded, old ones stay: %s", exc)

@@ -1,0 +1,120 @@
+"""Server settings: one pydantic-settings class read from `EARLYEXIT_*` environment variables.
+
+A bad value fails at start-up (pydantic ValidationError), never on the first request.
+`earlyexit-serve` flags override the environment by passing keyword arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# The bundle shipped inside the package (if any), found from the package location so an
+# installed wheel and a source checkout behave the same.
+DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default_bundle"
+
+# Short provider names users type, mapped to onnxruntime's execution-provider names.
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def normalize_providers(value: Any) -> list[str]:
+    """Accept "cuda,cpu", ["cuda", "cpu"] or full ORT names; return ORT provider names in order."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    known = {v.lower(): v for v in PROVIDER_ALIASES.values()}
+    out: list[str] = []
+    for item in items:
+        name = str(item).strip()
+        if not name:
+            continue
+        key = name.lower()
+        resolved = PROVIDER_ALIASES.get(key) or known.get(key)
+        if resolved is None:
+            raise ValueError(
+                f"unknown execution provider {name!r} "
+                f"(use {', '.join(sorted(PROVIDER_ALIASES))} or an onnxruntime provider name)"
+            )
+        if resolved not in out:
+            out.append(resolved)
+    return out
+
+
+class Settings(BaseSettings):
+    """Everything the server reads from its environment (prefix `EARLYEXIT_`)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EARLYEXIT_", frozen=True, extra="ignore", validate_default=True
+    )
+
+    bundle: Path = Field(DEFAULT_BUNDLE_DIR, description="bundle directory to serve")
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8000, ge=0, le=65535)
+    # Empty means "CUDA when onnxruntime offers it, else CPU" (decided by the runtime).
+    providers: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["cuda", "cpu"])
+    strict_providers: bool = False
+    intra_op_threads: int = Field(0, ge=0, le=1024, description="0 = onnxruntime default")
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_batch_wait_ms: float = Field(2.0, ge=0.0, le=10_000.0)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    # 4096² is far above what a 32×32 classifier needs and far below Pillow's bomb limit.
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_batch_files: int = Field(64, ge=1, le=4096, description="images per /classify/batch")
+    queue_size: int = Field(256, ge=1, le=1_000_000)
+    admin_token: SecretStr | None = None
+    log_level: str = "info"
+    access_log: bool = True
+    shutdown_timeout_s: float = Field(30.0, gt=0.0)
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _providers(cls, value: Any) -> list[str]:
+        return normalize_providers(value)
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: Any) -> Any:
+        # EARLYEXIT_ADMIN_TOKEN="" must mean "no admin endpoints", not "empty password".
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value: Any) -> str:
+        level = str(value).strip().lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        return level
+
+    @property
+    def max_batch_wait_s(self) -> float:
+        return self.max_batch_wait_ms / 1000.0
+
+
+def settings_error_line(exc: Exception) -> str:
+    """One human line for a pydantic ValidationError (CLI prints it and exits 2)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        parts = []
+        for err in errors():
+            field = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+            msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+            parts.append(f"EARLYEXIT_{field.upper()}: {msg}")
+        if parts:
+            return "invalid settings: " + "; ".join(parts)
+    return f"invalid settings: {exc}"

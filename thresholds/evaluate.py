@@ -1,0 +1,225 @@
+"""Vectorised scoring of threshold vectors on calibration arrays (seed 004 Alg. 1).
+
+Decision rule, identical to the runtime: exit k accepts a row when its max probability is
+strictly greater than t_k (t = 1.0 disables an exit); the first accepting exit answers; a row no
+exit accepts gets the fallback ("ensemble": argmax of the mean of all K exits' probabilities, or
+"last": exit K's answer, still counted as a fallback row). A row answered at exit k ran segments
+1..k; a fallback row ran all K.
+
+Everything that does not depend on the thresholds (max probabilities, per-exit and fallback
+correctness) is computed once in `build_exit_table`, so scoring a population of P vectors is a
+handful of P×N numpy passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from thresholds.costs import CostModel
+from thresholds.errors import TuningError
+
+logger = logging.getLogger(__name__)
+
+FALLBACKS = ("ensemble", "last")
+# Bound on P×N cells scored at once, so huge populations or splits do not exhaust memory.
+_MAX_CELLS = 1 << 24
+
+
+def _mask_dtype(num_bits: int) -> type[np.unsignedinteger]:
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if num_bits <= np.iinfo(dtype).bits:
+            return dtype
+    raise TuningError(f"at most 63 exits are supported, got {num_bits - 1}")
+
+
+@dataclass(frozen=True, eq=False)
+class ExitTable:
+    """Threshold-independent facts about N calibration rows and K exits."""
+
+    max_probs: np.ndarray  # N×K float32: each exit's max probability
+    correct: np.ndarray  # N×(K+1) bool: exit k right (k < K), fallback right (column K)
+    fallback: str
+    num_classes: int
+    # Derived layouts for the hot loop: exit-major float64 max probs, packed correctness bits.
+    _max_probs_t: np.ndarray = field(init=False, repr=False)
+    _correct_bits: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        k1 = self.correct.shape[1]
+        dtype = _mask_dtype(k1)
+        weights = (np.ones(1, dtype=dtype) << np.arange(k1, dtype=dtype)).astype(dtype)
+        bits = (self.correct.astype(dtype) * weights).sum(axis=1, dtype=dtype)
+        object.__setattr__(self, "_max_probs_t", np.ascontiguousarray(self.max_probs.T, np.float64))
+        object.__setattr__(self, "_correct_bits", bits)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.max_probs.shape[0])
+
+    @property
+    def num_exits(self) -> int:
+        return int(self.max_probs.shape[1])
+
+    def exit_accuracies(self) -> list[float]:
+        """Accuracy (percent) of each exit answering every row, then of the fallback."""
+        counts = np.count_nonzero(self.correct, axis=0)
+        return [100.0 * int(c) / self.num_rows for c in counts]
+
+    @property
+    def final_accuracy(self) -> float:
+        """The final exit's accuracy (percent): the default baseline of eq. 7."""
+        return 100.0 * int(np.count_nonzero(self.correct[:, self.num_exits - 1])) / self.num_rows
+
+    def subset(self, rows: np.ndarray) -> ExitTable:
+        return ExitTable(self.max_probs[rows], self.correct[rows], self.fallback, self.num_classes)
+
+
+def build_exit_table(
+    exit_probs: np.ndarray, labels: np.ndarray, fallback: str = "ensemble"
+) -> ExitTable:
+    """Precompute max probabilities and correctness from N×K×C probabilities and N labels.
+
+    Raises TuningError on empty data, wrong shapes, labels outside [0, C) or non-finite values.
+    """
+    if fallback not in FALLBACKS:
+        raise TuningError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    probs = np.asarray(exit_probs)
+    labels = np.asarray(labels)
+    if probs.ndim != 3:
+        raise TuningError(f"exit_probs must be N×K×C, got shape {list(probs.shape)}")
+    n, k, c = probs.shape
+    if n == 0:
+        raise TuningError("calibration data is empty (0 rows)")
+    if k == 0 or c < 2:
+        raise TuningError(f"exit_probs needs at least 1 exit and 2 classes, got K={k}, C={c}")
+    if labels.shape != (n,):
+        raise TuningError(f"labels must have shape [{n}], got {list(labels.shape)}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TuningError(f"labels must be integers, got dtype {labels.dtype}")
+    if labels.min() < 0 or labels.max() >= c:
+        raise TuningError(f"labels must lie in [0, {c}), got [{labels.min()}, {labels.max()}]")
+    if not np.isfinite(probs).all():
+        raise TuningError("exit_probs contains NaN or infinite values")
+    probs = probs.astype(np.float32, copy=False)
+    predictions = probs.argmax(axis=2)  # N×K
+    correct = np.empty((n, k + 1), dtype=bool)
+    correct[:, :k] = predictions == labels[:, None]
+    if fallback == "ensemble":
+        correct[:, k] = probs.mean(axis=1).argmax(axis=1) == labels
+    else:
+        correct[:, k] = correct[:, k - 1]
+    return ExitTable(probs.max(axis=2), correct, fallback, c)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """One threshold vector scored on one table; accuracy in percent."""
+
+    thresholds: tuple[float, ...]
+    accuracy: float
+    acceleration: float
+    mean_cost: float
+    exit_fractions: tuple[float, ...]  # K exits, then the fallback
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "thresholds": list(self.thresholds),
+            "accuracy": self.accuracy,
+            "acceleration": self.acceleration,
+            "mean_cost": self.mean_cost,
+            "exit_fractions": list(self.exit_fractions),
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class PopulationMetrics:
+    """P threshold vectors scored at once; row p of every array belongs to vector p."""
+
+    thresholds: np.ndarray  # P×K
+    correct_counts: np.ndarray  # P
+    exit_counts: np.ndarray  # P×(K+1)
+    accuracy: np.ndarray  # P, percent
+    mean_cost: np.ndarray  # P, cost units per row
+    acceleration: np.ndarray  # P
+
+    def __len__(self) -> int:
+        return int(self.accuracy.shape[0])
+
+    @property
+    def exit_fractions(self) -> np.ndarray:
+        return self.exit_counts / self.exit_counts.sum(axis=1, keepdims=True)
+
+    def row(self, p: int) -> Metrics:
+        return Metrics(
+            thresholds=tuple(float(t) for t in self.thresholds[p]),
+            accuracy=float(self.accuracy[p]),
+            acceleration=float(self.acceleration[p]),
+            mean_cost=float(self.mean_cost[p]),
+            exit_fractions=tuple(float(f) for f in self.exit_fractions[p]),
+        )
+
+
+def check_thresholds(thresholds: np.ndarray, num_exits: int) -> np.ndarray:
+    """Return thresholds as a float64 P×K matrix; TuningError on a bad shape or range."""
+    matrix = np.asarray(thresholds, dtype=np.float64)
+    if matrix.ndim == 1:
+        matrix = matrix[None, :]
+    if matrix.ndim != 2 or matrix.shape[1] != num_exits:
+        raise TuningError(f"expected thresholds of shape [P, {num_exits}], got {list(matrix.shape)}")
+    if not np.isfinite(matrix).all() or matrix.min(initial=0.0) < 0 or matrix.max(initial=0) > 1:
+        raise TuningError("thresholds must be finite numbers in [0, 1]")
+    return matrix
+
+
+def _exit_counts_chunk(table: ExitTable, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p, n, k = thresholds.shape[0], table.num_rows, table.num_exits
+    # first[p, n] = index of the first accepting exit (0-based), K for the fallback.
+    first = np.full((p, n), k, dtype=np.uint8)
+    accept = np.empty((p, n), dtype=bool)
+    for j in range(k - 1, -1, -1):
+        np.greater(table._max_probs_t[j][None, :], thresholds[:, j, None], out=accept)
+        np.copyto(first, j, where=accept)
+    right = np.right_shift(table._correct_bits[None, :], first.astype(table._correct_bits.dtype))
+    right &= 1
+    correct_counts = right.sum(axis=1, dtype=np.int64)
+    exit_counts = np.stack([np.count_nonzero(first == j, axis=1) for j in range(k + 1)], axis=1)
+    return correct_counts, exit_counts
+
+
+def evaluate_population(
+    table: ExitTable, thresholds: np.ndarray, costs: CostModel
+) -> PopulationMetrics:
+    """Score a P×K matrix (or one K-vector) of thresholds: accuracy, exit counts, acceleration."""
+    matrix = check_thresholds(thresholds, table.num_exits)
+    if costs.num_exits != table.num_exits:
+        raise TuningError(
+            f"cost model has {costs.num_exits} segments but the data has {table.num_exits} exits"
+        )
+    if table.num_exits > 254:
+        raise TuningError("at most 254 exits are supported")
+    chunk = max(1, _MAX_CELLS // table.num_rows)
+    corrects, counts = [], []
+    for start in range(0, matrix.shape[0], chunk):
+        c, e = _exit_counts_chunk(table, matrix[start : start + chunk])
+        corrects.append(c)
+        counts.append(e)
+    correct_counts = np.concatenate(corrects)
+    exit_counts = np.concatenate(counts)
+    n = table.num_rows
+    mean_cost = exit_counts @ costs.exit_costs() / n
+    return PopulationMetrics(
+        thresholds=matrix,
+        correct_counts=correct_counts,
+        exit_counts=exit_counts,
+        accuracy=100.0 * correct_counts / n,
+        mean_cost=mean_cost,
+        acceleration=costs.full_model / mean_cost,
+    )
+
+
+def evaluate(table: ExitTable, thresholds: np.ndarray, costs: CostModel) -> Metrics:
+    """Score one threshold vector."""
+    return evaluate_population(table, np.asarray(thresholds, dtype=np.float64), costs).row(0)

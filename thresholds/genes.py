@@ -1,0 +1,93 @@
+"""Binary genes for thresholds (seed 004 Alg. 2) and the DEAP plumbing shared by both searches.
+
+An individual is a flat list of K·bits 0/1 genes; each group of `bits` genes is one threshold,
+most significant bit first, decoded to i / (2**bits − 1) so that both 0.0 and 1.0 (exit
+disabled) are reachable.
+
+DEAP's operators draw from the module-level `random`. So that a search is reproducible from its
+own seed and leaves the caller's random state untouched, `private_random` swaps the search's own
+`random.Random` state in for the duration of the search (under a lock, so concurrent searches do
+not interleave their streams).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from thresholds.errors import TuningError
+
+MAX_BITS = 30
+_RANDOM_LOCK = threading.Lock()
+
+
+def check_bits(bits: int) -> int:
+    if not isinstance(bits, int) or not 2 <= bits <= MAX_BITS:
+        raise TuningError(f"--bits must be an integer in [2, {MAX_BITS}], got {bits}")
+    return bits
+
+
+def decode(genes: np.ndarray, num_exits: int, bits: int) -> np.ndarray:
+    """P×(K·bits) 0/1 genes -> P×K thresholds in [0, 1]."""
+    matrix = np.asarray(genes, dtype=np.int64)
+    if matrix.ndim == 1:
+        matrix = matrix[None, :]
+    if matrix.shape[1] != num_exits * bits:
+        raise TuningError(f"expected {num_exits * bits} genes, got {matrix.shape[1]}")
+    weights = 1 << np.arange(bits - 1, -1, -1, dtype=np.int64)
+    levels = matrix.reshape(matrix.shape[0], num_exits, bits) @ weights
+    return levels / float((1 << bits) - 1)
+
+
+def encode(thresholds: np.ndarray | list[float], bits: int) -> list[int]:
+    """K thresholds -> K·bits genes (nearest level)."""
+    top = (1 << bits) - 1
+    genes: list[int] = []
+    for t in np.asarray(thresholds, dtype=np.float64).ravel():
+        level = int(round(float(np.clip(t, 0.0, 1.0)) * top))
+        genes.extend((level >> shift) & 1 for shift in range(bits - 1, -1, -1))
+    return genes
+
+
+def make_types(weights: tuple[float, ...]) -> tuple[type, type]:
+    """Fresh Fitness and Individual classes, the equivalent of `deap.creator.create`.
+
+    Built per call, never registered on the global `deap.creator` module, so repeated or
+    concurrent searches with different weights cannot clash.
+    """
+    from deap import base
+
+    fitness_cls = type("ThresholdFitness", (base.Fitness,), {"weights": weights})
+
+    class ThresholdIndividual(list):
+        def __init__(self, genes: Any = ()) -> None:
+            super().__init__(genes)
+            self.fitness = fitness_cls()
+
+    return fitness_cls, ThresholdIndividual
+
+
+def clone(individual: Any) -> Any:
+    """A cheap copy (genes and fitness) — much faster than deepcopy in the inner loop."""
+    twin = type(individual)(individual)
+    if individual.fitness.valid:
+        twin.fitness.values = individual.fitness.values
+    return twin
+
+
+@contextmanager
+def private_random(rng: random.Random) -> Iterator[None]:
+    """Run DEAP's operators on `rng`'s stream; restores the global random state afterwards."""
+    with _RANDOM_LOCK:
+        saved = random.getstate()
+        random.setstate(rng.getstate())
+        try:
+            yield
+        finally:
+            rng.setstate(random.getstate())
+            random.setstate(saved)

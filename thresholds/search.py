@@ -1,0 +1,248 @@
+"""Genetic threshold search with DEAP (seed 004 Alg. 2).
+
+Binary genes (see `thresholds.genes`), tournament selection, two-point crossover, bit-flip
+mutation and a hall of fame whose members are carried into every generation (elitism). The
+population is seeded with the all-disabled vectors [1, …, 1] and [1, …, 1, 0] (every row answered
+at full depth: the final exit's accuracy), so a max-drop search always holds a feasible
+individual. Fitness is a pair (objective, accuracy) compared lexicographically: ties in the
+objective go to the more accurate vector. Each generation's individuals are scored together in
+one vectorised call; the loop stops early once the best has not improved for `patience`
+generations.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from thresholds.costs import CostModel
+from thresholds.errors import TuningError
+from thresholds.evaluate import ExitTable, Metrics, evaluate, evaluate_population
+from thresholds.genes import check_bits, clone, decode, encode, make_types, private_random
+from thresholds.objectives import Objective
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GAConfig:
+    bits: int = 10
+    population: int = 100
+    generations: int = 100
+    crossover_prob: float = 0.7  # per pair
+    mutation_prob: float = 0.3  # per individual
+    bit_flip_prob: float | None = None  # per gene of a mutated individual; None = 2 / length
+    tournament_size: int = 3
+    elite: int = 2
+    patience: int = 25  # generations without improvement before stopping; 0 = never stop early
+    seed: int = 0
+    progress: bool | None = None  # tqdm bar; None = only on a terminal
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.population < 4:
+            raise TuningError(f"--population must be >= 4, got {self.population}")
+        if self.generations < 1:
+            raise TuningError(f"--generations must be >= 1, got {self.generations}")
+        for name in ("crossover_prob", "mutation_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise TuningError(f"{name} must be in [0, 1]")
+        if self.bit_flip_prob is not None and not 0.0 < self.bit_flip_prob <= 1.0:
+            raise TuningError("bit_flip_prob must be in (0, 1]")
+        if self.tournament_size < 1 or not 0 <= self.elite < self.population:
+            raise TuningError("tournament_size must be >= 1 and elite in [0, population)")
+        if self.patience < 0:
+            raise TuningError("patience must be >= 0")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The best vector found, its metrics on the tuning rows and how the search went."""
+
+    thresholds: tuple[float, ...]
+    metrics: Metrics
+    fitness: float  # the objective's score
+    generations: int
+    evaluations: int  # distinct threshold vectors scored
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # Every distinct vector scored: K thresholds, accuracy, acceleration (for plots).
+    explored: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "fitness": self.fitness,
+            "generations": self.generations,
+            "evaluations": self.evaluations,
+            "seconds": self.seconds,
+        }
+
+
+class PopulationScorer:
+    """Scores DEAP individuals in bulk, remembering every distinct gene string seen."""
+
+    def __init__(
+        self,
+        table: ExitTable,
+        costs: CostModel,
+        bits: int,
+        fitness_of: Any,
+    ) -> None:
+        self.table = table
+        self.costs = costs
+        self.bits = bits
+        self.fitness_of = fitness_of  # (accuracy P, acceleration P) -> list of fitness tuples
+        self.cache: dict[bytes, tuple[float, ...]] = {}
+        self.points: list[np.ndarray] = []
+
+    def __call__(self, individuals: list[Any]) -> int:
+        """Set the fitness of every individual; returns how many new vectors were scored."""
+        if not individuals:
+            return 0
+        genes = np.asarray(individuals, dtype=np.uint8)
+        keys = [row.tobytes() for row in genes]
+        new_rows = {}
+        for i, key in enumerate(keys):
+            if key not in self.cache and key not in new_rows:
+                new_rows[key] = i
+        if new_rows:
+            rows = list(new_rows.values())
+            thresholds = decode(genes[rows], self.table.num_exits, self.bits)
+            scored = evaluate_population(self.table, thresholds, self.costs)
+            values = self.fitness_of(scored.accuracy, scored.acceleration)
+            for key, value in zip(new_rows, values, strict=True):
+                self.cache[key] = value
+            self.points.append(
+                np.column_stack([thresholds, scored.accuracy, scored.acceleration])
+            )
+        for individual, key in zip(individuals, keys, strict=True):
+            individual.fitness.values = self.cache[key]
+        return len(new_rows)
+
+    def explored(self) -> np.ndarray:
+        if not self.points:
+            return np.zeros((0, self.table.num_exits + 2))
+        return np.concatenate(self.points)
+
+
+def seed_genes(num_exits: int, bits: int) -> list[list[int]]:
+    """All exits disabled, and the same with the last exit answering every row."""
+    seeds = [encode([1.0] * num_exits, bits)]
+    seeds.append(encode([1.0] * (num_exits - 1) + [0.0], bits))
+    return seeds
+
+
+def _progress_bar(total: int, enabled: bool | None, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="gen", disable=None if enabled is None else not enabled,
+                leave=False)
+
+
+def run_ga(
+    table: ExitTable, costs: CostModel, objective: Objective, config: GAConfig | None = None
+) -> SearchResult:
+    """Maximise `objective` over threshold vectors; deterministic for a given `config.seed`.
+
+    In max-drop mode the returned vector is verified to meet the accuracy floor on `table`;
+    TuningError if no evaluated vector does (only possible with a baseline above the final
+    exit's accuracy).
+    """
+    from deap import base, tools
+
+    config = config or GAConfig()
+    start = time.perf_counter()
+    k, bits = table.num_exits, config.bits
+    length = k * bits
+    _, individual_cls = make_types((1.0, 1.0))
+
+    def fitness_of(accuracy: np.ndarray, acceleration: np.ndarray) -> list[tuple[float, float]]:
+        scores = objective.score(accuracy, acceleration)
+        return [(float(s), float(a)) for s, a in zip(scores, accuracy, strict=True)]
+
+    scorer = PopulationScorer(table, costs, bits, fitness_of)
+    toolbox = base.Toolbox()
+    toolbox.register("mate", tools.cxTwoPoint)
+    flip = config.bit_flip_prob if config.bit_flip_prob is not None else min(1.0, 2.0 / length)
+    toolbox.register("mutate", tools.mutFlipBit, indpb=flip)
+    toolbox.register("select", tools.selTournament, tournsize=config.tournament_size)
+    hall = tools.HallOfFame(max(1, config.elite), similar=lambda a, b: a == b)
+    logbook = tools.Logbook()
+    logbook.header = ["gen", "nevals", "best", "mean", "best_accuracy", "best_acceleration"]
+    rng = random.Random(config.seed)
+    history: list[dict[str, Any]] = []
+    generation = 0
+    with private_random(rng), _progress_bar(config.generations, config.progress, "GA") as bar:
+        population = [individual_cls(g) for g in seed_genes(k, bits)]
+        while len(population) < config.population:
+            population.append(individual_cls(random.getrandbits(1) for _ in range(length)))
+        evaluations = scorer(population)
+        hall.update(population)
+        best_so_far = hall[0].fitness.values
+        stale = 0
+        for generation in range(1, config.generations + 1):
+            offspring = [clone(i) for i in toolbox.select(population, len(population) - config.elite)]
+            for first, second in zip(offspring[::2], offspring[1::2], strict=False):
+                if random.random() < config.crossover_prob:
+                    toolbox.mate(first, second)
+                    del first.fitness.values, second.fitness.values
+            for individual in offspring:
+                if random.random() < config.mutation_prob:
+                    toolbox.mutate(individual)
+                    del individual.fitness.values
+            fresh = [i for i in offspring if not i.fitness.valid]
+            nevals = scorer(fresh)
+            evaluations += nevals
+            population = offspring + [clone(h) for h in hall[: config.elite]]
+            hall.update(population)
+            best = hall[0].fitness.values
+            scores = np.array([i.fitness.values[0] for i in population])
+            record = {
+                "gen": generation,
+                "nevals": nevals,
+                "best": best[0],
+                "mean": float(scores.mean()),
+                "best_accuracy": best[1],
+            }
+            logbook.record(**record)
+            history.append(record)
+            bar.update(1)
+            bar.set_postfix(best=f"{best[0]:.4f}")
+            if best > best_so_far:
+                best_so_far, stale = best, 0
+            else:
+                stale += 1
+            if config.patience and stale >= config.patience:
+                logger.info("GA stopped early at generation %d: no improvement in %d generations",
+                            generation, config.patience)
+                break
+    logger.debug("GA log\n%s", logbook)
+    thresholds = decode(np.asarray(hall[0], dtype=np.uint8), k, bits)[0]
+    metrics = evaluate(table, thresholds, costs)
+    if not bool(objective.feasible(metrics.accuracy)):
+        raise TuningError(
+            f"no thresholds reach the accuracy floor {objective.min_accuracy:.2f}% "
+            f"(best found {metrics.accuracy:.2f}%); lower the baseline or raise --max-drop"
+        )
+    fitness = float(objective.score(metrics.accuracy, metrics.acceleration))
+    seconds = time.perf_counter() - start
+    logger.info(
+        "GA: fitness %.4f, accuracy %.2f%%, acceleration %.3fx after %d generations, "
+        "%d vectors scored, %.2fs",
+        fitness, metrics.accuracy, metrics.acceleration, generation, evaluations, seconds,
+    )
+    return SearchResult(
+        thresholds=tuple(float(t) for t in thresholds),
+        metrics=metrics,
+        fitness=fitness,
+        generations=generation,
+        evaluations=evaluations,
+        seconds=seconds,
+        history=history,
+        explored=scorer.explored(),
+    )

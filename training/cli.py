@@ -1,0 +1,152 @@
+"""`earlyexit-train`: train a multi-exit network (or a baseline) into a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from serving.bundle import atomic_write_json
+from serving.datasets import DATASETS, DatasetError, download
+
+log = logging.getLogger("earlyexit.train")
+
+
+class UsageError(Exception):
+    """Bad flags or input: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line instead of usage + error
+        raise UsageError(message)
+
+
+# flag name → config field, for flags that override a --config file
+_FLAG_FIELDS = {
+    "arch": "arch", "width": "width", "stem": "stem", "exits": "exits", "dataset": "dataset",
+    "data_dir": "data_dir", "val_size": "val_size", "epochs": "epochs", "batch_size": "batch_size",
+    "lr": "lr", "schedule": "schedule", "loss": "loss", "distill_path": "distill_path",
+    "alpha": "alpha", "lam": "lam", "temperature": "temperature",
+    "distill_off_epochs": "distill_off_epochs", "seed": "seed", "cutout": "cutout",
+    "autoaugment": "autoaugment", "threads": "num_threads", "warmup_epochs": "warmup_epochs",
+    "weight_decay": "weight_decay", "best_metric": "best_metric",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="earlyexit-train", description=__doc__)
+    p.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
+    p.add_argument("--out", required=True, help="run directory (resumed if it has last.pt)")
+    p.add_argument("--arch", help="backbone name (see training.list_models())")
+    p.add_argument("--width", type=float, help="channel width multiplier")
+    p.add_argument("--stem", choices=["cifar", "imagenet"])
+    p.add_argument("--exits", type=int, help="number of exits K (≤ backbone stages)")
+    p.add_argument("--dataset", choices=DATASETS)
+    p.add_argument("--data-dir")
+    p.add_argument("--download", action="store_true", help="fetch official archives first")
+    p.add_argument("--val-size", type=int, help="rows held out of train for tuning")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=["multistep", "cosine"])
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--loss", help="self_distillation | baseline | deep_supervision")
+    p.add_argument("--distill-path", choices=["deepest", "ensemble", "transitive", "dense"])
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--lambda", dest="lam", type=float)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--distill-off-epochs", type=int)
+    p.add_argument("--cutout", type=int, help="Cutout square size (0 = off)")
+    p.add_argument("--autoaugment", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--best-metric", help="record key that picks best.pt (default val_acc_last)")
+    p.add_argument("--max-steps", type=int, help="stop after N optimiser steps (smoke runs)")
+    p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def resolve_config(args: argparse.Namespace):
+    from .config import TrainConfig, load_yaml_config
+
+    base = {}
+    if args.config:
+        if not Path(args.config).is_file():
+            raise UsageError(f"config file not found: {args.config}")
+        try:
+            base = load_yaml_config(args.config)
+        except Exception as exc:  # yaml errors, bad structure
+            raise UsageError(f"cannot read config {args.config}: {exc}") from exc
+    for flag, field in _FLAG_FIELDS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            base[field] = value
+    try:
+        cfg = TrainConfig.from_dict(base).resolved()
+        cfg.validate()
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    return cfg
+
+
+def check_inputs(cfg) -> None:
+    """Fail fast on what a user mistypes, before any heavy work."""
+    from .losses import list_losses
+    from .models import create_backbone, list_models
+
+    if cfg.arch not in list_models():
+        raise UsageError(f"unknown arch {cfg.arch!r}; valid: {', '.join(list_models())}")
+    if cfg.loss not in list_losses():
+        raise UsageError(f"unknown loss {cfg.loss!r}; valid: {', '.join(list_losses())}")
+    if cfg.dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {cfg.dataset!r}; valid: {', '.join(DATASETS)}")
+    stages = create_backbone(cfg.arch, 10, width=0.125).num_stages
+    if not 1 <= cfg.exits <= stages:
+        raise UsageError(f"--exits {cfg.exits} is invalid: {cfg.arch} has {stages} stages")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        cfg = resolve_config(args)
+        check_inputs(cfg)
+        out = Path(args.out)
+        if args.no_resume and (out / "last.pt").exists():
+            raise UsageError(f"{out} already holds a run (last.pt); drop --no-resume to continue it")
+        if args.download:
+            download(cfg.dataset, cfg.data_dir)
+        from .engine import BEST_CKPT, Trainer, evaluate_test_split, init_distributed
+
+        dist_env = init_distributed()
+        trainer = Trainer(cfg, out, dist_env=dist_env)
+        trainer.resume()
+    except UsageError as exc:
+        print(f"earlyexit-train: error: {exc}", file=sys.stderr)
+        return 2
+    except DatasetError as exc:
+        print(f"earlyexit-train: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"earlyexit-train: error: {exc}", file=sys.stderr)
+        return 2
+
+    summary = trainer.fit(max_steps=args.max_steps, progress=not args.no_progress)
+    if dist_env.is_main and cfg.eval_test and trainer.epoch >= cfg.epochs:
+        result = {"final": evaluate_test_split(trainer)}
+        best = out / BEST_CKPT
+        if best.is_file():
+            result["best"] = evaluate_test_split(trainer, best)
+        result["config"] = dataclasses.asdict(cfg)
+        atomic_write_json(out / "test_metrics.json", result)
+        log.info("test accuracy (final): %s", result["final"])
+    log.info("done: %s", summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

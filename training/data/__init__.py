@@ -1,0 +1,6 @@
+"""Data for training: numpy readers from `serving.datasets`, tensor batches and augmentation."""
+
+from .augment import AutoAugmentCifar, cutout, random_crop, random_flip
+from .loader import AugmentConfig, BatchLoader
+
+__all__ = ["AugmentConfig", "AutoAugmentCifar", "BatchLoader", "cutout", "random_crop", "random_flip"]

@@ -1,0 +1,398 @@
+"""The training loop: SGD, schedules, per-epoch validation of every exit, atomic checkpoints,
+exact resume and DDP (the same command under `torchrun`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from serving.bundle import atomic_write_bytes, atomic_write_json
+from serving.datasets import ImageArrays, load_split, normalization
+
+from .config import TrainConfig, write_config
+from .costs import measure_costs
+from .data import AugmentConfig, BatchLoader
+from .losses import create_loss
+from .models import MultiExitNetwork, create_model
+
+logger = logging.getLogger(__name__)
+
+LAST_CKPT = "last.pt"
+BEST_CKPT = "best.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistEnv:
+    """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    env = DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    return env
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_factor(cfg: TrainConfig, epoch_progress: float) -> float:
+    """Multiplier of the base LR at a (fractional) epoch."""
+    if cfg.warmup_epochs > 0 and epoch_progress < cfg.warmup_epochs:
+        return (epoch_progress + 1e-8) / cfg.warmup_epochs
+    if cfg.schedule == "cosine":
+        span = max(cfg.epochs - cfg.warmup_epochs, 1e-8)
+        return 0.5 * (1 + math.cos(math.pi * (epoch_progress - cfg.warmup_epochs) / span))
+    passed = sum(1 for m in cfg.milestones if epoch_progress >= m * cfg.epochs)
+    return cfg.gamma**passed
+
+
+def distill_weights(cfg: TrainConfig, epoch: int) -> tuple[float, float]:
+    """(α, λ) for an epoch: both 0 for the last `distill_off_epochs` epochs (seed 004 §4.1)."""
+    if epoch >= cfg.epochs - cfg.distill_off_epochs:
+        return 0.0, 0.0
+    return cfg.alpha, cfg.lam
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: BatchLoader, device: torch.device, amp: bool = False
+) -> dict[str, float]:
+    """Top-1 accuracy (percent) of every exit and of the ensemble (mean of softmax outputs)."""
+    was_training = model.training
+    model.eval()
+    correct: list[int] | None = None
+    ens_correct = total = 0
+    for x, y in loader.epoch(0):
+        x, y = x.to(device, non_blocking=True), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        probs = [torch.softmax(z.float(), dim=1) for z in out.logits]
+        hits = [int((p.argmax(1) == y).sum()) for p in probs]
+        correct = hits if correct is None else [a + b for a, b in zip(correct, hits, strict=True)]
+        ens_correct += int((torch.stack(probs).mean(0).argmax(1) == y).sum())
+        total += int(y.numel())
+    model.train(was_training)
+    assert correct is not None  # loader is never empty (BatchLoader refuses empty data)
+    metrics = {f"acc_exit{k + 1}": 100.0 * c / total for k, c in enumerate(correct)}
+    metrics["acc_last"] = metrics[f"acc_exit{len(correct)}"]
+    metrics["acc_ensemble"] = 100.0 * ens_correct / total
+    return metrics
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Owns model, optimiser, schedule and data for one run directory."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        train_data: ImageArrays | None = None,
+        val_data: ImageArrays | None = None,
+        dist_env: DistEnv | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        cfg = cfg.resolved()
+        cfg.validate()
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.dist = dist_env or DistEnv()
+        if device is None:
+            device = (
+                torch.device("cuda", self.dist.local_rank)
+                if torch.cuda.is_available()
+                else torch.device("cpu")
+            )
+        self.device = device
+        self.use_cuda = device.type == "cuda"
+        if cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)
+        seed_everything(cfg.seed)
+
+        if train_data is None:
+            train_data = load_split(cfg.dataset, cfg.data_dir, "train", cfg.val_size, cfg.split_seed)
+        if val_data is None and cfg.val_size > 0:
+            val_data = load_split(cfg.dataset, cfg.data_dir, "val", cfg.val_size, cfg.split_seed)
+        self.classes = list(train_data.classes)
+        self.num_classes = len(self.classes)
+        h, w, c = train_data.images.shape[1:]
+        self.input_shape = (int(c), int(h), int(w))
+        self.mean, self.std = normalization(cfg.dataset)
+        if len(self.mean) != c:  # image folders may be grey; fall back to per-channel stats
+            self.mean, self.std = (0.5,) * c, (0.25,) * c
+        augment = AugmentConfig(cfg.crop_padding, cfg.flip, cfg.cutout, cfg.autoaugment)
+        self.train_loader = BatchLoader(
+            train_data, cfg.batch_size, self.mean, self.std, train=True, augment=augment,
+            seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+        )
+        self.val_loader = (
+            BatchLoader(val_data, 500, self.mean, self.std, train=False) if val_data else None
+        )
+
+        self.model: MultiExitNetwork = create_model(
+            cfg.arch, self.num_classes, exits=cfg.exits, width=cfg.width, stem=cfg.stem,
+            in_chans=c,
+        )
+        self.costs = measure_costs(self.model, self.input_shape)
+        self.model.to(device)
+        if self.use_cuda and cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.net: nn.Module = self.model
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[device.index] if self.use_cuda else None
+            )
+        self.loss_fn = create_loss(
+            cfg.loss, path=cfg.distill_path, alpha=cfg.alpha, lam=cfg.lam,
+            temperature=cfg.temperature,
+        )
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+        )
+        self.steps_per_epoch = self.train_loader.steps_per_epoch()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(cfg, step / self.steps_per_epoch)
+        )
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.best_value = -math.inf
+        self.last_val: dict[str, float] = {}
+        self.step_seconds: list[float] = []
+
+    # -- one optimisation step ---------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        self.net.train()
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.use_cuda and self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        alpha, lam = distill_weights(self.cfg, self.epoch)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=self.use_cuda and self.cfg.amp):
+            out = self.net(x)
+            terms = self.loss_fn(
+                [z.float() for z in out.logits], [f.float() for f in out.features], y,
+                alpha=alpha, lam=lam,
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.global_step += 1
+        stats = terms.as_floats()
+        stats["acc_last"] = 100.0 * float((out.logits[-1].argmax(1) == y).float().mean())
+        return stats
+
+    # -- checkpoints -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": "earlyexit-checkpoint/1",
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_value": self.best_value,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.use_cuda else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "loader": self.train_loader.generator.get_state(),
+            },
+            "config": self.cfg.to_dict(),
+            "num_classes": self.num_classes,
+            "classes": self.classes,
+            "input_shape": list(self.input_shape),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "costs": self.costs.to_dict(),
+            "val_metrics": self.last_val,
+            "git_commit": git_commit(),
+            "torch_version": torch.__version__,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.best_value = float(state["best_value"])
+        self.last_val = dict(state.get("val_metrics", {}))
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if self.use_cuda and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self.train_loader.generator.set_state(rng["loader"])
+
+    def save(self, name: str = LAST_CKPT) -> Path:
+        path = self.out_dir / name
+        if self.dist.is_main:
+            atomic_torch_save(self.state_dict(), path)
+        return path
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        path = Path(path) if path else self.out_dir / LAST_CKPT
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        saved = TrainConfig.from_dict(state["config"])
+        if saved != self.cfg:
+            raise ValueError(f"{path} was trained with a different config; use a new --out")
+        self.load_state_dict(state)
+        logger.info("resumed from %s at epoch %d step %d", path, self.epoch, self.step_in_epoch)
+        return True
+
+    # -- the loop ----------------------------------------------------------------------
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def fit(self, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+        """Train until `cfg.epochs` (or `max_steps` optimiser steps in total). Resumable."""
+        from tqdm.auto import tqdm
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            write_config(self.cfg, self.out_dir / "config.json")
+            atomic_write_json(self.out_dir / "costs.json", self.costs.to_dict())
+        while self.epoch < self.cfg.epochs:
+            if max_steps is not None and self.global_step >= max_steps:
+                break
+            bar = tqdm(
+                total=self.steps_per_epoch, initial=self.step_in_epoch,
+                desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+                disable=not (progress and self.dist.is_main), mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                file=sys.stderr,
+            )
+            sums: dict[str, float] = {}
+            count = 0
+            epoch_start = time.perf_counter()
+            for x, y in self.train_loader.epoch(self.epoch, self.step_in_epoch):
+                t0 = time.perf_counter()
+                stats = self.train_step(x, y)
+                self.step_seconds.append(time.perf_counter() - t0)
+                self.step_in_epoch += 1
+                count += 1
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['total']:.3f}", acc=f"{stats['acc_last']:.1f}")
+                if max_steps is not None and self.global_step >= max_steps:
+                    break
+            bar.close()
+            epoch_seconds = time.perf_counter() - epoch_start
+            if self.step_in_epoch < self.steps_per_epoch:  # stopped by max_steps mid-epoch
+                self.save()
+                break
+            self.epoch += 1
+            self.step_in_epoch = 0
+            record: dict[str, Any] = {
+                "epoch": self.epoch,
+                "global_step": self.global_step,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "epoch_seconds": epoch_seconds,
+                "step_seconds_median": float(np.median(self.step_seconds[-count:])) if count else None,
+                "images_per_second": count * self.cfg.batch_size * self.dist.world_size / epoch_seconds,
+            }
+            record.update({f"train_{k}": v / max(count, 1) for k, v in sums.items()})
+            if self.val_loader is not None and self.dist.is_main:
+                self.last_val = evaluate(self.model, self.val_loader, self.device,
+                                         amp=self.use_cuda and self.cfg.amp)
+                record.update({f"val_{k}": v for k, v in self.last_val.items()})
+            self.log_metrics(record)
+            if self.dist.is_main:
+                logger.info("epoch %d: %s", self.epoch, _brief(record))
+            self.save()
+            metric = record.get(self.cfg.best_metric)
+            if metric is not None and metric > self.best_value:
+                self.best_value = metric
+                self.save(BEST_CKPT)
+                self.save()  # keep best_value in last.pt consistent
+        return {"epoch": self.epoch, "global_step": self.global_step, "val": self.last_val}
+
+
+def _brief(record: dict[str, Any]) -> str:
+    keys = [k for k in record if k.startswith("val_acc")] + ["train_total", "images_per_second"]
+    return ", ".join(f"{k}={record[k]:.3f}" for k in keys if isinstance(record.get(k), float))
+
+
+def evaluate_test_split(trainer: Trainer, checkpoint: str | Path | None = None) -> dict[str, float]:
+    """Per-exit and ensemble accuracy on the official test split (for reports, never tuning)."""
+    cfg = trainer.cfg
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
+        trainer.model.load_state_dict(state["model"])
+    test = load_split(cfg.dataset, cfg.data_dir, "test", cfg.val_size, cfg.split_seed)
+    loader = BatchLoader(test, 500, trainer.mean, trainer.std, train=False)
+    return evaluate(trainer.model, loader, trainer.device, amp=trainer.use_cuda and cfg.amp)

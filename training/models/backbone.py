@@ -1,0 +1,58 @@
+"""What every backbone exposes so the multi-exit wrapper can cut it into stages."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class StagedBackbone(nn.Module):
+    """stem → stages[0..S-1] → head (global pool + fc).
+
+    Subclasses fill `stem`, `stages`, `stage_channels` (output channels of each stage) and `fc`.
+    `forward` is the plain single-graph model.
+    """
+
+    stem: nn.Module
+    stages: nn.ModuleList
+    stage_channels: list[int]
+    fc: nn.Linear
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.stage_channels[-1]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature map → (pooled feature vector, logits)."""
+        feat = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return feat, self.fc(feat)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))[1]
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count under a width multiplier (at least 4)."""
+    return max(4, int(round(channels * width)))
+
+
+def init_weights(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)

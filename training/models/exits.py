@@ -1,0 +1,78 @@
+"""Exit branches of seed 004 §3.2: attention module (Fig. 3a) + shallow classifier (Fig. 3b)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class SepConv(nn.Module):
+    """Two depthwise-pointwise pairs; the first depthwise conv halves the resolution."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 2) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_ch, in_ch, 3, stride, 1, groups=in_ch, bias=False),
+            nn.Conv2d(in_ch, in_ch, 1, bias=False),
+            nn.BatchNorm2d(in_ch),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(in_ch, in_ch, 3, 1, 1, groups=in_ch, bias=False),
+            nn.Conv2d(in_ch, out_ch, 1, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class AttentionModule(nn.Module):
+    """Depthwise+pointwise downsample, bilinear upsample, sigmoid mask multiplied into x."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.down = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, 2, 1, groups=channels, bias=False),
+            nn.Conv2d(channels, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = F.interpolate(self.down(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return x * torch.sigmoid(mask)
+
+
+class ShallowExit(nn.Module):
+    """Exit head for a shallow stage: attention, N = len(channel_path) - 1 SepConv blocks that
+    walk the channel width up to the deepest stage's, global pool, FC.
+
+    Returns (feature vector of the deepest width, logits) — the feature is what the L2 hint
+    loss compares with the reference exit's feature (eq. 4).
+    """
+
+    def __init__(self, channel_path: list[int], num_classes: int) -> None:
+        super().__init__()
+        self.attention = AttentionModule(channel_path[0])
+        self.align = nn.Sequential(
+            *(SepConv(a, b) for a, b in zip(channel_path, channel_path[1:], strict=False))
+        )
+        self.fc = nn.Linear(channel_path[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.align(self.attention(x))
+        feat = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return feat, self.fc(feat)
+
+
+class FinalExit(nn.Module):
+    """Exit K: the backbone's own head (global pool + its FC), shared, not copied."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.fc = backbone.fc
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feat = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return feat, self.fc(feat)
