@@ -107,4 +107,3 @@ def count_onnx_macs(model: onnx.ModelProto | str | os.PathLike[str], batch: int 
 def relative_difference(a: int, b: int) -> float:
     """|a − b| / max(|b|, 1): how far an ONNX count `a` is from the torch count `b`."""
     return abs(a - b) / max(abs(b), 1)
-

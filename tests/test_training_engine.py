@@ -1,0 +1,210 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from serving.datasets import ImageArrays
+from training.config import TrainConfig
+from training.costs import count_macs, measure_costs
+from training.engine import Trainer, distill_weights, lr_factor
+from training.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _arrays(n: int, seed: int) -> ImageArrays:
+    rng = np.random.default_rng(seed)
+    return ImageArrays(rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
+                       rng.integers(0, 4, n).astype(np.int64), ("a", "b", "c", "d"))
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(arch="resnet18", width=0.125, exits=3, epochs=3, batch_size=8, lr=0.05,
+                val_size=0, cutout=4, num_threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _trainer(tmp: Path, **kw) -> Trainer:
+    return Trainer(_cfg(**kw), tmp, train_data=_arrays(32, 0), val_data=_arrays(16, 1))
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    straight = _trainer(tmp_path / "a")
+    straight.fit(max_steps=3, progress=False)
+
+    first = _trainer(tmp_path / "b")
+    first.fit(max_steps=2, progress=False)  # saves last.pt mid-epoch
+    resumed = _trainer(tmp_path / "b")
+    assert resumed.resume()
+    assert (resumed.global_step, resumed.step_in_epoch) == (2, 2)
+    resumed.fit(max_steps=3, progress=False)
+
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    oa, ob = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(oa[k]["momentum_buffer"], ob[k]["momentum_buffer"]) for k in oa)
+
+
+def test_full_epochs_write_metrics_checkpoints_and_config(tmp_path):
+    trainer = _trainer(tmp_path, epochs=2)
+    trainer.fit(progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert {"val_acc_exit1", "val_acc_exit3", "val_acc_ensemble", "train_kl"} <= set(records[0])
+    assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert TrainConfig.from_dict(cfg) == trainer.cfg
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["epoch"] == 2 and state["costs"]["backbone_macs"] > 0
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    _trainer(tmp_path).fit(max_steps=1, progress=False)
+    other = _trainer(tmp_path, lr=0.01)
+    with pytest.raises(ValueError, match="different config"):
+        other.resume()
+
+
+def test_schedules_and_distillation_switch_off():
+    cfg = _cfg(epochs=10, milestones=(0.5,), gamma=0.1)
+    assert lr_factor(cfg, 4.9) == 1.0 and lr_factor(cfg, 5.0) == pytest.approx(0.1)
+    cos = _cfg(epochs=10, schedule="cosine", warmup_epochs=1)
+    assert lr_factor(cos, 0.5) == pytest.approx(0.5, rel=1e-6)
+    assert lr_factor(cos, 10) == pytest.approx(0.0, abs=1e-9)
+    sd = _cfg(epochs=10, distill_off_epochs=5)
+    assert distill_weights(sd, 4) == (0.6, 0.04) and distill_weights(sd, 5) == (0.0, 0.0)
+
+
+def test_baseline_is_the_backbone_alone():
+    assert _cfg(loss="baseline").resolved().exits == 1
+
+
+def test_costs_add_up_per_segment_and_path():
+    model = create_model("resnet18", 10, exits=4, width=0.25)
+    costs = measure_costs(model, (3, 32, 32))
+    assert costs.backbone_macs == sum(costs.stage_macs) + costs.head_macs[-1]
+    assert costs.exit_path_macs[-1] == costs.backbone_macs
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    assert count_macs(conv, torch.zeros(1, 3, 10, 10)) == 3 * 8 * 9 * 100
+    assert costs.exit_path_macs == sorted(costs.exit_path_macs)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = create_model("resnet18", 4, exits=3, width=0.125).eval()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    from training.losses import create_loss
+
+    loss_fn = create_loss("self_distillation")
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+    shard = slice(rank * 4, rank * 4 + 4)
+    out_ = ddp(x[shard])
+    loss_fn(out_.logits, out_.features, y[shard]).total.backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_match_single_process_gradients(tmp_path):
+    # BN in eval mode: batch statistics would differ per shard; gradient averaging is what
+    # DDP promises and what this checks.
+    port = _free_port()
+    out = str(tmp_path / "ddp.pt")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
+    ddp_grads = torch.load(out)
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", 4, exits=3, width=0.125).eval()
+    from training.losses import create_loss
+
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+    o = model(x)
+    create_loss("self_distillation")(o.logits, o.features, y).total.backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, ddp_grads[name], atol=1e-6, rtol=1e-4), name
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                          timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--arch", "resnet9000"], "unknown arch"),
+        (["--dataset", "mnist"], "invalid choice"),
+        (["--data-dir", "/nonexistent/dir"], "not found"),
+        (["--exits", "5"], "has 4 stages"),
+        (["--config", "/nonexistent.yaml"], "config file not found"),
+        (["--epochs", "0"], "positive"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, needle):
+    base = ["--out", str(tmp_path / "run"), "--data-dir", str(tmp_path)]
+    proc = _cli(*base, *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0]
+
+
+def test_cli_malformed_data_dir_exit_2(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    proc = _cli("--out", str(tmp_path / "run"), "--data-dir", str(tmp_path))
+    assert proc.returncode == 2 and "data_batch_1" in proc.stderr
+
+
+def test_cli_yaml_config_and_torchrun_ddp(tmp_path):
+    from tests.data_fixtures import write_tiny_cifar10
+
+    write_tiny_cifar10(tmp_path / "data", per_batch=16)
+    (tmp_path / "cfg.yaml").write_text(
+        "arch: resnet18\nwidth: 0.125\nexits: 2\nepochs: 1\nbatch_size: 8\nval_size: 20\n"
+        f"data_dir: {tmp_path / 'data'}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(_free_port()), "-m", "training.cli", "--config", str(tmp_path / "cfg.yaml"),
+         "--out", str(tmp_path / "run"), "--threads", "1", "--no-progress"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and "val_acc_exit2" in records[0]  # only rank 0 logs
+    test = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert set(test["final"]) >= {"acc_exit1", "acc_exit2", "acc_ensemble"}
+
+
+@pytest.mark.data
+def test_smoke_30_steps_on_real_cifar10(tmp_path):
+    data = os.environ.get("EARLYEXIT_DATA")
+    if not data:
+        pytest.skip("EARLYEXIT_DATA is not set (directory holding cifar-10-batches-py/)")
+    proc = _cli("--arch", "resnet18", "--width", "0.125", "--dataset", "cifar10", "--data-dir",
+                data, "--out", str(tmp_path / "run"), "--epochs", "1", "--max-steps", "30",
+                "--batch-size", "64", "--threads", "2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["global_step"] == 30 and state["classes"][0] == "airplane"
