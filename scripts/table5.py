@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import numpy as np
 
 from serving.bundle import atomic_write_bytes, atomic_write_json, load_manifest
 from serving.datasets import load_split
+from serving.bench import time_variants
 from serving.loadtest import run_http_bench
 from serving.runtime import EarlyExitRuntime
 from thresholds.calibrate import load_or_collect
@@ -44,23 +44,16 @@ SETTINGS = [("beta", b) for b in (0.5, 1.0, 2.0, 5.0)] + [("max_drop", e) for e 
 
 def in_process_speedup(runtime: EarlyExitRuntime, x: np.ndarray, thresholds, batch: int,
                        rounds: int) -> dict:
-    """Median over rounds of (full-model time ÷ early-exit time) on the same rows."""
-    ratios, early_s, full_s = [], [], []
-    chunks = [x[i : i + batch] for i in range(0, len(x), batch)]
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for c in chunks:
-            runtime.run_full_model(c)
-        t1 = time.perf_counter()
-        for c in chunks:
-            runtime.classify(c, thresholds=thresholds)
-        t2 = time.perf_counter()
-        full_s.append(t1 - t0)
-        early_s.append(t2 - t1)
-        ratios.append((t1 - t0) / (t2 - t1))
-    return {"batch": batch, "rows": len(x), "speedup": statistics.median(ratios),
-            "early_ms_per_row": 1000 * statistics.median(early_s) / len(x),
-            "full_ms_per_row": 1000 * statistics.median(full_s) / len(x)}
+    """Single-graph full model time ÷ early-exit chain time on the same rows (interleaved)."""
+    batches = [x[i : i + batch] for i in range(0, len(x), batch)]
+    seconds = time_variants(
+        {"full_model": runtime.run_full_model,
+         "early_exit": lambda b: runtime.classify(b, thresholds=thresholds)},
+        batches, rounds)
+    return {"batch": batch, "rows": len(x),
+            "speedup": seconds["full_model"] / seconds["early_exit"],
+            "early_ms_per_row": 1000 * seconds["early_exit"] / len(x),
+            "full_ms_per_row": 1000 * seconds["full_model"] / len(x)}
 
 
 def _free_port() -> int:
@@ -170,12 +163,12 @@ def http_rows(args, manifest, rows, test_images) -> None:
             _put_thresholds(url, token, [1.0] * manifest.num_exits)
             full = run_http_bench(url, images, labels, args.concurrency, args.http_duration,
                                   check_answers=False)
-            full_tp = full["passes"][0]["throughput"] if "passes" in full else full["throughput"]
+            full_tp = full["early_exit"]["throughput_rps"]
             for row in rows:
                 _put_thresholds(url, token, row["thresholds"])
                 early = run_http_bench(url, images, labels, args.concurrency, args.http_duration,
                                        check_answers=False)
-                tp = early["passes"][0]["throughput"] if "passes" in early else early["throughput"]
+                tp = early["early_exit"]["throughput_rps"]
                 row["http"] = {"throughput": tp, "full_depth_throughput": full_tp,
                                "speedup": tp / full_tp, "concurrency": args.concurrency,
                                "duration_s": args.http_duration}

@@ -31,6 +31,9 @@ class ClassifyingRuntime(Protocol):
 
     def preprocess(self, images: np.ndarray) -> np.ndarray: ...
 
+    @property
+    def thresholds(self) -> tuple[float, ...]: ...
+
     def classify(self, batch: np.ndarray, full: bool = False) -> Any: ...
 
 
@@ -49,6 +52,7 @@ class RowResult:
     probs: np.ndarray  # C answer probabilities
     exit: int  # 1..K, 0 = fallback
     exit_probs: np.ndarray | None  # K×C, full mode only
+    thresholds: tuple[float, ...]  # in force for this batch
     queue_seconds: float  # time waiting for its batch
     batch_size: int
 
@@ -196,8 +200,10 @@ class DynamicBatcher:
             if batch:
                 return batch
 
-    def _run_batch(self, images: np.ndarray, full: bool) -> Any:
-        return self._runtime.classify(self._runtime.preprocess(images), full=full)
+    def _run_batch(self, images: np.ndarray, full: bool) -> tuple[Any, tuple[float, ...]]:
+        # Read under the run lock: no swap can land between this and the classify call.
+        thresholds = tuple(float(t) for t in self._runtime.thresholds)
+        return self._runtime.classify(self._runtime.preprocess(images), full=full), thresholds
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -205,22 +211,24 @@ class DynamicBatcher:
             batch = await self._next_batch()
             if batch is None:
                 return
-            full = batch[0].full
-            images = np.stack([job.image for job in batch])
             started = time.perf_counter()
             try:
+                images = np.stack([job.image for job in batch])
                 async with self._run_lock:
-                    result = await loop.run_in_executor(self._executor, self._run_batch, images, full)
+                    result, thresholds = await loop.run_in_executor(
+                        self._executor, self._run_batch, images, batch[0].full
+                    )
+                self.batches_run += 1
+                self._resolve(batch, result, thresholds, started)
             except Exception as exc:  # noqa: BLE001 - every waiting request must get an answer
                 logger.exception("batch of %d images failed", len(batch))
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(exc)
-                continue
-            self.batches_run += 1
-            self._resolve(batch, result, started)
 
-    def _resolve(self, batch: list[_Job], result: Any, started: float) -> None:
+    def _resolve(
+        self, batch: list[_Job], result: Any, thresholds: tuple[float, ...], started: float
+    ) -> None:
         probs = np.asarray(result.probs)
         exits = np.asarray(result.exits)
         exit_probs = None if result.exit_probs is None else np.asarray(result.exit_probs)
@@ -236,8 +244,8 @@ class DynamicBatcher:
                     probs=probs[row],
                     exit=int(exits[row]),
                     exit_probs=None if exit_probs is None else exit_probs[row],
+                    thresholds=thresholds,
                     queue_seconds=started - job.enqueued,
                     batch_size=len(batch),
                 )
             )
-

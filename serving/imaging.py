@@ -74,7 +74,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise UndecodableImageError("empty image body")
     try:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # The warning arrives as an exception only under `-W error`; either way: too big.
         raise ImageTooLargeError(f"image too large: {exc}") from exc
     except UnidentifiedImageError as exc:
         other = sniff_unsupported_format(data)
@@ -106,7 +107,7 @@ def _load(image: Image.Image, target: tuple[int, int]) -> Image.Image:
             side = max(target)
             image.draft(image.mode, (side, side))
         image.load()
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"image too large: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
         raise UndecodableImageError(f"could not decode image: {exc}") from exc

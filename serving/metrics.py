@@ -72,9 +72,7 @@ class ServingMetrics:
         self.batch_size = Histogram(
             "earlyexit_batch_size", "Images per runtime batch.", buckets=BATCH_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge(
-            "earlyexit_queue_depth", "Images waiting for a batch.", registry=r
-        )
+        self.queue_depth = Gauge("earlyexit_queue_depth", "Images waiting for a batch.", registry=r)
         self.model_info = Gauge(
             "earlyexit_model_info", "The served bundle (value 1).", ["name", "version"],
             registry=r,

@@ -100,9 +100,6 @@ class ServingState:
         started = time.perf_counter()
         try:
             runtime = await asyncio.to_thread(self._load_runtime)
-            tuned = await asyncio.to_thread(
-                read_thresholds, self.bundle_dir, runtime.manifest.num_exits
-            )
         except Exception as exc:  # noqa: BLE001 - reported through /readyz and the log
             self.load_error = str(exc) or type(exc).__name__
             logger.error("bundle failed to load: %s", self.load_error)
@@ -116,7 +113,7 @@ class ServingState:
             metrics=self.metrics,
         )
         batcher.start()
-        self.tuned = dict(tuned.tuned)
+        self.tuned = dict(getattr(runtime, "tuned", None) or {})
         self.metrics.prime(manifest.num_exits)
         self.metrics.set_model(manifest.name, manifest.version, runtime.thresholds)
         self.runtime, self.batcher = runtime, batcher
@@ -162,13 +159,19 @@ class ServingState:
                 )
             except OSError as exc:
                 raise PersistError(f"could not write thresholds.json: {exc}") from exc
-            await batcher.run_exclusive(lambda: runtime.set_thresholds(checked))
+            await batcher.run_exclusive(lambda: runtime.set_thresholds(checked, record))
             self.tuned = record
         self.metrics.set_thresholds(checked)
         self.metrics.threshold_updates.labels(source=source).inc()
         logger.info(
             "thresholds updated",
-            extra={"fields": {"source": source, "thresholds": list(checked), "previous": list(previous)}},
+            extra={
+                "fields": {
+                    "source": source,
+                    "thresholds": list(checked),
+                    "previous": list(previous),
+                }
+            },
         )
         return checked, previous, record, path
 
@@ -179,12 +182,13 @@ class ServingState:
             loaded = await asyncio.to_thread(
                 read_thresholds, self.bundle_dir, runtime.manifest.num_exits
             )
-            await batcher.run_exclusive(lambda: runtime.set_thresholds(loaded.values))
+            await batcher.run_exclusive(lambda: runtime.set_thresholds(loaded.values, loaded.tuned))
             self.tuned = dict(loaded.tuned)
         self.metrics.set_thresholds(loaded.values)
         self.metrics.threshold_updates.labels(source=source).inc()
         logger.info(
-            "thresholds reloaded", extra={"fields": {"source": source, "thresholds": list(loaded.values)}}
+            "thresholds reloaded",
+            extra={"fields": {"source": source, "thresholds": list(loaded.values)}},
         )
         return loaded.values
 

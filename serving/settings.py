@@ -16,17 +16,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # installed wheel and a source checkout behave the same.
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default_bundle"
 
-# Short provider names users type, mapped to onnxruntime's execution-provider names.
+# Short provider names users type, mapped to onnxruntime's names; the runtime supports these two
+# (CUDA falls back to CPU unless strict_providers).
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-    "migraphx": "MIGraphXExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
 }
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -47,7 +41,7 @@ def normalize_providers(value: Any) -> list[str]:
         if resolved is None:
             raise ValueError(
                 f"unknown execution provider {name!r} "
-                f"(use {', '.join(sorted(PROVIDER_ALIASES))} or an onnxruntime provider name)"
+                f'(use {", ".join(sorted(PROVIDER_ALIASES))}, e.g. "cuda,cpu")'
             )
         if resolved not in out:
             out.append(resolved)
@@ -58,21 +52,27 @@ class Settings(BaseSettings):
     """Everything the server reads from its environment (prefix `EARLYEXIT_`)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="EARLYEXIT_", frozen=True, extra="ignore", validate_default=True
+        env_prefix="EARLYEXIT_",
+        frozen=True,
+        extra="ignore",
+        validate_default=True,
+        # `EARLYEXIT_X=` (set but empty, as compose writes unset variables) means the default.
+        env_ignore_empty=True,
     )
 
     bundle: Path = Field(DEFAULT_BUNDLE_DIR, description="bundle directory to serve")
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=0, le=65535)
-    # Empty means "CUDA when onnxruntime offers it, else CPU" (decided by the runtime).
+    # Tried in order; without strict_providers the runtime falls back to the next one.
     providers: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["cuda", "cpu"])
     strict_providers: bool = False
     intra_op_threads: int = Field(0, ge=0, le=1024, description="0 = onnxruntime default")
     max_batch_size: int = Field(32, ge=1, le=4096)
     max_batch_wait_ms: float = Field(2.0, ge=0.0, le=10_000.0)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    # 4096² is far above what a 32×32 classifier needs and far below Pillow's bomb limit.
-    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    # 4096² is far above what a 32×32 classifier needs; the cap is Pillow's own bomb limit
+    # (PIL.Image.MAX_IMAGE_PIXELS), so our check always speaks first.
+    max_image_pixels: int = Field(4096 * 4096, ge=1, le=89_478_485)
     max_batch_files: int = Field(64, ge=1, le=4096, description="images per /classify/batch")
     queue_size: int = Field(256, ge=1, le=1_000_000)
     admin_token: SecretStr | None = None
@@ -83,7 +83,10 @@ class Settings(BaseSettings):
     @field_validator("providers", mode="before")
     @classmethod
     def _providers(cls, value: Any) -> list[str]:
-        return normalize_providers(value)
+        providers = normalize_providers(value)
+        if not providers:
+            raise ValueError("name at least one execution provider, e.g. cpu")
+        return providers
 
     @field_validator("admin_token", mode="before")
     @classmethod

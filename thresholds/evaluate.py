@@ -4,7 +4,8 @@ Decision rule, identical to the runtime: exit k accepts a row when its max proba
 strictly greater than t_k (t = 1.0 disables an exit); the first accepting exit answers; a row no
 exit accepts gets the fallback ("ensemble": argmax of the mean of all K exits' probabilities, or
 "last": exit K's answer, still counted as a fallback row). A row answered at exit k ran segments
-1..k; a fallback row ran all K.
+1..k; a fallback row ran all K (what that costs, including disabled exits run without their
+heads, is `thresholds.costs`).
 
 Everything that does not depend on the thresholds (max probabilities, per-exit and fallback
 correctness) is computed once in `build_exit_table`, so scoring a population of P vectors is a
@@ -72,9 +73,6 @@ class ExitTable:
     def final_accuracy(self) -> float:
         """The final exit's accuracy (percent): the default baseline of eq. 7."""
         return 100.0 * int(np.count_nonzero(self.correct[:, self.num_exits - 1])) / self.num_rows
-
-    def subset(self, rows: np.ndarray) -> ExitTable:
-        return ExitTable(self.max_probs[rows], self.correct[rows], self.fallback, self.num_classes)
 
 
 def build_exit_table(
@@ -168,7 +166,9 @@ def check_thresholds(thresholds: np.ndarray, num_exits: int) -> np.ndarray:
     if matrix.ndim == 1:
         matrix = matrix[None, :]
     if matrix.ndim != 2 or matrix.shape[1] != num_exits:
-        raise TuningError(f"expected thresholds of shape [P, {num_exits}], got {list(matrix.shape)}")
+        raise TuningError(
+            f"expected thresholds of shape [P, {num_exits}], got {list(matrix.shape)}"
+        )
     if not np.isfinite(matrix).all() or matrix.min(initial=0.0) < 0 or matrix.max(initial=0) > 1:
         raise TuningError("thresholds must be finite numbers in [0, 1]")
     return matrix
@@ -209,7 +209,11 @@ def evaluate_population(
     correct_counts = np.concatenate(corrects)
     exit_counts = np.concatenate(counts)
     n = table.num_rows
-    mean_cost = exit_counts @ costs.exit_costs() / n
+    if costs.stage_costs is None:
+        mean_cost = exit_counts @ costs.exit_costs() / n
+    else:
+        per_exit = costs.exit_cost_matrix(matrix, table.fallback, table.num_classes)
+        mean_cost = (exit_counts * per_exit).sum(axis=1) / n
     return PopulationMetrics(
         thresholds=matrix,
         correct_counts=correct_counts,

@@ -1,6 +1,6 @@
 """Genetic threshold search with DEAP (seed 004 Alg. 2).
 
-Binary genes (see `thresholds.genes`), tournament selection, two-point crossover, bit-flip
+Binary genes (Gray-coded by default, see `thresholds.genes`), tournament selection, two-point crossover, bit-flip
 mutation and a hall of fame whose members are carried into every generation (elitism). The
 population is seeded with the all-disabled vectors [1, …, 1] and [1, …, 1, 0] (every row answered
 at full depth: the final exit's accuracy), so a max-drop search always holds a feasible
@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ class GAConfig:
     tournament_size: int = 3
     elite: int = 2
     patience: int = 25  # generations without improvement before stopping; 0 = never stop early
+    gray: bool = True  # Gray-coded genes: neighbouring levels differ by one bit
     seed: int = 0
     progress: bool | None = None  # tqdm bar; None = only on a terminal
 
@@ -83,6 +85,10 @@ class SearchResult:
         }
 
 
+# (accuracy P, acceleration P) -> one DEAP fitness tuple per vector
+FitnessOf = Callable[[np.ndarray, np.ndarray], list[tuple[float, float]]]
+
+
 class PopulationScorer:
     """Scores DEAP individuals in bulk, remembering every distinct gene string seen."""
 
@@ -91,12 +97,14 @@ class PopulationScorer:
         table: ExitTable,
         costs: CostModel,
         bits: int,
-        fitness_of: Any,
+        fitness_of: FitnessOf,
+        gray: bool = False,
     ) -> None:
         self.table = table
         self.costs = costs
         self.bits = bits
-        self.fitness_of = fitness_of  # (accuracy P, acceleration P) -> list of fitness tuples
+        self.fitness_of = fitness_of
+        self.gray = gray
         self.cache: dict[bytes, tuple[float, ...]] = {}
         self.points: list[np.ndarray] = []
 
@@ -112,14 +120,12 @@ class PopulationScorer:
                 new_rows[key] = i
         if new_rows:
             rows = list(new_rows.values())
-            thresholds = decode(genes[rows], self.table.num_exits, self.bits)
+            thresholds = decode(genes[rows], self.table.num_exits, self.bits, self.gray)
             scored = evaluate_population(self.table, thresholds, self.costs)
             values = self.fitness_of(scored.accuracy, scored.acceleration)
             for key, value in zip(new_rows, values, strict=True):
                 self.cache[key] = value
-            self.points.append(
-                np.column_stack([thresholds, scored.accuracy, scored.acceleration])
-            )
+            self.points.append(np.column_stack([thresholds, scored.accuracy, scored.acceleration]))
         for individual, key in zip(individuals, keys, strict=True):
             individual.fitness.values = self.cache[key]
         return len(new_rows)
@@ -130,18 +136,23 @@ class PopulationScorer:
         return np.concatenate(self.points)
 
 
-def seed_genes(num_exits: int, bits: int) -> list[list[int]]:
+def seed_genes(num_exits: int, bits: int, gray: bool = False) -> list[list[int]]:
     """All exits disabled, and the same with the last exit answering every row."""
-    seeds = [encode([1.0] * num_exits, bits)]
-    seeds.append(encode([1.0] * (num_exits - 1) + [0.0], bits))
+    seeds = [encode([1.0] * num_exits, bits, gray)]
+    seeds.append(encode([1.0] * (num_exits - 1) + [0.0], bits, gray))
     return seeds
 
 
-def _progress_bar(total: int, enabled: bool | None, desc: str) -> Any:
-    from tqdm.auto import tqdm
+def progress_bar(total: int, enabled: bool | None, desc: str) -> Any:
+    from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="gen", disable=None if enabled is None else not enabled,
-                leave=False)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="gen",
+        disable=None if enabled is None else not enabled,
+        leave=False,
+    )
 
 
 def run_ga(
@@ -165,7 +176,7 @@ def run_ga(
         scores = objective.score(accuracy, acceleration)
         return [(float(s), float(a)) for s, a in zip(scores, accuracy, strict=True)]
 
-    scorer = PopulationScorer(table, costs, bits, fitness_of)
+    scorer = PopulationScorer(table, costs, bits, fitness_of, config.gray)
     toolbox = base.Toolbox()
     toolbox.register("mate", tools.cxTwoPoint)
     flip = config.bit_flip_prob if config.bit_flip_prob is not None else min(1.0, 2.0 / length)
@@ -177,8 +188,8 @@ def run_ga(
     rng = random.Random(config.seed)
     history: list[dict[str, Any]] = []
     generation = 0
-    with private_random(rng), _progress_bar(config.generations, config.progress, "GA") as bar:
-        population = [individual_cls(g) for g in seed_genes(k, bits)]
+    with private_random(rng), progress_bar(config.generations, config.progress, "GA") as bar:
+        population = [individual_cls(g) for g in seed_genes(k, bits, config.gray)]
         while len(population) < config.population:
             population.append(individual_cls(random.getrandbits(1) for _ in range(length)))
         evaluations = scorer(population)
@@ -186,7 +197,9 @@ def run_ga(
         best_so_far = hall[0].fitness.values
         stale = 0
         for generation in range(1, config.generations + 1):
-            offspring = [clone(i) for i in toolbox.select(population, len(population) - config.elite)]
+            elites = [clone(h) for h in hall[: config.elite]]
+            chosen = toolbox.select(population, config.population - len(elites))
+            offspring = [clone(i) for i in chosen]
             for first, second in zip(offspring[::2], offspring[1::2], strict=False):
                 if random.random() < config.crossover_prob:
                     toolbox.mate(first, second)
@@ -198,7 +211,7 @@ def run_ga(
             fresh = [i for i in offspring if not i.fitness.valid]
             nevals = scorer(fresh)
             evaluations += nevals
-            population = offspring + [clone(h) for h in hall[: config.elite]]
+            population = offspring + elites
             hall.update(population)
             best = hall[0].fitness.values
             scores = np.array([i.fitness.values[0] for i in population])
@@ -218,11 +231,14 @@ def run_ga(
             else:
                 stale += 1
             if config.patience and stale >= config.patience:
-                logger.info("GA stopped early at generation %d: no improvement in %d generations",
-                            generation, config.patience)
+                logger.info(
+                    "GA stopped early at generation %d: no improvement in %d generations",
+                    generation,
+                    config.patience,
+                )
                 break
     logger.debug("GA log\n%s", logbook)
-    thresholds = decode(np.asarray(hall[0], dtype=np.uint8), k, bits)[0]
+    thresholds = decode(np.asarray(hall[0], dtype=np.uint8), k, bits, config.gray)[0]
     metrics = evaluate(table, thresholds, costs)
     if not bool(objective.feasible(metrics.accuracy)):
         raise TuningError(
@@ -234,7 +250,12 @@ def run_ga(
     logger.info(
         "GA: fitness %.4f, accuracy %.2f%%, acceleration %.3fx after %d generations, "
         "%d vectors scored, %.2fs",
-        fitness, metrics.accuracy, metrics.acceleration, generation, evaluations, seconds,
+        fitness,
+        metrics.accuracy,
+        metrics.acceleration,
+        generation,
+        evaluations,
+        seconds,
     )
     return SearchResult(
         thresholds=tuple(float(t) for t in thresholds),

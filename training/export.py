@@ -857,6 +857,11 @@ def export_checkpoint(
 def _exit_accuracies(val_metrics: Any) -> list[float] | None:
     """Per-exit validation accuracies from the checkpoint's metrics, if it has them."""
     if isinstance(val_metrics, dict):
+        numbered = []
+        while f"acc_exit{len(numbered) + 1}" in val_metrics:  # training.engine's layout
+            numbered.append(float(val_metrics[f"acc_exit{len(numbered) + 1}"]))
+        if numbered:
+            return numbered
         for key in ("exit_accuracy", "exit_accuracies", "accuracy", "acc"):
             value = val_metrics.get(key)
             if isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value):

@@ -1,0 +1,371 @@
+"""In-process benchmark of a bundle: accuracy, exit fractions, MAC and wall-clock speedups.
+
+Accuracy is in percent; `acceleration` follows the contract (full_model.macs ÷ mean MACs of the
+segments each row ran, a fallback row ran all K); `mac_speedup_executed` counts what the runtime
+really ran (stage files instead of segments for skipped heads). Wall-clock variants are
+interleaved batch by batch (this machine is noisy) and each reported time is the median over
+repeats of the time to run the timing rows:
+
+- `dynamic`: the bundle's thresholds;
+- `chain_all_disabled`: every threshold 1.0 (every row runs the whole chain);
+- `chain_last_exit`: exits 1..K−1 disabled, exit K answers (stage files when the bundle has them);
+- `full_model`: the plain single-graph model.
+
+`efficiency` = measured speedup over the full model ÷ MAC speedup on the same rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.bundle import atomic_write_json
+from serving.calibration import collect_calibration, decide
+from serving.runtime import EarlyExitRuntime
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "bench.json"
+HISTOGRAM_FILE = "exit_histogram.png"
+SWEEP_FILE = "accuracy_vs_speedup.png"
+HIGH_CONFIDENCE_THRESHOLDS = (0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    bundle: str
+    dataset: str
+    data_dir: str
+    split: str = "test"
+    limit: int | None = None
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    repeats: int = 5
+    timing_rows: int = 256
+    last_exit_rows: int = 64
+    providers: tuple[str, ...] = ("cpu",)
+    intra_op_threads: int = 0
+    sweep_points: int = 21
+    eval_batch_size: int = 256
+    out: str | None = None
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------- costs
+
+
+def row_macs(exits: np.ndarray, segment_costs: Sequence[float]) -> np.ndarray:
+    """Per-row cost: the segments 1..k a row answered at exit k ran; a fallback row (0) ran all."""
+    path = np.cumsum(np.asarray(segment_costs, dtype=np.float64))
+    exits = np.asarray(exits)
+    return np.where(exits > 0, path[np.maximum(exits, 1) - 1], path[-1])
+
+
+def exit_fractions(exits: np.ndarray, num_exits: int) -> list[float]:
+    """Fraction of rows answered at exit 1..K, then the fallback."""
+    counts = np.bincount(np.asarray(exits), minlength=num_exits + 1)
+    total = max(int(counts.sum()), 1)
+    return [float(c) / total for c in list(counts[1:]) + [counts[0]]]
+
+
+def threshold_sweep(
+    exit_probs: np.ndarray,
+    labels: np.ndarray,
+    fallback: str,
+    segment_macs: Sequence[int],
+    full_macs: int,
+    points: int = 21,
+) -> list[dict[str, float]]:
+    """Accuracy and acceleration with one global threshold t for every exit: `points` evenly
+    spaced in [0, 1] plus the high-confidence values trained networks live at."""
+    grid = np.union1d(np.linspace(0.0, 1.0, max(points, 2)), HIGH_CONFIDENCE_THRESHOLDS)
+    out = []
+    for t in grid:
+        answers, exits = decide(exit_probs, [float(t)] * exit_probs.shape[1], fallback)
+        out.append(
+            {
+                "threshold": round(float(t), 6),
+                "accuracy": 100.0 * float(np.mean(answers.argmax(axis=1) == labels)),
+                "acceleration": float(full_macs / row_macs(exits, segment_macs).mean()),
+            }
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_variants(
+    variants: dict[str, Callable[[np.ndarray], Any]],
+    batches: list[np.ndarray],
+    repeats: int,
+) -> dict[str, float]:
+    """Median over repeats of the seconds each variant takes for all `batches`.
+
+    Variants are interleaved per batch, in an order rotated from batch to batch, so load
+    spikes and cache effects fall on all of them alike.
+    """
+    names = list(variants)
+    for name in names:  # warm-up: first-run allocations are not what we measure
+        variants[name](batches[0])
+    totals: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(repeats):
+        spent = dict.fromkeys(names, 0.0)
+        for i, batch in enumerate(batches):
+            for j in range(len(names)):
+                name = names[(i + j) % len(names)]
+                start = time.perf_counter()
+                variants[name](batch)
+                spent[name] += time.perf_counter() - start
+        for name in names:
+            totals[name].append(spent[name])
+    return {name: float(np.median(values)) for name, values in totals.items()}
+
+
+def _timing_for_batch_size(
+    runtime: EarlyExitRuntime,
+    x: np.ndarray,
+    exits: np.ndarray,
+    batch_size: int,
+    repeats: int,
+) -> dict[str, Any]:
+    m = runtime.manifest
+    k = m.num_exits
+    disabled = (1.0,) * k
+    last_only = (1.0,) * (k - 1) + (0.0,)
+    variants: dict[str, Callable[[np.ndarray], Any]] = {
+        "dynamic": runtime.classify,
+        "chain_all_disabled": lambda b: runtime.classify(b, thresholds=disabled),
+        "chain_last_exit": lambda b: runtime.classify(b, thresholds=last_only),
+        "full_model": runtime.run_full_model,
+    }
+    batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+    seconds = time_variants(variants, batches, repeats)
+    mac_speedup = float(m.full_model.macs / row_macs(exits, m.segment_macs()).mean())
+    vs_full = seconds["full_model"] / seconds["dynamic"]
+    return {
+        "rows": int(len(x)),
+        "batches": len(batches),
+        "repeats": repeats,
+        "seconds": seconds,
+        "ms_per_image": {name: 1e3 * s / len(x) for name, s in seconds.items()},
+        "speedup_vs_full_model": vs_full,
+        "speedup_vs_chain": seconds["chain_all_disabled"] / seconds["dynamic"],
+        "chain_last_exit_vs_full_model": seconds["chain_last_exit"] / seconds["full_model"],
+        "chain_all_disabled_vs_full_model": seconds["chain_all_disabled"] / seconds["full_model"],
+        "mac_speedup": mac_speedup,
+        "efficiency": vs_full / mac_speedup,
+    }
+
+
+def last_exit_latency(
+    runtime: EarlyExitRuntime, x: np.ndarray, repeats: int
+) -> dict[str, Any] | None:
+    """Batch-1 latency of rows that go all the way (exit K or fallback) vs the full model."""
+    if len(x) == 0:
+        return None
+    chain, full = [], []
+    rows = [x[i : i + 1] for i in range(len(x))]
+    runtime.classify(rows[0])
+    runtime.run_full_model(rows[0])
+    for r in range(repeats):
+        for i, row in enumerate(rows):
+            pair = [(chain, runtime.classify), (full, runtime.run_full_model)]
+            for sink, fn in pair if (i + r) % 2 == 0 else pair[::-1]:
+                start = time.perf_counter()
+                fn(row)
+                sink.append(time.perf_counter() - start)
+    chain_ms, full_ms = 1e3 * float(np.median(chain)), 1e3 * float(np.median(full))
+    return {
+        "rows": len(rows),
+        "repeats": repeats,
+        "chain_ms": chain_ms,
+        "full_model_ms": full_ms,
+        "ratio": chain_ms / full_ms,
+    }
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def _load_rows(config: BenchConfig, runtime: EarlyExitRuntime) -> Any:
+    from serving.datasets import DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, load_split
+
+    training = runtime.manifest.provenance.get("training_config") or {}
+    data = load_split(
+        config.dataset,
+        config.data_dir,
+        config.split,
+        val_size=int(training.get("val_size") or DEFAULT_VAL_SIZE),
+        split_seed=int(training.get("split_seed") or DEFAULT_SPLIT_SEED),
+    )
+    if config.limit is not None:
+        data = data.subset(np.arange(min(config.limit, len(data))))
+    if len(data) == 0:
+        raise ValueError(f"{config.dataset} {config.split} split has no rows")
+    expected = runtime.manifest.input.shape
+    got = data.images.shape[1:] if data.images.ndim == 4 else (*data.images.shape[1:], 1)
+    if tuple(got) != (expected[1], expected[2], expected[0]):
+        raise ValueError(
+            f"dataset images are {list(got)} (H×W×C) but the bundle expects C×H×W {list(expected)}"
+        )
+    return data
+
+
+def _dynamic_pass(
+    runtime: EarlyExitRuntime, x: np.ndarray, batch_size: int, progress: bool
+) -> tuple[np.ndarray, np.ndarray, list[float], list[int]]:
+    answers = np.empty((len(x), runtime.manifest.num_classes), dtype=np.float32)
+    exits = np.empty(len(x), dtype=np.int64)
+    seg_seconds = np.zeros(runtime.manifest.num_exits)
+    seg_rows = np.zeros(runtime.manifest.num_exits, dtype=np.int64)
+    starts = range(0, len(x), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="dynamic", unit="batch", leave=False)
+    for start in starts:
+        result = runtime.classify(x[start : start + batch_size])
+        answers[start : start + batch_size] = result.probs
+        exits[start : start + batch_size] = result.exits
+        seg_seconds += result.segment_seconds
+        seg_rows += result.rows_per_segment
+    return answers, exits, seg_seconds.tolist(), seg_rows.tolist()
+
+
+def run_benchmark(config: BenchConfig) -> dict[str, Any]:
+    """Benchmark a bundle on a dataset split; writes report + plots to `config.out` if set."""
+    started = time.perf_counter()
+    if not config.batch_sizes or any(b < 1 for b in config.batch_sizes):
+        raise ValueError("batch sizes must be positive integers")
+    if config.repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    runtime = EarlyExitRuntime(
+        config.bundle, providers=config.providers, intra_op_threads=config.intra_op_threads
+    )
+    m = runtime.manifest
+    k = m.num_exits
+    data = _load_rows(config, runtime)
+    labels = data.labels
+    x = runtime.preprocess(data.images)
+    logger.info("benchmarking %s on %d %s rows", m.name, len(labels), config.split)
+
+    exit_probs, _ = collect_calibration(
+        runtime, data.images, labels, config.eval_batch_size, progress=config.progress
+    )
+    exit_accuracy = [
+        100.0 * float(np.mean(exit_probs[:, j].argmax(axis=1) == labels)) for j in range(k)
+    ]
+    thresholds = runtime.thresholds
+    cal_answers, cal_exits = decide(exit_probs, thresholds, m.fallback)
+    fallback_answers, _ = decide(exit_probs, (1.0,) * k, m.fallback)
+
+    answers, exits, seg_seconds, seg_rows = _dynamic_pass(
+        runtime, x, config.eval_batch_size, config.progress
+    )
+    predicted = answers.argmax(axis=1)
+    cal_predicted = cal_answers.argmax(axis=1)
+    agreement = float(np.mean((predicted == cal_predicted) & (exits == cal_exits)))
+    if agreement < 1.0:
+        logger.warning(
+            "runtime and calibration arrays disagree on %.4f%% of rows (ties at a threshold?)",
+            100.0 * (1.0 - agreement),
+        )
+    skips = runtime.stage_skips(thresholds)
+    executed = [
+        s.stage_macs if skip and s.stage_macs else s.macs
+        for s, skip in zip(m.segments, skips, strict=True)
+    ]
+    dynamic = {
+        "thresholds": list(thresholds),
+        "accuracy": 100.0 * float(np.mean(predicted == labels)),
+        "calibration_accuracy": 100.0 * float(np.mean(cal_predicted == labels)),
+        "calibration_agreement": agreement,
+        "exit_fractions": exit_fractions(exits, k),
+        "acceleration": float(m.full_model.macs / row_macs(exits, m.segment_macs()).mean()),
+        "mac_speedup_executed": float(m.full_model.macs / row_macs(exits, executed).mean()),
+        "stage_files_used": [bool(s) for s in skips],
+        "rows_per_segment": seg_rows,
+        "segment_seconds": seg_seconds,
+    }
+    logger.info(
+        "dynamic accuracy %.2f%% (final exit %.2f%%), acceleration %.2fx, agreement %.4f",
+        dynamic["accuracy"],
+        exit_accuracy[-1],
+        dynamic["acceleration"],
+        agreement,
+    )
+
+    timing_x = x[: config.timing_rows]
+    timing_exits = exits[: config.timing_rows]
+    timing = {}
+    for batch_size in config.batch_sizes:
+        logger.info("timing at batch %d", batch_size)
+        timing[str(batch_size)] = _timing_for_batch_size(
+            runtime, timing_x, timing_exits, batch_size, config.repeats
+        )
+    deep = np.flatnonzero((exits == k) | (exits == 0))[: config.last_exit_rows]
+    last = last_exit_latency(runtime, x[deep], config.repeats)
+
+    sweep = threshold_sweep(
+        exit_probs, labels, m.fallback, m.segment_macs(), m.full_model.macs, config.sweep_points
+    )
+    report: dict[str, Any] = {
+        "bundle": {
+            "path": str(Path(config.bundle)),
+            "name": m.name,
+            "version": m.version,
+            "num_exits": k,
+            "fallback": m.fallback,
+            "segment_macs": m.segment_macs(),
+            "full_model_macs": m.full_model.macs,
+            "tuned": runtime.tuned,
+        },
+        "data": {"dataset": config.dataset, "split": config.split, "rows": int(len(labels))},
+        "providers": runtime.providers,
+        "exit_accuracy": exit_accuracy,
+        "final_exit_accuracy": exit_accuracy[-1],
+        "fallback_accuracy": 100.0 * float(np.mean(fallback_answers.argmax(axis=1) == labels)),
+        "dynamic": dynamic,
+        "timing": timing,
+        "last_exit_latency": last,
+        "sweep": sweep,
+    }
+    report["seconds"] = time.perf_counter() - started
+    if config.out:
+        report["files"] = write_report(report, config.out)
+    return report
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> list[str]:
+    """bench.json + exit histogram + accuracy-vs-speedup PNGs, each written atomically."""
+    from serving import plots
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = report["bundle"]["name"]
+    files = [
+        plots.exit_histogram(
+            report["dynamic"]["exit_fractions"],
+            out / HISTOGRAM_FILE,
+            title=f"{name}: exits on {report['data']['split']} ({report['data']['rows']} rows)",
+        ),
+        plots.accuracy_vs_speedup(
+            report["sweep"],
+            out / SWEEP_FILE,
+            point={
+                "accuracy": report["dynamic"]["accuracy"],
+                "acceleration": report["dynamic"]["acceleration"],
+            },
+            baseline_accuracy=report["final_exit_accuracy"],
+            title=f"{name}: accuracy vs MAC speedup",
+        ),
+    ]
+    paths = [str(out / REPORT_FILE)] + [str(f) for f in files]
+    atomic_write_json(out / REPORT_FILE, {**report, "files": paths})
+    return paths

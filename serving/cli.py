@@ -1,0 +1,118 @@
+"""`earlyexit-serve`: start the HTTP server on a bundle.
+
+Flags override `EARLYEXIT_*` environment variables. The bundle is checked (manifest, file
+hashes, thresholds.json) before uvicorn starts, so a bad bundle is one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="earlyexit-serve",
+        description="Serve an early-exit bundle over HTTP (POST /classify, /metrics, web page "
+        "at /). Every flag has an EARLYEXIT_* environment variable; flags win.",
+    )
+    parser.add_argument("--bundle", help="bundle directory (EARLYEXIT_BUNDLE)")
+    parser.add_argument("--host", help="bind address (EARLYEXIT_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="TCP port (EARLYEXIT_PORT, default 8000)")
+    parser.add_argument(
+        "--providers", help='execution providers in order, e.g. "cuda,cpu" (EARLYEXIT_PROVIDERS)'
+    )
+    parser.add_argument(
+        "--strict-providers",
+        action="store_true",
+        default=None,
+        help="fail instead of falling back when a provider is unavailable",
+    )
+    parser.add_argument("--intra-op-threads", type=int, help="onnxruntime threads (0 = default)")
+    parser.add_argument("--max-batch-size", type=int, help="images per batch (default 32)")
+    parser.add_argument("--max-batch-wait-ms", type=float, help="batch window (default 2 ms)")
+    parser.add_argument("--max-body-bytes", type=int, help="request body limit (default 10 MiB)")
+    parser.add_argument("--queue-size", type=int, help="images waiting before 503 (default 256)")
+    parser.add_argument(
+        "--log-level", choices=("critical", "error", "warning", "info", "debug"), default=None
+    )
+    parser.add_argument(
+        "--no-access-log", dest="access_log", action="store_false", default=None,
+        help="do not log one JSON line per request",
+    )  # fmt: skip
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    keys = (
+        "bundle", "host", "port", "providers", "strict_providers", "intra_op_threads",
+        "max_batch_size", "max_batch_wait_ms", "max_body_bytes", "queue_size", "log_level",
+        "access_log",
+    )  # fmt: skip
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def check_bundle(bundle_dir: Any) -> str:
+    """Validate the bundle as the server will load it; returns a one-line summary."""
+    from serving.bundle import load_manifest, read_thresholds
+
+    manifest = load_manifest(bundle_dir, verify=True)
+    thresholds = read_thresholds(bundle_dir, manifest.num_exits)
+    return (
+        f"{manifest.name} {manifest.version}: {manifest.num_exits} exits, "
+        f"{manifest.num_classes} classes, thresholds {list(thresholds.values)}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+
+    from serving.bundle import BundleError
+    from serving.settings import Settings, settings_error_line
+
+    try:
+        settings = Settings(**_overrides(args))
+    except ValidationError as exc:
+        print(f"earlyexit-serve: {settings_error_line(exc)}", file=sys.stderr)
+        return 2
+    try:
+        summary = check_bundle(settings.bundle)
+    except BundleError as exc:
+        print(f"earlyexit-serve: bad bundle: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    logger.info(
+        "starting",
+        extra={"fields": {"bundle": str(settings.bundle), "model": summary,
+                          "url": f"http://{settings.host}:{settings.port}"}},
+    )  # fmt: skip
+    try:
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            log_level=settings.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+            server_header=False,
+        )
+    except OSError as exc:  # e.g. the port is taken
+        print(f"earlyexit-serve: cannot start server: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

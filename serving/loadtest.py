@@ -1,0 +1,457 @@
+"""HTTP load benchmark against a running `earlyexit-serve`.
+
+Real images are PNG-encoded once up front, answered one at a time in a reference pass (each
+image alone in its batch), then posted by N concurrent workers for a fixed duration. Every
+answer under load is compared with that image's reference answer: dynamic batching must not
+change what a client gets. With `compare_full=True` a second pass runs at full depth (every
+threshold 1.0, set through the admin endpoint and restored afterwards) and the two are reported
+side by side. `http_bench_main(args)` (alias `main_http`) is `earlyexit-bench --http URL`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class LoadTestError(RuntimeError):
+    """The server could not be benchmarked (unreachable, not ready, admin call refused)."""
+
+
+@dataclass
+class PassStats:
+    """What one load pass saw, client side."""
+
+    latencies_s: list[float] = field(default_factory=list)
+    status_codes: Counter[str] = field(default_factory=Counter)
+    exits: Counter[str] = field(default_factory=Counter)
+    correct: int = 0
+    answered: int = 0
+    mismatches: int = 0
+    max_confidence_diff: float = 0.0
+    errors: int = 0
+    elapsed_s: float = 0.0
+    batch_size_mean: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        lat_ms = np.asarray(self.latencies_s, dtype=np.float64) * 1000.0
+        pct = (
+            {f"p{q}": round(float(np.percentile(lat_ms, q)), 3) for q in (50, 95, 99)}
+            if lat_ms.size
+            else {"p50": None, "p95": None, "p99": None}
+        )
+        answered = max(self.answered, 1)
+        return {
+            "requests": int(sum(self.status_codes.values())),
+            "answered": self.answered,
+            "errors": self.errors,
+            "status_codes": dict(sorted(self.status_codes.items())),
+            "seconds": round(self.elapsed_s, 3),
+            "throughput_rps": round(self.answered / self.elapsed_s, 2) if self.elapsed_s else 0.0,
+            "latency_ms": {
+                **pct,
+                "mean": round(float(lat_ms.mean()), 3) if lat_ms.size else None,
+                "max": round(float(lat_ms.max()), 3) if lat_ms.size else None,
+            },
+            "accuracy": round(100.0 * self.correct / answered, 3) if self.answered else None,
+            "exit_fractions": {
+                k: round(v / answered, 4) for k, v in sorted(self.exits.items(), key=_exit_order)
+            },
+            "mismatches": self.mismatches,
+            "max_confidence_diff": self.max_confidence_diff,
+            "server_batch_size_mean": self.batch_size_mean,
+        }
+
+
+def _exit_order(item: tuple[str, int]) -> tuple[int, str]:
+    key = item[0]
+    return (int(key), "") if key.isdigit() else (1 << 30, key)
+
+
+def encode_png(images: np.ndarray) -> list[bytes]:
+    """uint8 N×H×W×C → PNG bytes per image (C = 1 is saved as greyscale)."""
+    from PIL import Image
+
+    payloads = []
+    for image in images:
+        array = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
+        payloads.append(buf.getvalue())
+    return payloads
+
+
+def read_rss_mb(pid: int | None) -> float | None:
+    """Resident memory of a local process (Linux /proc), None when unknown."""
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024.0, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _scrape_batch_totals(text: str) -> tuple[float, float]:
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("earlyexit_batch_size_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith("earlyexit_batch_size_count"):
+            count = float(line.split()[-1])
+    return total, count
+
+
+async def _batch_totals(client: Any) -> tuple[float, float] | None:
+    try:
+        response = await client.get("/metrics")
+        return _scrape_batch_totals(response.text) if response.status_code == 200 else None
+    except Exception:  # noqa: BLE001 - metrics are a bonus, never a reason to fail the run
+        return None
+
+
+def _answer_key(answer: dict[str, Any]) -> tuple[Any, Any]:
+    return answer.get("class_index"), answer.get("exit")
+
+
+async def _post(client: Any, payload: bytes) -> tuple[int, dict[str, Any] | None]:
+    response = await client.post(
+        "/classify", content=payload, headers={"Content-Type": "image/png"}
+    )
+    body = (
+        response.json()
+        if response.headers.get("content-type", "").startswith("application/json")
+        else None
+    )
+    return response.status_code, body
+
+
+async def reference_answers(client: Any, payloads: Sequence[bytes]) -> list[dict[str, Any]]:
+    """One request at a time, so each image is alone in its batch."""
+    answers = []
+    for i, payload in enumerate(payloads):
+        status, body = await _post(client, payload)
+        if status != 200 or body is None:
+            raise LoadTestError(f"reference request for image {i} answered {status}: {body}")
+        answers.append(body)
+    return answers
+
+
+async def load_pass(
+    client: Any,
+    payloads: Sequence[bytes],
+    labels: Sequence[int],
+    references: Sequence[dict[str, Any]] | None,
+    concurrency: int,
+    duration_s: float,
+) -> PassStats:
+    """`concurrency` workers post images round-robin until `duration_s` has passed."""
+    stats = PassStats()
+    order = itertools.count()
+    before = await _batch_totals(client)
+    started = time.perf_counter()
+    deadline = started + duration_s
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            i = next(order) % len(payloads)
+            t0 = time.perf_counter()
+            try:
+                status, body = await _post(client, payloads[i])
+            except Exception as exc:  # noqa: BLE001 - counted, the run goes on
+                stats.errors += 1
+                stats.status_codes[type(exc).__name__] += 1
+                continue
+            stats.latencies_s.append(time.perf_counter() - t0)
+            stats.status_codes[str(status)] += 1
+            if status != 200 or body is None:
+                stats.errors += 1
+                continue
+            stats.answered += 1
+            stats.exits[str(body.get("exit"))] += 1
+            stats.correct += int(body.get("class_index") == int(labels[i]))
+            if references is not None:
+                ref = references[i]
+                if _answer_key(body) != _answer_key(ref):
+                    stats.mismatches += 1
+                diff = abs(float(body.get("confidence", 0.0)) - float(ref.get("confidence", 0.0)))
+                stats.max_confidence_diff = max(stats.max_confidence_diff, diff)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    stats.elapsed_s = time.perf_counter() - started
+    after = await _batch_totals(client)
+    if before is not None and after is not None and after[1] > before[1]:
+        stats.batch_size_mean = round((after[0] - before[0]) / (after[1] - before[1]), 3)
+    return stats
+
+
+async def _get_model(client: Any) -> dict[str, Any]:
+    response = await client.get("/v1/model")
+    if response.status_code != 200:
+        raise LoadTestError(f"GET /v1/model answered {response.status_code}: {response.text}")
+    return response.json()
+
+
+async def _put_thresholds(
+    client: Any, token: str | None, values: Sequence[float], tuned: dict[str, Any] | None
+) -> None:
+    if not token:
+        raise LoadTestError("compare_full needs the admin token (EARLYEXIT_ADMIN_TOKEN)")
+    response = await client.put(
+        "/v1/thresholds",
+        json={"thresholds": list(values), "tuned": tuned},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    if response.status_code != 200:
+        raise LoadTestError(f"PUT /v1/thresholds answered {response.status_code}: {response.text}")
+
+
+async def _one_pass(
+    client: Any,
+    payloads: Sequence[bytes],
+    labels: Sequence[int],
+    concurrency: int,
+    duration_s: float,
+    check_answers: bool,
+) -> dict[str, Any]:
+    references = await reference_answers(client, payloads) if check_answers else None
+    stats = await load_pass(client, payloads, labels, references, concurrency, duration_s)
+    return stats.summary()
+
+
+async def _run(
+    url: str,
+    payloads: Sequence[bytes],
+    labels: Sequence[int],
+    concurrency: int,
+    duration_s: float,
+    admin_token: str | None,
+    server_pid: int | None,
+    compare_full: bool,
+    check_answers: bool,
+    timeout_s: float,
+) -> dict[str, Any]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s) as client:
+        try:
+            model = await _get_model(client)
+        except httpx.HTTPError as exc:
+            raise LoadTestError(f"cannot reach {url}: {exc}") from exc
+        report: dict[str, Any] = {
+            "url": url,
+            "model": {"name": model["name"], "version": model["version"]},
+            "num_exits": model["num_exits"],
+            "thresholds": model["thresholds"],
+            "images": len(payloads),
+            "concurrency": concurrency,
+            "duration_s": duration_s,
+            "rss_mb_before": read_rss_mb(server_pid),
+        }
+        report["early_exit"] = await _one_pass(
+            client, payloads, labels, concurrency, duration_s, check_answers
+        )
+        if compare_full:
+            original, tuned = list(model["thresholds"]), model.get("tuned") or None
+            await _put_thresholds(client, admin_token, [1.0] * model["num_exits"], None)
+            try:
+                report["full_depth"] = await _one_pass(
+                    client, payloads, labels, concurrency, duration_s, check_answers
+                )
+            finally:
+                await _put_thresholds(client, admin_token, original, tuned)
+            report["comparison"] = compare_passes(report["early_exit"], report["full_depth"])
+        report["rss_mb_after"] = read_rss_mb(server_pid)
+    return report
+
+
+def compare_passes(early: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
+    """Early-exit vs full-depth: speedups > 1 mean early exit is faster."""
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a and b else None
+
+    return {
+        "throughput_speedup": ratio(early["throughput_rps"], full["throughput_rps"]),
+        "p50_latency_speedup": ratio(full["latency_ms"]["p50"], early["latency_ms"]["p50"]),
+        "p95_latency_speedup": ratio(full["latency_ms"]["p95"], early["latency_ms"]["p95"]),
+        "p99_latency_speedup": ratio(full["latency_ms"]["p99"], early["latency_ms"]["p99"]),
+        "accuracy_delta": None
+        if early["accuracy"] is None or full["accuracy"] is None
+        else round(early["accuracy"] - full["accuracy"], 3),
+    }
+
+
+def run_http_bench(
+    url: str,
+    images: np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    concurrency: int = 8,
+    duration_s: float = 10.0,
+    *,
+    admin_token: str | None = None,
+    server_pid: int | None = None,
+    compare_full: bool = False,
+    check_answers: bool = True,
+    timeout_s: float = 30.0,
+) -> dict[str, Any]:
+    """Benchmark a running server with real images (uint8 N×H×W×C) and their labels.
+
+    Returns a JSON-able report: per pass requests, errors, throughput (answers/s), latency
+    percentiles (ms, client side), accuracy (%), exit fractions, mismatches against the
+    single-image reference answers; RSS of `server_pid` before and after; with `compare_full`
+    a full-depth pass and the speedups. Raises LoadTestError when the server cannot be used.
+    """
+    if concurrency < 1 or duration_s <= 0:
+        raise ValueError("concurrency must be ≥ 1 and duration_s > 0")
+    if len(images) == 0 or len(images) != len(labels):
+        raise ValueError("need as many labels as images, at least one")
+    payloads = encode_png(np.asarray(images))
+    return asyncio.run(
+        _run(
+            url.rstrip("/"),
+            payloads,
+            [int(v) for v in labels],
+            concurrency,
+            duration_s,
+            admin_token,
+            server_pid,
+            compare_full,
+            check_answers,
+            timeout_s,
+        )
+    )
+
+
+# ----------------------------------------------------------------------------- CLI glue
+
+
+def _plot_latency(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [k for k in ("early_exit", "full_depth") if k in report]
+    values = [[report[k]["latency_ms"][p] or 0 for p in ("p50", "p95", "p99")] for k in names]
+    width = 0.8 / max(len(names), 1)
+    for j, (name, vals) in enumerate(zip(names, values, strict=True)):
+        ax.bar(np.arange(3) + j * width, vals, width, label=name.replace("_", " "))
+    ax.set_xticks(np.arange(3) + width * (len(names) - 1) / 2, ["p50", "p95", "p99"])
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"{report['model']['name']}: HTTP latency, concurrency {report['concurrency']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> Path:
+    """bench_http.json (atomic) and, when matplotlib is present, latency.png."""
+    from serving.bundle import atomic_write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "bench_http.json"
+    atomic_write_json(path, report)
+    try:
+        _plot_latency(report, out / "bench_http_latency.png")
+    except ImportError:
+        logger.info("matplotlib not installed: no latency plot")
+    return path
+
+
+def http_bench_main(args: argparse.Namespace) -> int:
+    """`earlyexit-bench --http URL ...` (serving/bench_cli.py): reads `http`, `dataset`,
+    `data_dir`, `split` (default test), `limit` (images, default 1000), `concurrency`,
+    `duration`, `compare_full`, `admin_token` (default $EARLYEXIT_ADMIN_TOKEN), `server_pid`,
+    `json` and `out`. Returns the exit code: 2 bad input, 1 server unusable.
+    """
+    from serving.datasets import DatasetError, load_split
+
+    concurrency = int(getattr(args, "concurrency", 8))
+    duration = float(getattr(args, "duration", 10.0))
+    if concurrency < 1 or duration <= 0:
+        print(
+            "earlyexit-bench: error: --concurrency must be ≥ 1 and --duration > 0", file=sys.stderr
+        )
+        return 2
+    if not getattr(args, "data_dir", None):
+        print("earlyexit-bench: error: --http needs --dataset and --data-dir", file=sys.stderr)
+        return 2
+    try:
+        data = load_split(args.dataset, args.data_dir, getattr(args, "split", None) or "test")
+    except (DatasetError, FileNotFoundError, ValueError) as exc:
+        print(f"earlyexit-bench: error: {exc}", file=sys.stderr)
+        return 2
+    limit = getattr(args, "limit", None) or 1000
+    images, labels = data.images[:limit], data.labels[:limit]
+    try:
+        report = run_http_bench(
+            args.http,
+            images,
+            labels,
+            concurrency,
+            duration,
+            admin_token=getattr(args, "admin_token", None)
+            or os.environ.get("EARLYEXIT_ADMIN_TOKEN"),
+            server_pid=getattr(args, "server_pid", None),
+            compare_full=bool(getattr(args, "compare_full", False)),
+            check_answers=not getattr(args, "no_check", False),
+        )
+    except LoadTestError as exc:
+        print(f"earlyexit-bench: error: {exc}", file=sys.stderr)
+        return 1
+    report["dataset"] = args.dataset
+    if getattr(args, "out", None):
+        path = write_report(report, args.out)
+        logger.info("wrote %s", path)
+    if getattr(args, "json", False):
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+    return 0
+
+
+main_http = http_bench_main  # the name serving/bench_cli.py calls
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A few human lines (the JSON has everything)."""
+    lines = [f"{report['url']} — {report['model']['name']} {report['model']['version']}, "
+             f"{report['images']} images, concurrency {report['concurrency']}"]  # fmt: skip
+    for name in ("early_exit", "full_depth"):
+        if name not in report:
+            continue
+        p = report[name]
+        lat = p["latency_ms"]
+        lines.append(
+            f"  {name:10s} {p['throughput_rps']:8.1f} req/s  p50 {lat['p50']} ms  "
+            f"p95 {lat['p95']} ms  p99 {lat['p99']} ms  acc {p['accuracy']}%  "
+            f"errors {p['errors']}  mismatches {p['mismatches']}  exits {p['exit_fractions']}"
+        )
+    if "comparison" in report:
+        lines.append(f"  speedups   {report['comparison']}")
+    if report.get("rss_mb_before") is not None:
+        lines.append(f"  server RSS {report['rss_mb_before']} → {report['rss_mb_after']} MiB")
+    return "\n".join(lines)

@@ -1,0 +1,257 @@
+"""`POST /classify` and `POST /classify/batch`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Query, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
+
+from serving.batching import BatcherClosedError, QueueFullError, RowResult
+from serving.bundle import Manifest
+from serving.imaging import (
+    ImageError,
+    ImageTooLargeError,
+    UnsupportedImageError,
+    prepare_image,
+)
+from serving.routes.deps import RETRY_AFTER_S, require_ready
+from serving.schemas import (
+    BatchClassifyResponse,
+    ClassifyResponse,
+    ClassScore,
+    ErrorResponse,
+    ExitAnswer,
+    ModelRef,
+)
+from serving.settings import Settings
+
+router = APIRouter(tags=["classify"])
+
+_RAW_TYPES = ("application/octet-stream",)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": why}
+    for code, why in (
+        (400, "undecodable image or bad parameter"),
+        (413, "body or image too large"),
+        (415, "unsupported media type"),
+        (422, "malformed request (e.g. missing multipart field)"),
+        (503, "queue full, model loading or shutting down (see Retry-After)"),
+    )
+}
+_IMAGE_BODY = {
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+                "required": ["file"],
+            }
+        },
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+    },
+    "required": True,
+}
+_BATCH_BODY = {
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                },
+                "required": ["files"],
+            }
+        }
+    },
+    "required": True,
+}
+
+
+def _media_type(value: str | None) -> str:
+    return (value or "").split(";", 1)[0].strip().lower()
+
+
+def _check_part_type(content_type: str | None, where: str) -> None:
+    media = _media_type(content_type)
+    if media and not media.startswith("image/") and media not in _RAW_TYPES:
+        raise HTTPException(415, f"{where}: unsupported media type {media!r}; send an image")
+
+
+async def _read_form(request: Request, settings: Settings) -> FormData:
+    # max_part_size bounds non-file fields; file parts are bounded by the body limit, and the
+    # per-request file limit is checked after parsing so it answers 413, not 400.
+    return await request.form(max_files=max(1000, settings.max_batch_files + 1), max_fields=64)
+
+
+async def _upload_bytes(value: Any, field: str) -> bytes:
+    if not isinstance(value, UploadFile):
+        raise HTTPException(422, f"multipart field {field!r} must be a file")
+    _check_part_type(value.content_type, field)
+    return await value.read()
+
+
+async def _read_single(request: Request, settings: Settings) -> bytes:
+    """The image bytes of `/classify`: multipart field `file`, or a raw image/* body."""
+    media = _media_type(request.headers.get("content-type"))
+    if media == "multipart/form-data":
+        form = await _read_form(request, settings)
+        try:
+            if "file" not in form:
+                raise HTTPException(422, "missing multipart field 'file'")
+            return await _upload_bytes(form["file"], "file")
+        finally:
+            await form.close()
+    if media.startswith("image/") or media in _RAW_TYPES:
+        return await request.body()
+    shown = media or "none"
+    raise HTTPException(
+        415,
+        f"unsupported media type {shown!r}: send multipart field 'file' or a raw body with "
+        "Content-Type image/*",
+    )
+
+
+def _decode_all(payloads: Sequence[bytes], manifest: Manifest, max_pixels: int) -> list[np.ndarray]:
+    """Decode every image (in a worker thread); errors name the failing file when there are many."""
+    images = []
+    for i, data in enumerate(payloads):
+        try:
+            images.append(prepare_image(data, manifest.input, max_pixels))
+        except ImageError as exc:
+            if len(payloads) > 1:
+                raise type(exc)(f"files[{i}]: {exc}") from exc
+            raise
+    return images
+
+
+async def _decode(payloads: Sequence[bytes], manifest: Manifest, settings: Settings) -> list:
+    try:
+        return await run_in_threadpool(_decode_all, payloads, manifest, settings.max_image_pixels)
+    except ImageTooLargeError as exc:
+        raise HTTPException(413, str(exc)) from exc
+    except UnsupportedImageError as exc:
+        raise HTTPException(415, str(exc)) from exc
+    except ImageError as exc:
+        raise HTTPException(400, str(exc)) from exc
+
+
+async def _run(batcher: Any, images: list[np.ndarray], full: bool) -> list[RowResult]:
+    try:
+        return await batcher.classify(images, full=full)
+    except QueueFullError as exc:
+        raise HTTPException(503, str(exc), headers={"Retry-After": RETRY_AFTER_S}) from exc
+    except BatcherClosedError as exc:
+        raise HTTPException(503, str(exc), headers={"Retry-After": RETRY_AFTER_S}) from exc
+
+
+def build_answer(
+    row: RowResult, manifest: Manifest, latency_ms: float, full: bool, top_k: int | None
+) -> ClassifyResponse:
+    """One image's JSON answer from its row of the batch result."""
+    labels = manifest.labels
+    probs = row.probs
+    index = int(np.argmax(probs))
+    exits = None
+    if full and row.exit_probs is not None:
+        exits = []
+        for k, exit_row in enumerate(row.exit_probs, start=1):
+            best = int(np.argmax(exit_row))
+            confidence = float(exit_row[best])
+            threshold = row.thresholds[k - 1] if k <= len(row.thresholds) else 1.0
+            exits.append(
+                ExitAnswer(
+                    exit=k,
+                    label=labels[best],
+                    class_index=best,
+                    confidence=confidence,
+                    threshold=threshold,
+                    accepted=confidence > threshold,
+                )
+            )
+    ranked = None
+    if top_k is not None:
+        order = np.argsort(-probs, kind="stable")[: min(top_k, len(labels))]
+        ranked = [
+            ClassScore(label=labels[int(i)], class_index=int(i), confidence=float(probs[int(i)]))
+            for i in order
+        ]
+    return ClassifyResponse(
+        label=labels[index],
+        class_index=index,
+        confidence=float(probs[index]),
+        exit=row.exit if row.exit > 0 else "fallback",
+        num_exits=manifest.num_exits,
+        latency_ms=round(latency_ms, 3),
+        model=ModelRef(name=manifest.name, version=manifest.version),
+        exits=exits,
+        top_k=ranked,
+    )
+
+
+_FULL = Query(False, description="run every exit and report each one's answer")
+_TOP_K = Query(None, ge=1, le=10_000, description="add the N most likely classes")
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    response_model_exclude_none=True,
+    responses=_ERRORS,
+    openapi_extra={"requestBody": _IMAGE_BODY},
+)
+async def classify(
+    request: Request, full: bool = _FULL, top_k: int | None = _TOP_K
+) -> ClassifyResponse:
+    """Classify one image with the early-exit model."""
+    started = time.perf_counter()
+    state, runtime, batcher = require_ready(request)
+    payload = await _read_single(request, state.settings)
+    manifest = runtime.manifest
+    images = await _decode([payload], manifest, state.settings)
+    (row,) = await _run(batcher, images, full)
+    answer = build_answer(row, manifest, (time.perf_counter() - started) * 1000.0, full, top_k)
+    request.state.exit = answer.exit
+    return answer
+
+
+@router.post(
+    "/classify/batch",
+    response_model=BatchClassifyResponse,
+    response_model_exclude_none=True,
+    responses=_ERRORS,
+    openapi_extra={"requestBody": _BATCH_BODY},
+)
+async def classify_batch(
+    request: Request, full: bool = _FULL, top_k: int | None = _TOP_K
+) -> BatchClassifyResponse:
+    """Classify several images (multipart field `files`, repeated); answers keep their order."""
+    started = time.perf_counter()
+    state, runtime, batcher = require_ready(request)
+    settings = state.settings
+    media = _media_type(request.headers.get("content-type"))
+    if media != "multipart/form-data":
+        raise HTTPException(415, "send the images as multipart/form-data, field 'files'")
+    form = await _read_form(request, settings)
+    try:
+        uploads = form.getlist("files")
+        if not uploads:
+            raise HTTPException(422, "missing multipart field 'files'")
+        if len(uploads) > settings.max_batch_files:
+            raise HTTPException(
+                413, f"{len(uploads)} files; the limit is {settings.max_batch_files} per request"
+            )
+        payloads = [await _upload_bytes(u, f"files[{i}]") for i, u in enumerate(uploads)]
+    finally:
+        await form.close()
+    manifest = runtime.manifest
+    images = await _decode(payloads, manifest, settings)
+    rows = await _run(batcher, images, full)
+    latency_ms = (time.perf_counter() - started) * 1000.0
+    results = [build_answer(row, manifest, latency_ms, full, top_k) for row in rows]
+    request.state.exit = [r.exit for r in results]
+    return BatchClassifyResponse(results=results)

@@ -1,0 +1,516 @@
+"""The early-exit runtime: a bundle's ONNX segments chained in onnxruntime (no torch).
+
+`classify` runs segment 1 on the whole batch, answers the rows whose max probability beats
+t_1, runs segment 2 only on the rows left, and so on. The decision rule is exactly
+`serving.calibration.decide` (float64 comparison, strict `>`, first accepting exit answers, a
+row no exit accepts gets the fallback, reported as exit 0), so the answers equal what the
+thresholds evaluator computes from calibration arrays.
+
+Disabled exits (t_k ≥ 1.0) run `stage_k.onnx` (no head) when the bundle has one and the
+skipped head's probabilities cannot matter: they never answer a row themselves, and they are
+needed only by the "ensemble" fallback. So stage files are used when fallback == "last", or when
+no row can fall back at all (t_K < 1/C: exit K's max probability is at least 1/C, so it accepts
+every row reaching it). Otherwise every segment runs with its head and the ensemble is the
+mean over ALL K exits' probabilities, exactly as in `decide`.
+
+On CUDA, feature maps stay on the device between segments (IOBinding); only probabilities are
+copied to the host. When only some rows continue, a tiny ONNX Gather graph selects them on the
+device, so features are never copied to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.bundle import (
+    BundleError,
+    Manifest,
+    load_manifest,
+    read_thresholds,
+    validate_threshold_values,
+)
+from serving.calibration import FALLBACK_EXIT, accept_mask, decide
+
+logger = logging.getLogger(__name__)
+
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+}
+# A serialized ONNX model (opset 13) computing rows = Gather(data, indices, axis=0) for float32
+# `data` of any rank: it selects the continuing rows of a feature map on the CUDA device.
+# Built with onnx.helper (see tests/test_runtime_gather.py, which rebuilds and compares it) and
+# stored as bytes because the serving install has onnxruntime but not the onnx package.
+_GATHER_ROWS_MODEL = bytes.fromhex(
+    "080812096561726c79657869743a6d0a2a0a04646174610a07696e64696365731204726f777322064761746865"
+    "722a0b0a04617869731800a00102120b6761746865725f726f77735a0c0a046461746112040a0208015a160a07"
+    "696e6469636573120b0a09080712050a0312016e620c0a04726f777312040a02080142040a00100d"
+)
+
+
+class ProviderUnavailableError(RuntimeError):
+    """A requested execution provider cannot run here and `strict` forbids falling back."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One classified batch; row i of every array is input row i."""
+
+    probs: np.ndarray  # N×C float32: the answering exit's (or the fallback's) probabilities
+    exits: np.ndarray  # N int64: answering exit 1..K, 0 = fallback
+    exit_probs: np.ndarray | None  # N×K×C float32, full mode only
+    rows_per_segment: list[int]  # rows that entered segment k (0 when none reached it)
+    segment_seconds: list[float]  # wall-clock seconds spent running segment k
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Predicted class index per row."""
+        return self.probs.argmax(axis=1)
+
+    @property
+    def confidences(self) -> np.ndarray:
+        return self.probs.max(axis=1)
+
+
+def _provider_list(providers: Sequence[str]) -> list[str]:
+    if isinstance(providers, str):
+        providers = [p.strip() for p in providers.split(",") if p.strip()]
+    out = []
+    for name in providers:
+        full = PROVIDER_NAMES.get(name.lower(), name)
+        if full not in PROVIDER_NAMES.values():
+            raise ValueError(f"unknown execution provider {name!r}; use 'cuda' or 'cpu'")
+        if full not in out:
+            out.append(full)
+    if not out:
+        raise ValueError("no execution provider given")
+    if "CPUExecutionProvider" not in out:
+        out.append("CPUExecutionProvider")  # ops a GPU provider lacks still need a home
+    return out
+
+
+class EarlyExitRuntime:
+    """Chained-segment inference over a bundle directory.
+
+    Raises BundleError for a missing, malformed or corrupted bundle (the message names the
+    file), ValueError for bad arguments, ProviderUnavailableError when `strict` and CUDA was
+    asked for but cannot run. Thread-safe: sessions are shared, thresholds are swapped as one
+    tuple reference.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        providers: Sequence[str] = ("cpu",),
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+        strict: bool = False,
+        verify: bool = True,
+        allow_spinning: bool | None = None,
+        use_stage_files: bool = True,
+    ) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest: Manifest = load_manifest(self.bundle_dir, verify=verify)
+        stored = read_thresholds(self.bundle_dir, self.manifest.num_exits)
+        self._thresholds: tuple[float, ...] = stored.values
+        self.tuned: dict[str, Any] = dict(stored.tuned)
+        self._lock = threading.Lock()
+        self._plans: dict[tuple[float, ...], tuple[list[bool], bool]] = {}
+        self._options = self._session_options(intra_op_threads, inter_op_threads, allow_spinning)
+        self.providers = self._resolve_providers(_provider_list(providers), strict)
+        self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
+
+        m = self.manifest
+        self._segments = [self._open(spec.file) for spec in m.segments]
+        self._stages: list[Any | None] = [
+            self._open(spec.stage_file) if spec.stage_file and use_stage_files else None
+            for spec in m.segments
+        ]
+        self._full = self._open(m.full_model.file)
+        self._check_chain()
+        # Output names per segment, built once: probabilities first, then features if any.
+        self._outputs = [
+            [spec.probs_output] + ([spec.feature_output] if spec.feature_output else [])
+            for spec in m.segments
+        ]
+        self._gather = self._open_gather() if self.on_cuda else None
+        logger.info(
+            "loaded bundle %s %s: %d exits on %s, thresholds %s",
+            m.name,
+            m.version,
+            m.num_exits,
+            self.providers[0],
+            list(self._thresholds),
+        )
+
+    # ------------------------------------------------------------------------- setup
+
+    def _session_options(self, intra: int, inter: int, allow_spinning: bool | None) -> Any:
+        ort = self._ort
+        if intra < 0 or inter < 0:
+            raise ValueError("thread counts must be >= 0 (0 = onnxruntime default)")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = intra
+        options.inter_op_num_threads = inter
+        options.log_severity_level = 3
+        if allow_spinning is not None:
+            flag = "1" if allow_spinning else "0"
+            options.add_session_config_entry("session.intra_op.allow_spinning", flag)
+            options.add_session_config_entry("session.inter_op.allow_spinning", flag)
+        return options
+
+    def _resolve_providers(self, wanted: list[str], strict: bool) -> list[str]:
+        """Drop CUDA (one warning) when it cannot run here; raise instead when strict."""
+        if "CUDAExecutionProvider" not in wanted:
+            return wanted
+        ort = self._ort
+        reason = None
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            reason = "this onnxruntime build has no CUDA provider"
+        else:
+            # onnxruntime-gpu lists CUDA even without a GPU or CUDA libraries and then silently
+            # uses CPU: create one real session to find out. Its own error log would repeat our
+            # warning, so it is muted (and restored to onnxruntime's default, warning) meanwhile.
+            ort.set_default_logger_severity(4)
+            try:
+                probe = ort.InferenceSession(
+                    _GATHER_ROWS_MODEL, self._options, providers=wanted
+                ).get_providers()
+            except Exception as exc:  # any provider initialisation failure
+                probe, reason = [], f"CUDA session creation failed ({exc})"
+            finally:
+                ort.set_default_logger_severity(2)
+            if probe and probe[0] != "CUDAExecutionProvider":
+                reason = "CUDA is not usable on this machine (no GPU or CUDA/cuDNN libraries)"
+        if reason is None:
+            return wanted
+        if strict:
+            raise ProviderUnavailableError(f"CUDA execution provider requested but {reason}")
+        logger.warning("CUDA execution provider requested but %s; falling back to CPU", reason)
+        return ["CPUExecutionProvider"]
+
+    def _open(self, file: str) -> Any:
+        path = self.bundle_dir / file
+        if not path.is_file():
+            raise BundleError(f"bundle file missing: {file}")
+        try:
+            return self._ort.InferenceSession(str(path), self._options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad models
+            raise BundleError(f"{file}: onnxruntime cannot load it ({exc})") from exc
+
+    def _open_gather(self) -> Any:
+        return self._ort.InferenceSession(
+            _GATHER_ROWS_MODEL, self._options, providers=self.providers
+        )
+
+    def _check_io(
+        self,
+        session: Any,
+        file: str,
+        input_name: str,
+        input_shape: Sequence[int],
+        outputs: dict[str, Sequence[int]],
+    ) -> None:
+        inputs = session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != input_name:
+            raise BundleError(
+                f"{file}: inputs {[i.name for i in inputs]} but the manifest says [{input_name!r}]"
+            )
+        _check_shape(file, inputs[0].name, inputs[0].shape, input_shape)
+        got = {o.name: o for o in session.get_outputs()}
+        for name, shape in outputs.items():
+            if name not in got:
+                raise BundleError(f"{file}: no output {name!r} (has {sorted(got)})")
+            _check_shape(file, name, got[name].shape, shape)
+
+    def _check_chain(self) -> None:
+        m = self.manifest
+        num_classes = m.num_classes
+        for spec, session, stage in zip(m.segments, self._segments, self._stages, strict=True):
+            outputs: dict[str, Sequence[int]] = {spec.probs_output: (num_classes,)}
+            if spec.feature_output:
+                outputs[spec.feature_output] = spec.feature_shape or ()
+            self._check_io(session, spec.file, spec.input_name, spec.input_shape, outputs)
+            if stage is not None:
+                if not spec.feature_output:
+                    raise BundleError(
+                        f"{spec.stage_file}: the last segment cannot have a stage file"
+                    )
+                self._check_io(
+                    stage,
+                    str(spec.stage_file),
+                    spec.input_name,
+                    spec.input_shape,
+                    {spec.feature_output: spec.feature_shape or ()},
+                )
+        full = m.full_model
+        self._check_io(
+            self._full,
+            full.file,
+            full.input_name,
+            m.input.shape,
+            {full.probs_output: (num_classes,)},
+        )
+
+    # ------------------------------------------------------------------------- thresholds
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        return self._thresholds
+
+    def set_thresholds(self, values: Sequence[float], tuned: dict[str, Any] | None = None) -> None:
+        """Validate and swap in new thresholds; a running `classify` keeps the ones it read."""
+        checked = validate_threshold_values(values, self.manifest.num_exits)
+        with self._lock:
+            self._thresholds = checked
+            if tuned is not None:
+                self.tuned = dict(tuned)
+
+    def reload_thresholds(self) -> tuple[float, ...]:
+        """Re-read thresholds.json from the bundle (after earlyexit-tune rewrote it)."""
+        stored = read_thresholds(self.bundle_dir, self.manifest.num_exits)
+        self.set_thresholds(stored.values, stored.tuned)
+        return stored.values
+
+    def can_fall_back(self, thresholds: Sequence[float]) -> bool:
+        """False when exit K accepts every row reaching it: its max probability is at least 1/C
+        (the margin covers float32 rounding of a near-uniform softmax)."""
+        return thresholds[-1] >= (1.0 / self.manifest.num_classes) * (1.0 - 1e-3)
+
+    def _plan(self, thresholds: tuple[float, ...]) -> tuple[list[bool], bool]:
+        """(stage_skips, keep every exit's probabilities for the ensemble), cached per vector:
+        a serving process sees one or two threshold vectors, and batch-1 latency is short."""
+        plan = self._plans.get(thresholds)
+        if plan is None:
+            keep_all = self.manifest.fallback == "ensemble" and self.can_fall_back(thresholds)
+            plan = (self.stage_skips(thresholds), keep_all)
+            if len(self._plans) < 64:
+                self._plans[thresholds] = plan
+        return plan
+
+    def stage_skips(self, thresholds: Sequence[float] | None = None) -> list[bool]:
+        """Which segments `classify` runs as their stage file (no head) under `thresholds`."""
+        th = self._thresholds if thresholds is None else tuple(thresholds)
+        m = self.manifest
+        heads_unneeded = m.fallback == "last" or not self.can_fall_back(th)
+        return [
+            heads_unneeded and self._stages[k] is not None and th[k] >= 1.0
+            for k in range(m.num_exits)
+        ]
+
+    # ------------------------------------------------------------------------- inputs
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        """uint8 N×H×W×C (or N×H×W for one channel) → normalised float32 N×C×H×W."""
+        spec = self.manifest.input
+        c, h, w = spec.shape
+        arr = np.asarray(images)
+        if arr.ndim == 3 and c == 1:
+            arr = arr[..., None]
+        if arr.ndim != 4 or arr.shape[1:] != (h, w, c):
+            raise ValueError(f"images must be N×{h}×{w}×{c} uint8, got shape {list(arr.shape)}")
+        x = arr.astype(np.float32) / np.float32(255.0)
+        x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def _check_batch(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        expected = tuple(self.manifest.input.shape)
+        if x.ndim != 4 or x.shape[1:] != expected:
+            raise ValueError(
+                f"batch must be N×{'×'.join(map(str, expected))} float32, got {list(x.shape)}"
+            )
+        return x
+
+    # ------------------------------------------------------------------------- inference
+
+    def run_full_model(self, batch: np.ndarray) -> np.ndarray:
+        """The plain single-graph model (no exits): N×C probabilities."""
+        x = self._check_batch(batch)
+        full = self.manifest.full_model
+        return self._full.run([full.probs_output], {full.input_name: x})[0]
+
+    def classify(
+        self,
+        batch: np.ndarray,
+        full: bool = False,
+        thresholds: Sequence[float] | None = None,
+    ) -> BatchResult:
+        """Classify a float32 N×C×H×W batch (see the module docstring for the rule).
+
+        `full=True` runs every segment on every row and also returns `exit_probs`.
+        `thresholds` overrides the runtime's own for this call only (benchmarks, what-ifs).
+        """
+        x = self._check_batch(batch)
+        if thresholds is None:
+            thresholds = self._thresholds  # one read: a concurrent swap cannot mix two vectors
+        else:
+            thresholds = validate_threshold_values(list(thresholds), self.manifest.num_exits)
+        if full:
+            return self._classify_full(x, thresholds)
+        if self.on_cuda:
+            return self._classify_cuda(x, thresholds)
+        return self._classify_cpu(x, thresholds)
+
+    def _classify_full(self, x: np.ndarray, thresholds: tuple[float, ...]) -> BatchResult:
+        m = self.manifest
+        n = x.shape[0]
+        exit_probs = np.empty((n, m.num_exits, m.num_classes), dtype=np.float32)
+        seconds = []
+        feats = x
+        for k, (spec, session) in enumerate(zip(m.segments, self._segments, strict=True)):
+            start = time.perf_counter()
+            outputs = session.run(self._outputs[k], {spec.input_name: feats}) if n else None
+            seconds.append(time.perf_counter() - start)
+            if outputs is not None:
+                exit_probs[:, k] = outputs[0]
+                if spec.feature_output:
+                    feats = outputs[1]
+        answers, exits = decide(exit_probs, thresholds, m.fallback)
+        return BatchResult(answers, exits, exit_probs, [n] * m.num_exits, seconds)
+
+    def _classify_cpu(self, x: np.ndarray, thresholds: tuple[float, ...]) -> BatchResult:
+        m = self.manifest
+        n, num_exits = x.shape[0], m.num_exits
+        skips, keep_all = self._plan(thresholds)
+        seen = np.empty((n, num_exits, m.num_classes), np.float32) if keep_all else None
+        answers = np.empty((n, m.num_classes), dtype=np.float32)
+        exits = np.full(n, FALLBACK_EXIT, dtype=np.int64)
+        rows = np.arange(n)
+        rows_per_segment, seconds = [], []
+        feats = x
+        last_probs = None
+        for k, spec in enumerate(m.segments):
+            rows_per_segment.append(int(rows.size))
+            if rows.size == 0:
+                seconds.append(0.0)
+                continue
+            start = time.perf_counter()
+            if skips[k]:
+                feats = self._stages[k].run([spec.feature_output], {spec.input_name: feats})[0]
+                seconds.append(time.perf_counter() - start)
+                continue
+            outputs = self._segments[k].run(self._outputs[k], {spec.input_name: feats})
+            seconds.append(time.perf_counter() - start)
+            probs = outputs[0]
+            if seen is not None:
+                seen[rows, k] = probs
+            take = accept_mask(probs.max(axis=1), thresholds[k])
+            if take.any():
+                answers[rows[take]] = probs[take]
+                exits[rows[take]] = k + 1
+                stay = ~take
+                rows = rows[stay]
+                probs = probs[stay]
+                if spec.feature_output and rows.size:
+                    feats = outputs[1][stay]  # the continuing rows only
+            elif spec.feature_output:
+                feats = outputs[1]
+            last_probs = probs
+        self._fallback(answers, rows, seen, last_probs)
+        return BatchResult(answers, exits, None, rows_per_segment, seconds)
+
+    def _fallback(
+        self,
+        answers: np.ndarray,
+        rows: np.ndarray,
+        seen: np.ndarray | None,
+        last_probs: np.ndarray | None,
+    ) -> None:
+        """Answer the rows no exit accepted (the same arithmetic as `decide`)."""
+        if rows.size == 0:
+            return
+        if self.manifest.fallback == "ensemble":
+            if seen is None:
+                # Heads are skipped only when exit K accepts every row; a row falling back here
+                # means exit K produced non-finite probabilities.
+                raise RuntimeError("exit K rejected a row it must accept: non-finite output?")
+            answers[rows] = seen[rows].mean(axis=1)
+        else:
+            answers[rows] = last_probs
+
+    def _classify_cuda(self, x: np.ndarray, thresholds: tuple[float, ...]) -> BatchResult:
+        """As `_classify_cpu`, but feature maps stay on the GPU (IOBinding + Gather graph)."""
+        ort = self._ort
+        m = self.manifest
+        n, num_exits = x.shape[0], m.num_exits
+        skips, keep_all = self._plan(thresholds)
+        seen = np.empty((n, num_exits, m.num_classes), np.float32) if keep_all else None
+        answers = np.empty((n, m.num_classes), dtype=np.float32)
+        exits = np.full(n, FALLBACK_EXIT, dtype=np.int64)
+        rows = np.arange(n)
+        rows_per_segment, seconds = [], []
+        feats: Any = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0) if n else None
+        last_probs = None
+        for k, spec in enumerate(m.segments):
+            rows_per_segment.append(int(rows.size))
+            if rows.size == 0:
+                seconds.append(0.0)
+                continue
+            session = self._stages[k] if skips[k] else self._segments[k]
+            binding = session.io_binding()
+            binding.bind_ortvalue_input(spec.input_name, feats)
+            if not skips[k]:
+                binding.bind_output(spec.probs_output, "cpu")
+            if spec.feature_output:
+                binding.bind_output(spec.feature_output, "cuda", 0)
+            start = time.perf_counter()
+            session.run_with_iobinding(binding)
+            outputs = binding.get_outputs()
+            seconds.append(time.perf_counter() - start)
+            if skips[k]:
+                feats = outputs[0]
+                continue
+            probs = outputs[0].numpy()
+            next_feats = outputs[1] if spec.feature_output else None
+            if seen is not None:
+                seen[rows, k] = probs
+            take = accept_mask(probs.max(axis=1), thresholds[k])
+            if take.any():
+                answers[rows[take]] = probs[take]
+                exits[rows[take]] = k + 1
+                stay = ~take
+                rows, probs = rows[stay], probs[stay]
+                if next_feats is not None and rows.size:
+                    next_feats = self._gather_rows(next_feats, np.flatnonzero(stay))
+            feats = next_feats
+            last_probs = probs
+        self._fallback(answers, rows, seen, last_probs)
+        return BatchResult(answers, exits, None, rows_per_segment, seconds)
+
+    def _gather_rows(self, values: Any, index: np.ndarray) -> Any:
+        binding = self._gather.io_binding()
+        binding.bind_ortvalue_input("data", values)
+        binding.bind_cpu_input("indices", index.astype(np.int64))
+        binding.bind_output("rows", "cuda", 0)
+        self._gather.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
+
+
+def _check_shape(file: str, name: str, actual: Sequence[Any], expected: Sequence[int]) -> None:
+    """`actual` is onnxruntime's shape: a dynamic batch axis, then the manifest's dimensions."""
+    dims = list(actual)
+    if len(dims) != len(expected) + 1:
+        raise BundleError(
+            f"{file}: '{name}' has rank {len(dims)}, expected batch + {list(expected)}"
+        )
+    if isinstance(dims[0], int):
+        raise BundleError(f"{file}: '{name}' has a fixed batch axis ({dims[0]}), not a dynamic one")
+    for got, want in zip(dims[1:], expected, strict=True):
+        if isinstance(got, int) and got != want:
+            raise BundleError(
+                f"{file}: '{name}' has shape {dims[1:]}, the manifest says {list(expected)}"
+            )

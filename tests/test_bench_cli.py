@@ -1,0 +1,139 @@
+"""earlyexit-bench on the tiny bundle with a tiny CIFAR-layout dataset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from serving.bench import row_macs, threshold_sweep, time_variants
+from serving.bench_cli import main
+from serving.calibration import decide
+from tests.data_fixtures import write_tiny_cifar10
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    return write_tiny_cifar10(tmp_path_factory.mktemp("cifar"), per_batch=48)
+
+
+def test_bench_writes_json_and_plots(tiny_bundle, cifar_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(
+        [
+            "--bundle",
+            str(tiny_bundle),
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            str(cifar_dir),
+            "--batch-sizes",
+            "1,8",
+            "--repeats",
+            "1",
+            "--timing-rows",
+            "16",
+            "--last-exit-rows",
+            "4",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--json",
+            "--quiet",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    dynamic = report["dynamic"]
+    assert report["data"] == {"dataset": "cifar10", "split": "test", "rows": 48}
+    assert len(report["exit_accuracy"]) == 3
+    # The runtime's answers are exactly those the calibration arrays give for the same rows.
+    assert dynamic["calibration_agreement"] == 1.0
+    assert dynamic["accuracy"] == dynamic["calibration_accuracy"]
+    assert sum(dynamic["exit_fractions"]) == pytest.approx(1.0)
+    assert dynamic["rows_per_segment"][0] == 48
+    assert set(report["timing"]) == {"1", "8"}
+    for timing in report["timing"].values():
+        assert set(timing["seconds"]) == {
+            "dynamic",
+            "chain_all_disabled",
+            "chain_last_exit",
+            "full_model",
+        }
+        assert timing["efficiency"] == pytest.approx(
+            timing["speedup_vs_full_model"] / timing["mac_speedup"]
+        )
+    assert report["last_exit_latency"]["rows"] >= 1
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["dynamic"] == dynamic
+    for name in ("exit_histogram.png", "accuracy_vs_speedup.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_missing_bundle_exits_2(cifar_dir, tmp_path, capsys):
+    code = main(
+        ["--bundle", str(tmp_path / "nope"), "--dataset", "cifar10", "--data-dir", str(cifar_dir)]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bundle directory not found" in err[0]
+
+
+def test_missing_data_exits_2(tiny_bundle, tmp_path, capsys):
+    code = main(["--bundle", str(tiny_bundle), "--dataset", "cifar10", "--data-dir", str(tmp_path)])
+    assert code == 2
+    assert "cifar-10-batches-py" in capsys.readouterr().err
+
+
+def test_bad_batch_sizes_are_usage_errors(tiny_bundle, cifar_dir):
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "--bundle",
+                str(tiny_bundle),
+                "--dataset",
+                "cifar10",
+                "--data-dir",
+                str(cifar_dir),
+                "--batch-sizes",
+                "0,x",
+            ]
+        )
+    assert info.value.code == 2
+
+
+def test_sweep_endpoints_are_exit_one_and_full_depth():
+    rng = np.random.default_rng(0)
+    exit_probs = rng.dirichlet(np.ones(4), size=(30, 3)).astype(np.float32)
+    labels = rng.integers(0, 4, 30)
+    macs = [10, 20, 30]
+    sweep = threshold_sweep(exit_probs, labels, "ensemble", macs, 50, points=5)
+    assert [row["threshold"] for row in sweep][:4] == [0.0, 0.25, 0.5, 0.75]
+    assert [row["threshold"] for row in sweep][-3:] == [0.995, 0.999, 1.0]
+    assert sweep[0]["acceleration"] == pytest.approx(50 / 10)  # every row leaves at exit 1
+    assert sweep[-1]["acceleration"] == pytest.approx(50 / 60)  # every row runs all segments
+    answers, _ = decide(exit_probs, [1.0, 1.0, 1.0], "ensemble")
+    assert sweep[-1]["accuracy"] == pytest.approx(100 * np.mean(answers.argmax(1) == labels))
+
+
+def test_row_macs_counts_fallback_rows_as_full_chain():
+    assert row_macs(np.array([1, 2, 3, 0]), [10, 20, 30]).tolist() == [10, 30, 60, 60]
+
+
+def test_time_variants_reports_every_variant():
+    calls = {"a": 0, "b": 0}
+
+    def count(name):
+        def fn(batch):
+            calls[name] += len(batch)
+
+        return fn
+
+    batches = [np.zeros(2), np.zeros(3)]
+    seconds = time_variants({"a": count("a"), "b": count("b")}, batches, repeats=3)
+    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
+    assert calls == {"a": 2 + 3 * 5, "b": 2 + 3 * 5}  # warm-up on batch 0, then 3 repeats

@@ -1,0 +1,139 @@
+"""earlyexit-export: exit codes, one-line errors, calibration thresholds from --data-dir."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from serving.bundle import load_manifest, read_thresholds
+from serving.calibration import decide
+from tests.conftest import build_tiny_model, tiny_checkpoint
+from tests.data_fixtures import write_tiny_cifar10
+from training.export import greedy_thresholds
+from training.export_cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "last.pt"
+    checkpoint = tiny_checkpoint(build_tiny_model(exits=2, seed=1), exits=2)
+    checkpoint["config"]["val_size"] = 40  # the tiny CIFAR fixture has 200 training rows
+    torch.save(checkpoint, path)
+    return path
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_missing_checkpoint_exits_2(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "b")]) == 2
+    assert "checkpoint not found" in _one_error_line(capsys)
+
+
+def test_garbage_checkpoint_exits_2(tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    assert main(["--checkpoint", str(garbage), "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    assert "not a readable torch checkpoint" in _one_error_line(capsys)
+    assert not (tmp_path / "b").exists()
+
+
+def test_checkpoint_without_required_keys_exits_2(tmp_path, capsys):
+    path = tmp_path / "partial.pt"
+    torch.save({"model": {}, "config": {"arch": "resnet18"}}, path)
+    assert main(["--checkpoint", str(path), "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    assert "missing key(s)" in _one_error_line(capsys)
+
+
+def test_export_then_refuse_overwrite_then_force(checkpoint_file, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    args = ["--checkpoint", str(checkpoint_file), "--out", str(out), "--exporter", "torchscript"]
+    assert main([*args, "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_exits"] == 2 and summary["bundle"] == str(out)
+    manifest = load_manifest(out)
+    assert manifest.name == "resnet18-cifar10"
+    assert manifest.provenance["git_commit"] == "0" * 40
+    assert manifest.provenance["training_config"]["arch"] == "resnet18"
+    assert manifest.provenance["exit_val_accuracy"] == [10.0, 10.0]
+    assert manifest.provenance["checkpoint_sha256"]
+
+    assert main([*args, "--quiet"]) == 2
+    assert "already exists" in _one_error_line(capsys)
+    assert main([*args, "--quiet", "--force", "--version", "v2", "--fallback", "last"]) == 0
+    manifest = load_manifest(out)
+    assert (manifest.version, manifest.fallback) == ("v2", "last")
+
+
+def test_data_dir_gives_export_greedy_thresholds(checkpoint_file, tmp_path, capsys):
+    data = write_tiny_cifar10(tmp_path / "data", per_batch=40)
+    out = tmp_path / "bundle"
+    code = main(
+        [
+            "--checkpoint",
+            str(checkpoint_file),
+            "--out",
+            str(out),
+            "--exporter",
+            "torchscript",
+            "--data-dir",
+            str(data),
+            "--quiet",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    thresholds = read_thresholds(out, 2)
+    tuned = thresholds.tuned
+    assert tuned["method"] == "export-greedy"
+    assert tuned["data"] == {"dataset": "cifar10", "split": "val", "rows": 40}
+    assert tuned["metrics"]["accuracy"] >= tuned["metrics"]["baseline_accuracy"]
+    assert thresholds.values[-1] == 0.0
+
+
+def test_bad_dataset_dir_exits_2(checkpoint_file, tmp_path, capsys):
+    code = main(
+        [
+            "--checkpoint",
+            str(checkpoint_file),
+            "--out",
+            str(tmp_path / "b"),
+            "--data-dir",
+            str(tmp_path / "missing"),
+            "--quiet",
+        ]
+    )
+    assert code == 2
+    assert "data directory not found" in _one_error_line(capsys)
+
+
+def test_greedy_thresholds_never_lose_accuracy_against_the_final_exit():
+    rng = np.random.default_rng(0)
+    n, k, c = 400, 3, 5
+    labels = rng.integers(0, c, n)
+    logits = rng.standard_normal((n, k, c)) * 1.5
+    logits[np.arange(n), :, labels] += np.array([1.0, 2.0, 3.0])  # deeper exits know more
+    exit_probs = np.exp(logits) / np.exp(logits).sum(axis=2, keepdims=True)
+    exit_probs = exit_probs.astype(np.float32)
+    values = greedy_thresholds(exit_probs, labels)
+    answers, exits = decide(exit_probs, values, "ensemble")
+    accuracy = np.mean(answers.argmax(axis=1) == labels)
+    final = np.mean(exit_probs[:, -1].argmax(axis=1) == labels)
+    assert accuracy >= final
+    assert values[-1] == 0.0 and (exits > 0).all()
+    assert 0.0 < values[0] < 1.0 and (exits == 1).any() and (exits == 2).any()
+    # The rule holds at the chosen threshold of exit 1 and fails at every lower grid value.
+    max_1 = exit_probs[:, 0].max(axis=1).astype(np.float64)
+    right = exit_probs.argmax(axis=2) == labels[:, None]
+    if values[0] < 1.0:
+        chosen = max_1 > values[0]
+        assert right[chosen, 0].sum() >= right[chosen, -1].sum()
+    for t in np.arange(0.0, values[0] - 1e-9, 0.01):
+        lower = max_1 > round(float(t), 2)
+        assert right[lower, 0].sum() < right[lower, -1].sum()

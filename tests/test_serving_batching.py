@@ -1,0 +1,137 @@
+"""The dynamic batcher in-process, over the real onnxruntime chain of the tiny bundle."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from serving.batching import BatcherClosedError, DynamicBatcher, QueueFullError
+from serving.metrics import ServingMetrics
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_bundle):
+    from serving.runtime import EarlyExitRuntime
+
+    return EarlyExitRuntime(tiny_bundle, providers=["cpu"], intra_op_threads=1)
+
+
+@pytest.fixture(scope="module")
+def alone(runtime, tiny_images):
+    """Each image classified on its own: (class index, exit) per row."""
+    answers = []
+    for image in tiny_images.images:
+        result = runtime.classify(runtime.preprocess(image[None]))
+        answers.append((int(result.probs[0].argmax()), int(result.exits[0])))
+    return answers
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_images_share_batches_and_keep_their_answers(runtime, tiny_images, alone):
+    metrics = ServingMetrics()
+
+    async def scenario():
+        batcher = DynamicBatcher(runtime, max_batch_size=16, max_batch_wait_s=0.05,
+                                 queue_size=256, metrics=metrics)  # fmt: skip
+        batcher.start()
+        results = await asyncio.gather(*(batcher.classify([image]) for image in tiny_images.images))
+        await batcher.stop()
+        return batcher, [r[0] for r in results]
+
+    batcher, rows = run(scenario())
+    n = len(tiny_images.images)
+    assert batcher.batches_run == n // 16  # every batch filled up to max_batch_size
+    assert [(int(r.probs.argmax()), r.exit) for r in rows] == alone
+    assert all(r.batch_size == 16 and r.exit_probs is None for r in rows)
+    exported = metrics.render().decode()
+    assert f"earlyexit_batch_size_sum {float(n)}" in exported
+    assert "earlyexit_queue_depth 0.0" in exported
+
+
+def test_full_and_early_exit_requests_never_share_a_batch(runtime, tiny_images, alone):
+    images = tiny_images.images[:10]
+
+    async def scenario():
+        batcher = DynamicBatcher(runtime, max_batch_size=32, max_batch_wait_s=0.05, queue_size=64)
+        batcher.start()
+        early = [batcher.classify([im], full=False) for im in images[:5]]
+        full = [batcher.classify([im], full=True) for im in images[5:]]
+        results = await asyncio.gather(*early, *full)
+        await batcher.stop()
+        return batcher, [r[0] for r in results]
+
+    batcher, rows = run(scenario())
+    assert batcher.batches_run == 2
+    assert [r.exit_probs is None for r in rows] == [True] * 5 + [False] * 5
+    assert all(r.batch_size == 5 for r in rows)
+    # Full mode reports every exit and still answers with the early-exit decision.
+    assert [(int(r.probs.argmax()), r.exit) for r in rows] == alone[:10]
+    for row in rows[5:]:
+        assert row.exit_probs.shape == (3, 10)
+
+
+def test_queue_limit_is_all_or_nothing(runtime, tiny_images):
+    async def scenario():
+        batcher = DynamicBatcher(runtime, max_batch_size=4, max_batch_wait_s=10.0, queue_size=3)
+        batcher.start()
+        with pytest.raises(QueueFullError):
+            batcher.enqueue(list(tiny_images.images[:4]), full=False)
+        assert batcher.depth == 0
+        futures = batcher.enqueue(list(tiny_images.images[:3]), full=False)
+        with pytest.raises(QueueFullError):
+            batcher.enqueue([tiny_images.images[3]], full=False)
+        # stop() drains: the queued images are answered although their window is 10 s.
+        await asyncio.wait_for(batcher.stop(), timeout=5)
+        with pytest.raises(BatcherClosedError):
+            batcher.enqueue([tiny_images.images[0]], full=False)
+        return [f.result() for f in futures]
+
+    rows = run(scenario())
+    assert len(rows) == 3 and all(r.batch_size == 3 for r in rows)
+
+
+def test_threshold_swaps_wait_for_the_running_batch(runtime, tiny_images):
+    async def scenario():
+        batcher = DynamicBatcher(runtime, max_batch_size=64, max_batch_wait_s=0.0, queue_size=64)
+        batcher.start()
+        original = runtime.thresholds
+        task = asyncio.ensure_future(batcher.classify(list(tiny_images.images)))
+        await asyncio.sleep(0)  # the worker picks up the batch
+        await batcher.run_exclusive(lambda: runtime.set_thresholds([1.0, 1.0, 0.0]))
+        rows = await task
+        after = await batcher.classify([tiny_images.images[0]])
+        runtime.set_thresholds(original)
+        await batcher.stop()
+        return rows, after, original
+
+    rows, after, original = run(scenario())
+    # The in-flight batch used one threshold vector for all its rows.
+    assert len({r.thresholds for r in rows}) == 1
+    assert after[0].thresholds == (1.0, 1.0, 0.0) and after[0].exit == 3
+    assert runtime.thresholds == original
+
+
+def test_a_failing_batch_fails_its_requests_only(runtime, tiny_images):
+    async def scenario():
+        batcher = DynamicBatcher(runtime, max_batch_size=8, max_batch_wait_s=0.0, queue_size=8)
+        batcher.start()
+        wrong_shape = np.zeros((5, 5, 3), dtype=np.uint8)
+        with pytest.raises(ValueError):
+            await batcher.classify([wrong_shape])
+        ok = await batcher.classify([tiny_images.images[0]])
+        await batcher.stop()
+        return ok
+
+    assert run(scenario())[0].probs.shape == (10,)
+
+
+def test_bad_configuration_is_refused(runtime):
+    with pytest.raises(ValueError):
+        DynamicBatcher(runtime, max_batch_size=0, max_batch_wait_s=0.001, queue_size=4)
+    with pytest.raises(ValueError):
+        DynamicBatcher(runtime, max_batch_size=4, max_batch_wait_s=-1, queue_size=4)

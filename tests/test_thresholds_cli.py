@@ -1,0 +1,300 @@
+"""`earlyexit-tune` from saved calibration arrays on a hand-written bundle: outputs, files,
+bad input (exit 2, one line), atomic writes, and pushing to a server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.bundle import read_thresholds
+from serving.calibration import save_calibration
+from thresholds.cli import main
+from thresholds.frontier import is_nondominated
+from thresholds.synthetic import synthetic_calibration
+
+EXITS, CLASSES = 4, 10
+SEGMENT_MACS = [100, 120, 150, 200]
+FAST = ["--generations", "25", "--population", "40", "--grid-steps", "9"]
+
+
+def write_fake_bundle(root: Path, exits: int = EXITS, classes: int = CLASSES) -> Path:
+    """A manifest naming placeholder segment files with their real sha256s: enough for tuning
+    from saved calibration with MAC costs, which never executes a segment."""
+    bundle = root / "bundle"
+    bundle.mkdir()
+    segments = []
+    for k in range(1, exits + 1):
+        path = bundle / f"segment_{k}.onnx"
+        path.write_bytes(f"placeholder segment {k}".encode())
+        last = k == exits
+        segments.append(
+            {
+                "file": path.name,
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "input_name": "input" if k == 1 else f"features_{k - 1}",
+                "input_shape": [3, 32, 32] if k == 1 else [16, 8, 8],
+                "probs_output": f"probs_{k}",
+                "feature_output": None if last else f"features_{k}",
+                "feature_shape": None if last else [16, 8, 8],
+                "macs": SEGMENT_MACS[k - 1] * 10**6,
+                "params": 1000,
+            }
+        )
+    full = bundle / "full_model.onnx"
+    full.write_bytes(b"placeholder full model")
+    manifest = {
+        "format": "earlyexit-bundle/1",
+        "name": "fake",
+        "version": "1",
+        "labels": [f"class{i}" for i in range(classes)],
+        "input": {"shape": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3},
+        "segments": segments,
+        "fallback": "ensemble",
+        "full_model": {
+            "file": full.name,
+            "sha256": hashlib.sha256(full.read_bytes()).hexdigest(),
+            "macs": 500 * 10**6,
+            "params": 1,
+        },
+    }
+    (bundle / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return bundle
+
+
+def write_calibration(path: Path, split: str, seed: int, rows: int = 3000, **shape) -> Path:
+    probs, labels = synthetic_calibration(rows=rows, seed=seed, **shape)
+    return save_calibration(path, probs, labels, {"split": split, "dataset": "synthetic"})
+
+
+@pytest.fixture
+def setup(tmp_path):
+    bundle = write_fake_bundle(tmp_path)
+    val = write_calibration(tmp_path / "val.npz", "val", seed=0)
+    test = write_calibration(tmp_path / "test.npz", "test", seed=1)
+    return bundle, val, test
+
+
+def _run_json(capsys, argv):
+    code = main(argv + ["--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_json_result_and_thresholds_file(setup, capsys, tmp_path):
+    bundle, val, test = setup
+    plots = tmp_path / "plots"
+    argv = ["--bundle", str(bundle), "--calibration", str(val), "--test-calibration", str(test)]
+    result = _run_json(capsys, argv + FAST + ["--plots", str(plots)])
+    for key in ("thresholds", "accuracy", "baseline_accuracy", "acceleration", "fitness",
+                "exit_fractions", "method", "seconds", "test", "grid", "global"):  # fmt: skip
+        assert key in result
+    assert result["method"] == "ga" and result["mode"] == "beta"
+    assert len(result["exit_fractions"]) == EXITS + 1
+    assert sum(result["exit_fractions"]) == pytest.approx(1.0)
+    assert result["test"]["split"] == "test" and result["test"]["rows"] == 3000
+    assert result["grid"]["ratio"] > 0.9 and result["grid"]["seconds"] >= 0
+    assert result["fitness"] == pytest.approx(
+        result["acceleration"] + 1.0 * (result["accuracy"] - result["baseline_accuracy"])
+    )
+    stored = read_thresholds(bundle, EXITS)
+    assert list(stored.values) == result["thresholds"]
+    tuned = stored.tuned
+    assert tuned["method"] == "ga" and tuned["beta"] == 1.0
+    assert tuned["data"]["calibration"] == str(val)
+    assert set(tuned["metrics"]) == {"val", "test"}
+    assert tuned["metrics"]["val"]["accuracy"] == result["accuracy"]
+    for name in ("tradeoff.png", "exit_distribution.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_max_drop_zero_respects_baseline(setup, capsys):
+    bundle, val, test = setup
+    argv = ["--bundle", str(bundle), "--calibration", str(val), "--test-calibration", str(test)]
+    result = _run_json(capsys, argv + FAST + ["--max-drop", "0"])
+    assert result["mode"] == "max_drop" and result["max_drop"] == 0.0
+    assert result["accuracy"] >= result["baseline_accuracy"]
+    assert result["fitness"] == result["acceleration"]
+    assert read_thresholds(bundle, EXITS).tuned["max_drop"] == 0.0
+
+
+def test_pareto_front_files(setup, capsys, tmp_path):
+    bundle, val, _ = setup
+    plots = tmp_path / "out"
+    argv = ["--bundle", str(bundle), "--calibration", str(val), "--pareto", "--plots", str(plots)]
+    result = _run_json(capsys, argv + FAST + ["--max-drop", "1"])
+    assert result["method"] == "nsga2"
+    front = json.loads((plots / "pareto_front.json").read_text())["front"]
+    assert len(front) == result["pareto"]["points"] >= 3
+    assert is_nondominated(
+        np.array([p["accuracy"] for p in front]), np.array([p["acceleration"] for p in front])
+    )
+    assert (plots / "pareto_front.csv").read_text().count("\n") == len(front) + 1
+    assert (plots / "pareto_front.png").is_file()
+    assert result["accuracy"] >= result["baseline_accuracy"] - 1.0
+    assert result["thresholds"] in [p["thresholds"] for p in front]
+
+
+def test_dry_run_writes_nothing(setup, capsys):
+    bundle, val, _ = setup
+    before = {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()}
+    result = _run_json(capsys, ["--bundle", str(bundle), "--calibration", str(val), "--dry-run"]
+                       + FAST)  # fmt: skip
+    assert result["thresholds_file"] is None and result["dry_run"] is True
+    assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == before
+
+
+def test_human_summary(setup, capsys):
+    bundle, val, _ = setup
+    assert main(["--bundle", str(bundle), "--calibration", str(val), "-q"] + FAST) == 0
+    out = capsys.readouterr().out
+    assert "thresholds" in out and "grid search" in out and "acceleration" in out
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing-bundle", "bundle directory not found"),
+        ("exits", "has 3 exits but the bundle has 4"),
+        ("classes", "has 7 classes but the bundle has 10"),
+        ("beta", "--beta must be"),
+        ("eps-high", "--max-drop must be in [0, 100]"),
+        ("eps-low", "--max-drop must be in [0, 100]"),
+        ("empty", "empty"),
+        ("both", "not allowed with argument"),
+        ("no-data", "give --dataset and --data-dir"),
+        ("no-file", "calibration file not found"),
+        ("test-alone", "--test-calibration goes with --calibration"),
+        ("bits", "--bits must be"),
+        ("unknown-flag", "unrecognized arguments"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(case, message, setup, tmp_path, capsys):
+    bundle, val, _ = setup
+    argv = ["--bundle", str(bundle), "--calibration", str(val)] + FAST
+    if case == "missing-bundle":
+        argv[1] = str(tmp_path / "nope")
+    elif case == "exits":
+        argv[3] = str(write_calibration(tmp_path / "k3.npz", "val", 2, rows=200, exits=3))
+    elif case == "classes":
+        argv[3] = str(write_calibration(tmp_path / "c7.npz", "val", 2, rows=200, classes=7))
+    elif case == "empty":
+        empty = np.zeros((0, EXITS, CLASSES), np.float32)
+        argv[3] = str(save_calibration(tmp_path / "e.npz", empty, np.zeros(0, np.int64), {}))
+    elif case == "no-data":
+        argv = ["--bundle", str(bundle)]
+    elif case == "test-alone":
+        argv = ["--bundle", str(bundle), "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                "--test-calibration", str(val)]  # fmt: skip
+    elif case == "no-file":
+        argv[3] = str(tmp_path / "missing.npz")
+    else:
+        argv += {
+            "beta": ["--beta", "-1"],
+            "eps-high": ["--max-drop", "150"],
+            "eps-low": ["--max-drop", "-0.5"],
+            "both": ["--beta", "1", "--max-drop", "1"],
+            "bits": ["--bits", "1"],
+            "unknown-flag": ["--frobnicate"],
+        }[case]
+    before = sorted(p.name for p in bundle.iterdir()) if bundle.is_dir() else None
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and message in lines[0], captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    if before is not None:
+        assert sorted(p.name for p in bundle.iterdir()) == before
+
+
+def test_stderr_is_one_line_for_usage_errors(setup, capsys):
+    bundle, val, _ = setup
+    assert main(["--bundle", str(bundle), "--calibration", str(val), "--beta", "-2", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["earlyexit-tune: error: --beta must be a finite number >= 0, got -2.0"]
+
+
+@pytest.mark.parametrize("failing", ["replace", "fsync"])
+def test_interrupted_write_keeps_old_thresholds(failing, setup, capsys, monkeypatch):
+    bundle, val, _ = setup
+    old = '{"thresholds": [0.9, 0.8, 0.7, 0.6], "tuned": {"method": "by-hand"}}\n'
+    (bundle / "thresholds.json").write_text(old, encoding="utf-8")
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, failing, crash)
+    code = main(["--bundle", str(bundle), "--calibration", str(val), "-q"] + FAST)
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code == 1 and "No space left on device" in err
+    assert (bundle / "thresholds.json").read_text(encoding="utf-8") == old
+    assert sorted(p.name for p in bundle.iterdir() if p.name.startswith(".")) == []
+
+
+class _AdminHandler(BaseHTTPRequestHandler):
+    received: list[dict] = []
+    status = 200
+
+    def do_PUT(self):  # noqa: N802 (http.server's naming)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append(
+            {"path": self.path, "auth": self.headers.get("Authorization"), "body": json.loads(body)}
+        )
+        payload = json.dumps({"detail": "wrong token"} if self.status != 200 else {"ok": True})
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(payload.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def admin_server():
+    _AdminHandler.received = []
+    _AdminHandler.status = 200
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _AdminHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _AdminHandler
+    server.shutdown()
+    server.server_close()
+
+
+def test_notify_pushes_thresholds(setup, capsys, monkeypatch, admin_server):
+    bundle, val, _ = setup
+    url, handler = admin_server
+    monkeypatch.setenv("EARLYEXIT_ADMIN_TOKEN", "s3cret")
+    result = _run_json(capsys, ["--bundle", str(bundle), "--calibration", str(val),
+                                "--notify", url + "/"] + FAST)  # fmt: skip
+    assert result["notified"] == url + "/v1/thresholds"
+    [request] = handler.received
+    assert request["path"] == "/v1/thresholds"
+    assert request["auth"] == "Bearer s3cret"
+    assert request["body"]["thresholds"] == result["thresholds"]
+    assert request["body"]["tuned"]["method"] == "ga"
+
+
+def test_notify_failures(setup, capsys, monkeypatch, admin_server):
+    bundle, val, _ = setup
+    url, handler = admin_server
+    argv = ["--bundle", str(bundle), "--calibration", str(val), "--notify", url, "-q"] + FAST
+    monkeypatch.delenv("EARLYEXIT_ADMIN_TOKEN", raising=False)
+    assert main(argv) == 2
+    assert "EARLYEXIT_ADMIN_TOKEN" in capsys.readouterr().err
+    assert handler.received == [] and not (bundle / "thresholds.json").exists()
+    monkeypatch.setenv("EARLYEXIT_ADMIN_TOKEN", "wrong")
+    handler.status = 401
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "answered 401" in err and "thresholds.json was written" in err
+    assert (bundle / "thresholds.json").is_file()

@@ -1,0 +1,220 @@
+"""Reference searches the GA is compared with, in the same run.
+
+- `grid_search`: every combination of a coarse per-exit grid, scored exactly. Rows are binned
+  once by which grid values their max probability exceeds; cumulative sums of the binned counts
+  then give, for every grid point at once, how many rows each exit answers and how many of those
+  are right. Cost O(N + steps^K) instead of O(N · steps^K).
+- `global_threshold_search`: one threshold shared by every exit (as Shallow-Deep Networks do),
+  swept finely.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from thresholds.costs import CostModel, can_fall_back
+from thresholds.errors import TuningError
+from thresholds.evaluate import ExitTable, Metrics, evaluate, evaluate_population
+from thresholds.frontier import nondominated
+from thresholds.objectives import Objective
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GRID_STEPS = 21
+DEFAULT_GLOBAL_STEPS = 1001
+MAX_GRID_POINTS = 2_000_000
+_CHUNK_CELLS = 1 << 20
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    name: str  # "grid" or "global"
+    thresholds: tuple[float, ...]
+    metrics: Metrics
+    fitness: float
+    seconds: float
+    steps: int
+    points: int
+    # (accuracy, acceleration) pairs to draw: the non-dominated grid points, or the global sweep.
+    curve: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "thresholds": list(self.thresholds),
+            "fitness": self.fitness,
+            "accuracy": self.metrics.accuracy,
+            "acceleration": self.metrics.acceleration,
+            "exit_fractions": list(self.metrics.exit_fractions),
+            "steps": self.steps,
+            "points": self.points,
+            "seconds": self.seconds,
+        }
+
+
+def _best_index(score: np.ndarray, accuracy: np.ndarray) -> int:
+    """Highest score; among equal scores, the most accurate (as the GA's tie-break)."""
+    candidates = np.flatnonzero(score == score.max())
+    return int(candidates[np.argmax(accuracy[candidates])])
+
+
+def grid_steps_within(num_exits: int, steps: int, max_points: int = MAX_GRID_POINTS) -> int:
+    """`steps`, reduced until steps**K fits in `max_points`."""
+    while steps > 2 and steps**num_exits > max_points:
+        steps -= 1
+    return steps
+
+
+def _exit_part(hist: np.ndarray, k: int, steps: int) -> np.ndarray:
+    """Rows answered by exit k (0-based) at every grid point of exits 1..k, broadcastable to K."""
+    num_exits = hist.ndim
+    part = hist.sum(axis=tuple(range(k + 1, num_exits))) if k + 1 < num_exits else hist
+    for j in range(k):  # earlier exits decline: bin <= grid index
+        part = np.cumsum(part, axis=j)
+    # exit k accepts: bin > grid index
+    part = part.sum(axis=k, keepdims=True) - np.cumsum(part, axis=k)
+    part = part[(slice(0, steps),) * (k + 1)]
+    return part.reshape(part.shape + (1,) * (num_exits - k - 1))
+
+
+def _fallback_part(hist: np.ndarray, steps: int) -> np.ndarray:
+    part = hist
+    for j in range(hist.ndim):
+        part = np.cumsum(part, axis=j)
+    return part[(slice(0, steps),) * hist.ndim]
+
+
+def _take(array: np.ndarray, rows: slice) -> np.ndarray:
+    """Rows of exit 1's grid axis, for an array that may only broadcast along it."""
+    return array if array.shape[0] == 1 else array[rows]
+
+
+def grid_tables(
+    table: ExitTable, costs: CostModel, steps: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Grid values, plus correct-row counts and total cost at every grid point (steps^K each)."""
+    k = table.num_exits
+    grid = np.linspace(0.0, 1.0, steps)
+    # bins[n, j] = how many grid values row n's max probability strictly exceeds.
+    bins = np.searchsorted(grid, table.max_probs.astype(np.float64), side="left")
+    shape = (steps + 1,) * k
+    flat = np.ravel_multi_index(tuple(bins.T), shape)
+    cells = int(np.prod(shape))
+
+    def histogram(weights: np.ndarray | None) -> np.ndarray:
+        return np.bincount(flat, weights=weights, minlength=cells).astype(np.float64).reshape(shape)
+
+    counts = histogram(None)
+    answered = [_exit_part(counts, j, steps) for j in range(k)]
+    right = [
+        _exit_part(histogram(table.correct[:, j].astype(np.float64)), j, steps) for j in range(k)
+    ]
+    right.append(_fallback_part(histogram(table.correct[:, k].astype(np.float64)), steps))
+    # Cost = sum over segments j of (rows reaching j) × (what j costs at this grid point); a
+    # disabled exit's segment costs its stage when the head is unneeded (see skipped_heads).
+    unneeded = (table.fallback == "last") | ~can_fall_back(grid[:, None], table.num_classes)
+    segment_cost: list[np.ndarray] = []
+    for j in range(k):
+        cost = np.full((1,) * k, costs.segment_costs[j])
+        if costs.stage_costs is not None and costs.stage_costs[j] != costs.segment_costs[j]:
+            disabled = np.expand_dims(grid >= 1.0, tuple(a for a in range(k) if a != j))
+            skip = disabled & np.expand_dims(unneeded, tuple(range(k - 1)))
+            cost = cost - (costs.segment_costs[j] - costs.stage_costs[j]) * skip
+        segment_cost.append(cost)
+    correct = np.zeros((steps,) * k)
+    total_cost = np.zeros((steps,) * k)
+    n = float(table.num_rows)
+    # Combined in slices of exit 1's grid so temporaries stay bounded.
+    chunk = max(1, _CHUNK_CELLS // steps ** max(k - 1, 0))
+    for start in range(0, steps, chunk):
+        rows = slice(start, start + chunk)
+        for part in right:
+            correct[rows] += _take(part, rows)
+        reaching = np.full((1,) * k, n)
+        for j in range(k):
+            total_cost[rows] += reaching * _take(segment_cost[j], rows)
+            reaching = reaching - _take(answered[j], rows)
+    return grid, correct, total_cost
+
+
+def grid_search(
+    table: ExitTable,
+    costs: CostModel,
+    objective: Objective,
+    steps: int = DEFAULT_GRID_STEPS,
+    max_points: int = MAX_GRID_POINTS,
+) -> BaselineResult | None:
+    """Exhaustive search over `steps` evenly spaced thresholds in [0, 1] per exit.
+
+    `steps` is reduced when steps**K would exceed `max_points`; None when even 2 steps would.
+    """
+    if steps < 2:
+        raise TuningError(f"--grid-steps must be >= 2, got {steps}")
+    start = time.perf_counter()
+    k = table.num_exits
+    used = grid_steps_within(k, steps, max_points)
+    if used**k > max_points:
+        logger.warning("grid search skipped: 2^%d points exceed the limit of %d", k, max_points)
+        return None
+    if used != steps:
+        logger.warning(
+            "grid search uses %d steps per exit (%d^%d points would be too many)", used, steps, k
+        )
+    grid, correct, total_cost = grid_tables(table, costs, used)
+    n = table.num_rows
+    accuracy = (100.0 * correct / n).ravel()
+    acceleration = (costs.full_model / (total_cost / n)).ravel()
+    score = objective.score(accuracy, acceleration)
+    best = _best_index(score, accuracy)
+    thresholds = grid[np.array(np.unravel_index(best, (used,) * k))]
+    metrics = evaluate(table, thresholds, costs)  # exact re-scoring of the winner
+    front = nondominated(accuracy, acceleration)
+    seconds = time.perf_counter() - start
+    logger.info(
+        "grid (%d^%d points): fitness %.4f in %.2fs",
+        used,
+        k,
+        float(objective.score(metrics.accuracy, metrics.acceleration)),
+        seconds,
+    )
+    return BaselineResult(
+        name="grid",
+        thresholds=tuple(float(t) for t in thresholds),
+        metrics=metrics,
+        fitness=float(objective.score(metrics.accuracy, metrics.acceleration)),
+        seconds=seconds,
+        steps=used,
+        points=used**k,
+        curve=np.column_stack([accuracy[front], acceleration[front]]),
+    )
+
+
+def global_threshold_search(
+    table: ExitTable, costs: CostModel, objective: Objective, steps: int = DEFAULT_GLOBAL_STEPS
+) -> BaselineResult:
+    """The best single threshold applied to every exit, over `steps` values in [0, 1]."""
+    if steps < 2:
+        raise TuningError(f"global threshold steps must be >= 2, got {steps}")
+    start = time.perf_counter()
+    values = np.linspace(0.0, 1.0, steps)
+    matrix = np.repeat(values[:, None], table.num_exits, axis=1)
+    scored = evaluate_population(table, matrix, costs)
+    score = objective.score(scored.accuracy, scored.acceleration)
+    best = _best_index(score, scored.accuracy)
+    metrics = scored.row(best)
+    seconds = time.perf_counter() - start
+    logger.info("global threshold %.3f: fitness %.4f in %.2fs", values[best], score[best], seconds)
+    return BaselineResult(
+        name="global",
+        thresholds=metrics.thresholds,
+        metrics=metrics,
+        fitness=float(score[best]),
+        seconds=seconds,
+        steps=steps,
+        points=steps,
+        curve=np.column_stack([scored.accuracy, scored.acceleration]),
+    )

@@ -1,0 +1,199 @@
+"""What a tuning run tells people: the `--json` object, the `tuned` provenance written into
+`thresholds.json`, a short text summary, and the Pareto front as JSON/CSV."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serving.bundle import atomic_write_bytes, atomic_write_json
+from thresholds.costs import CostModel
+from thresholds.evaluate import Metrics
+from thresholds.tuning import TuneOptions, TuneOutcome
+
+PARETO_JSON = "pareto_front.json"
+PARETO_CSV = "pareto_front.csv"
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """Where the calibration rows came from, for provenance."""
+
+    dataset: str | None
+    split: str
+    source: str  # calibration file, or "runtime"
+    test_split: str | None = None
+    test_source: str | None = None
+    bundle_sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "dataset": self.dataset,
+            "split": self.split,
+            "calibration": self.source,
+        }
+        if self.test_split is not None:
+            out["test_split"] = self.test_split
+            out["test_calibration"] = self.test_source
+        return out
+
+
+def _objective_fields(outcome: TuneOutcome) -> dict[str, Any]:
+    objective = outcome.objective
+    if objective.max_drop is None:
+        return {"mode": "beta", "beta": objective.beta}
+    return {"mode": "max_drop", "max_drop": objective.max_drop}
+
+
+def _search_fields(outcome: TuneOutcome, options: TuneOptions) -> dict[str, Any]:
+    ga = options.ga
+    done = outcome.search or outcome.pareto
+    return {
+        "bits": ga.bits,
+        "encoding": "gray" if ga.gray else "binary",
+        "population": ga.population,
+        "generations": done.generations if done else 0,
+        "max_generations": ga.generations,
+        "seed": ga.seed,
+        "evaluations": done.evaluations if done else 0,
+        "seconds": outcome.seconds,
+    }
+
+
+def tuned_provenance(
+    outcome: TuneOutcome, options: TuneOptions, costs: CostModel, data: DataInfo
+) -> dict[str, Any]:
+    """The `tuned` object of thresholds.json: method, β or max_drop, data, both splits' metrics."""
+    metrics = {data.split: outcome.tune.to_dict()}
+    if outcome.test is not None and data.test_split is not None:
+        metrics[data.test_split] = outcome.test.to_dict()
+    tuned: dict[str, Any] = {"method": outcome.method, **_objective_fields(outcome)}
+    tuned.update(
+        {
+            "baseline_accuracy": outcome.objective.baseline,
+            "cost": costs.to_dict(),
+            "data": data.to_dict(),
+            "metrics": metrics,
+            "search": _search_fields(outcome, options),
+            "tuned_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
+    if data.bundle_sha256:
+        tuned["bundle_sha256"] = data.bundle_sha256
+    return tuned
+
+
+def _comparison(outcome: TuneOutcome, which: str) -> dict[str, Any] | None:
+    baseline = outcome.grid if which == "grid" else outcome.global_threshold
+    if baseline is None:
+        return None
+    out = baseline.summary()
+    ratio = outcome.ratio_to(baseline)
+    out[f"{outcome.method}_over_{which}"] = ratio
+    out["ratio"] = ratio
+    return out
+
+
+def result_json(
+    outcome: TuneOutcome,
+    options: TuneOptions,
+    costs: CostModel,
+    data: DataInfo,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The one object `earlyexit-tune --json` prints."""
+    tune = outcome.tune
+    out: dict[str, Any] = {
+        "thresholds": list(outcome.thresholds),
+        "accuracy": tune.metrics.accuracy,
+        "baseline_accuracy": tune.baseline_accuracy,
+        "acceleration": tune.metrics.acceleration,
+        "fitness": tune.fitness,
+        "exit_fractions": list(tune.metrics.exit_fractions),
+        "method": outcome.method,
+        "seconds": outcome.seconds,
+        **_objective_fields(outcome),
+        "split": data.split,
+        "rows": tune.rows,
+        "exit_accuracies": tune.exit_accuracies,
+        "cost": costs.to_dict(),
+        "search": _search_fields(outcome, options),
+        "test": None
+        if outcome.test is None
+        else {"split": data.test_split, **outcome.test.to_dict()},
+        "grid": _comparison(outcome, "grid"),
+        "global": _comparison(outcome, "global"),
+    }
+    if outcome.objective.max_drop is not None:
+        out["min_accuracy"] = outcome.objective.min_accuracy
+    if outcome.pareto is not None:
+        out["pareto"] = {
+            "points": len(outcome.pareto.front),
+            "seconds": outcome.pareto.seconds,
+            "front": outcome.pareto.to_rows(),
+        }
+    out.update(extra)
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{x:.2f}%"
+
+
+def summary_text(result: dict[str, Any]) -> str:
+    """A few human-readable lines about a `result_json` object."""
+    lines = [
+        f"method {result['method']} ({result['mode']}), {result['rows']} rows of "
+        f"'{result['split']}', search {result['seconds']:.2f}s",
+        "thresholds " + ", ".join(f"{t:.4f}" for t in result["thresholds"]),
+        f"accuracy {_pct(result['accuracy'])} (baseline {_pct(result['baseline_accuracy'])}), "
+        f"acceleration {result['acceleration']:.3f}x, fitness {result['fitness']:.4f}",
+        "exit fractions "
+        + ", ".join(f"{f:.3f}" for f in result["exit_fractions"])
+        + " (last: fallback)",
+    ]
+    test = result.get("test")
+    if test:
+        lines.append(
+            f"{test['split']}: accuracy {_pct(test['accuracy'])} (baseline "
+            f"{_pct(test['baseline_accuracy'])}), acceleration {test['acceleration']:.3f}x"
+        )
+    for key, name in (("grid", "grid search"), ("global", "global threshold")):
+        comp = result.get(key)
+        if comp:
+            ratio = comp.get("ratio")
+            share = "n/a" if ratio is None else f"{100 * ratio:.2f}%"
+            lines.append(
+                f"{name}: fitness {comp['fitness']:.4f} in {comp['seconds']:.2f}s "
+                f"({comp['points']} points); {result['method']} reaches {share} of it"
+            )
+    for key in ("thresholds_file", "notified"):
+        if result.get(key):
+            lines.append(f"{key.replace('_', ' ')}: {result[key]}")
+    return "\n".join(lines)
+
+
+def write_pareto_files(directory: str | os.PathLike[str], front: list[Metrics]) -> list[Path]:
+    """The front as JSON and CSV (one row per point, by falling acceleration), atomically."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = folder / PARETO_JSON, folder / PARETO_CSV
+    atomic_write_json(json_path, {"front": [m.to_dict() for m in front]})
+    num_exits = len(front[0].thresholds) if front else 0
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(
+        [f"t{k + 1}" for k in range(num_exits)]
+        + ["accuracy", "acceleration", "mean_cost"]
+        + [f"exit{k + 1}_fraction" for k in range(num_exits)]
+        + ["fallback_fraction"]
+    )
+    for m in front:
+        writer.writerow([*m.thresholds, m.accuracy, m.acceleration, m.mean_cost, *m.exit_fractions])
+    atomic_write_bytes(csv_path, buffer.getvalue().encode("utf-8"))
+    return [json_path, csv_path]

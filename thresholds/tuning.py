@@ -1,0 +1,200 @@
+"""One tuning run: search (GA or NSGA-II), the grid and global-threshold baselines, and the
+chosen thresholds scored on the tuning rows and on held-out rows. Arrays in, results out; no
+files, so the CLI, notebooks and tests share it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from thresholds.baselines import (
+    DEFAULT_GLOBAL_STEPS,
+    DEFAULT_GRID_STEPS,
+    BaselineResult,
+    global_threshold_search,
+    grid_search,
+)
+from thresholds.costs import CostModel
+from thresholds.errors import TuningError
+from thresholds.evaluate import ExitTable, Metrics, evaluate
+from thresholds.objectives import DEFAULT_BETA, Objective
+from thresholds.pareto import ParetoResult, run_nsga2
+from thresholds.search import GAConfig, SearchResult, run_ga
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    beta: float | None = None  # eq. 7; the default mode (β = 1) when max_drop is None
+    max_drop: float | None = None  # points below the baseline allowed; excludes beta
+    pareto: bool = False  # NSGA-II front; the written point is the front's best for the mode
+    baseline: float | None = None  # percent; None = the final exit's accuracy on the same rows
+    ga: GAConfig = field(default_factory=GAConfig)
+    grid_steps: int = DEFAULT_GRID_STEPS
+    global_steps: int = DEFAULT_GLOBAL_STEPS
+    compare: bool = True  # run the grid and global baselines
+
+    def __post_init__(self) -> None:
+        if self.beta is not None and self.max_drop is not None:
+            raise TuningError("use either --beta or --max-drop, not both")
+        if self.grid_steps < 2:
+            raise TuningError(f"--grid-steps must be >= 2, got {self.grid_steps}")
+        # Validates β / EPS / baseline ranges up front, before any data is read.
+        Objective(
+            baseline=50.0 if self.baseline is None else self.baseline,
+            beta=DEFAULT_BETA if self.beta is None else self.beta,
+            max_drop=self.max_drop,
+        )
+
+    def objective(self, table: ExitTable) -> Objective:
+        baseline = table.final_accuracy if self.baseline is None else self.baseline
+        beta = DEFAULT_BETA if self.beta is None else self.beta
+        return Objective(baseline=baseline, beta=beta, max_drop=self.max_drop)
+
+
+@dataclass(frozen=True)
+class SplitReport:
+    """The chosen thresholds on one split, against that split's own baseline."""
+
+    rows: int
+    metrics: Metrics
+    baseline_accuracy: float
+    fitness: float
+    feasible: bool
+    exit_accuracies: list[float]  # each exit alone, then the fallback alone
+    final_exit: Metrics  # every row answered by exit K (what serving without early exits does)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "final_exit": {
+                "accuracy": self.final_exit.accuracy,
+                "acceleration": self.final_exit.acceleration,
+            },
+            "rows": self.rows,
+            "accuracy": self.metrics.accuracy,
+            "baseline_accuracy": self.baseline_accuracy,
+            "accuracy_drop": self.baseline_accuracy - self.metrics.accuracy,
+            "acceleration": self.metrics.acceleration,
+            "fitness": self.fitness,
+            "exit_fractions": list(self.metrics.exit_fractions),
+            "exit_accuracies": self.exit_accuracies,
+            "feasible": self.feasible,
+        }
+
+
+def split_report(
+    table: ExitTable, thresholds: tuple[float, ...], costs: CostModel, options: TuneOptions
+) -> SplitReport:
+    objective = options.objective(table)
+    metrics = evaluate(table, np.asarray(thresholds), costs)
+    return SplitReport(
+        rows=table.num_rows,
+        metrics=metrics,
+        baseline_accuracy=objective.baseline,
+        # The mode's objective; in max-drop mode plain acceleration, with `feasible` beside it.
+        fitness=float(
+            objective.eq7(metrics.accuracy, metrics.acceleration)
+            if objective.max_drop is None
+            else metrics.acceleration
+        ),
+        feasible=bool(objective.feasible(metrics.accuracy)),
+        exit_accuracies=table.exit_accuracies(),
+        final_exit=evaluate(table, full_depth_thresholds(table.num_exits), costs),
+    )
+
+
+def full_depth_thresholds(num_exits: int) -> np.ndarray:
+    """Every exit but the last disabled, the last accepting every row."""
+    return np.array([1.0] * (num_exits - 1) + [0.0])
+
+
+@dataclass(frozen=True)
+class TuneOutcome:
+    objective: Objective
+    method: str  # "ga" or "nsga2"
+    thresholds: tuple[float, ...]
+    tune: SplitReport
+    seconds: float  # the search itself
+    search: SearchResult | None = None
+    pareto: ParetoResult | None = None
+    grid: BaselineResult | None = None
+    global_threshold: BaselineResult | None = None
+    test: SplitReport | None = None
+
+    @property
+    def fitness(self) -> float:
+        return self.tune.fitness
+
+    def ratio_to(self, baseline: BaselineResult | None) -> float | None:
+        """Search fitness ÷ a baseline's; None when undefined (no baseline, or it is <= 0)."""
+        if baseline is None or baseline.fitness <= 0:
+            return None
+        return self.fitness / baseline.fitness
+
+
+def tune(
+    table: ExitTable,
+    costs: CostModel,
+    options: TuneOptions | None = None,
+    test_table: ExitTable | None = None,
+) -> TuneOutcome:
+    """Search thresholds on `table`, compare with the baselines, score on `test_table` too."""
+    options = options or TuneOptions()
+    objective = options.objective(table)
+    logger.info(
+        "tuning on %d rows, %d exits: %s; final-exit accuracy %.2f%%, full-depth acceleration "
+        "%.3fx",
+        table.num_rows,
+        table.num_exits,
+        objective.describe(),
+        table.final_accuracy,
+        costs.full_depth_acceleration,
+    )
+    search: SearchResult | None = None
+    pareto: ParetoResult | None = None
+    start = time.perf_counter()
+    if options.pareto:
+        pareto = run_nsga2(table, costs, options.ga)
+        chosen, _ = pareto.choose(objective)
+        if not bool(objective.feasible(chosen.accuracy)):
+            raise TuningError(
+                f"no point of the Pareto front reaches {objective.min_accuracy:.2f}% accuracy"
+            )
+        thresholds, method = chosen.thresholds, "nsga2"
+    else:
+        search = run_ga(table, costs, objective, options.ga)
+        thresholds, method = search.thresholds, "ga"
+    seconds = time.perf_counter() - start
+    grid = global_best = None
+    if options.compare:
+        grid = grid_search(table, costs, objective, options.grid_steps)
+        global_best = global_threshold_search(table, costs, objective, options.global_steps)
+    outcome = TuneOutcome(
+        objective=objective,
+        method=method,
+        thresholds=thresholds,
+        tune=split_report(table, thresholds, costs, options),
+        seconds=seconds,
+        search=search,
+        pareto=pareto,
+        grid=grid,
+        global_threshold=global_best,
+        test=None if test_table is None else split_report(test_table, thresholds, costs, options),
+    )
+    ratio = outcome.ratio_to(grid)
+    if ratio is not None:
+        logger.info(
+            "%s fitness %.4f = %.2f%% of the grid optimum %.4f (%.2fs vs %.2fs)",
+            method,
+            outcome.fitness,
+            100 * ratio,
+            grid.fitness,
+            seconds,
+            grid.seconds,
+        )
+    return outcome
