@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http-duration", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--skip-http", action="store_true")
+    p.add_argument("--threads", type=int, default=1,
+                   help="onnxruntime intra-op threads, in process and in the server")
     args = p.parse_args(argv)
 
     manifest = load_manifest(args.bundle)
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         rep = json.loads(args.baseline_report.read_text())
         baseline_acc = rep["test_accuracy"]["baseline"].get("acc_last")
 
-    runtime = EarlyExitRuntime(args.bundle, providers=("cpu",))
+    runtime = EarlyExitRuntime(args.bundle, providers=("cpu",), intra_op_threads=args.threads)
     test_images = load_split(args.dataset, args.data_dir, "test")
     x = runtime.preprocess(test_images.images[: args.rows])
 
@@ -148,7 +150,8 @@ def http_rows(args, manifest, rows, test_images) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "bundle"
         shutil.copytree(args.bundle, bundle, ignore=shutil.ignore_patterns("calibration_cache"))
-        env = {**os.environ, "EARLYEXIT_ADMIN_TOKEN": token, "EARLYEXIT_PROVIDERS": "cpu"}
+        env = {**os.environ, "EARLYEXIT_ADMIN_TOKEN": token, "EARLYEXIT_PROVIDERS": "cpu",
+               "EARLYEXIT_INTRA_OP_THREADS": str(args.threads)}
         proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "--bundle", str(bundle),
                                  "--host", "127.0.0.1", "--port", str(port), "--no-access-log"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

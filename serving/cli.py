@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             log_level=settings.log_level,
             access_log=False,
             timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+            # Longer than the idle timeout of common load balancers and HTTP client pools
+            # (nginx 60 s): with uvicorn's default 5 s the server closes pooled connections
+            # while a client reuses them, which surfaces as sporadic connection errors.
+            timeout_keep_alive=75,
             server_header=False,
         )
     except OSError as exc:  # e.g. the port is taken
