@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.bench import time_variants
 from serving.bundle import atomic_write_bytes, atomic_write_json, load_manifest
 from serving.datasets import load_split
-from serving.bench import time_variants
 from serving.loadtest import run_http_bench
 from serving.runtime import EarlyExitRuntime
 from thresholds.calibrate import load_or_collect
@@ -42,18 +42,26 @@ log = logging.getLogger("table5")
 SETTINGS = [("beta", b) for b in (0.5, 1.0, 2.0, 5.0)] + [("max_drop", e) for e in (0.0, 0.5, 1.0)]
 
 
-def in_process_speedup(runtime: EarlyExitRuntime, x: np.ndarray, thresholds, batch: int,
-                       rounds: int) -> dict:
+def in_process_speedup(
+    runtime: EarlyExitRuntime, x: np.ndarray, thresholds, batch: int, rounds: int
+) -> dict:
     """Single-graph full model time ÷ early-exit chain time on the same rows (interleaved)."""
     batches = [x[i : i + batch] for i in range(0, len(x), batch)]
     seconds = time_variants(
-        {"full_model": runtime.run_full_model,
-         "early_exit": lambda b: runtime.classify(b, thresholds=thresholds)},
-        batches, rounds)
-    return {"batch": batch, "rows": len(x),
-            "speedup": seconds["full_model"] / seconds["early_exit"],
-            "early_ms_per_row": 1000 * seconds["early_exit"] / len(x),
-            "full_ms_per_row": 1000 * seconds["full_model"] / len(x)}
+        {
+            "full_model": runtime.run_full_model,
+            "early_exit": lambda b: runtime.classify(b, thresholds=thresholds),
+        },
+        batches,
+        rounds,
+    )
+    return {
+        "batch": batch,
+        "rows": len(x),
+        "speedup": seconds["full_model"] / seconds["early_exit"],
+        "early_ms_per_row": 1000 * seconds["early_exit"] / len(x),
+        "full_ms_per_row": 1000 * seconds["full_model"] / len(x),
+    }
 
 
 def _free_port() -> int:
@@ -64,17 +72,22 @@ def _free_port() -> int:
 
 def _put_thresholds(url: str, token: str, values) -> None:
     req = urllib.request.Request(
-        f"{url}/v1/thresholds", method="PUT",
+        f"{url}/v1/thresholds",
+        method="PUT",
         data=json.dumps({"thresholds": [float(v) for v in values]}).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         resp.read()
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--bundle", required=True, type=Path)
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--data-dir", required=True, type=Path)
@@ -85,8 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http-duration", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--skip-http", action="store_true")
-    p.add_argument("--threads", type=int, default=1,
-                   help="onnxruntime intra-op threads, in process and in the server")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="onnxruntime intra-op threads, in process and in the server",
+    )
     args = p.parse_args(argv)
 
     manifest = load_manifest(args.bundle)
@@ -106,35 +123,53 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for mode, value in SETTINGS:
-        options = TuneOptions(beta=value, compare=False) if mode == "beta" else TuneOptions(
-            max_drop=value, compare=False)
+        options = (
+            TuneOptions(beta=value, compare=False)
+            if mode == "beta"
+            else TuneOptions(max_drop=value, compare=False)
+        )
         outcome = tune(val_table, costs, options)
         thresholds = np.asarray(outcome.thresholds, dtype=np.float64)
         m_val = evaluate(val_table, thresholds, costs)
         m_test = evaluate(test_table, thresholds, costs)
         row = {
-            "mode": mode, "value": value, "thresholds": [round(float(t), 4) for t in thresholds],
-            "val_accuracy": m_val.accuracy, "test_accuracy": m_test.accuracy,
+            "mode": mode,
+            "value": value,
+            "thresholds": [round(float(t), 4) for t in thresholds],
+            "val_accuracy": m_val.accuracy,
+            "test_accuracy": m_test.accuracy,
             "test_final_exit_accuracy": test_table.final_accuracy,
             "delta_vs_final_exit": m_test.accuracy - test_table.final_accuracy,
             "delta_vs_baseline": None if baseline_acc is None else m_test.accuracy - baseline_acc,
             "mac_acceleration": m_test.acceleration,
             "exit_fractions": [round(float(f), 4) for f in m_test.exit_fractions],
-            "in_process": [in_process_speedup(runtime, x, tuple(thresholds), b, args.rounds)
-                           for b in (1, 32)],
+            "in_process": [
+                in_process_speedup(runtime, x, tuple(thresholds), b, args.rounds) for b in (1, 32)
+            ],
         }
         rows.append(row)
-        log.info("%s=%s: test acc %.2f (final %.2f), MAC %.2fx, wall b1 %.2fx b32 %.2fx",
-                 mode, value, m_test.accuracy, test_table.final_accuracy, m_test.acceleration,
-                 row["in_process"][0]["speedup"], row["in_process"][1]["speedup"])
+        log.info(
+            "%s=%s: test acc %.2f (final %.2f), MAC %.2fx, wall b1 %.2fx b32 %.2fx",
+            mode,
+            value,
+            m_test.accuracy,
+            test_table.final_accuracy,
+            m_test.acceleration,
+            row["in_process"][0]["speedup"],
+            row["in_process"][1]["speedup"],
+        )
 
     if not args.skip_http:
         http_rows(args, manifest, rows, test_images)
 
-    report = {"bundle": str(args.bundle), "model": f"{manifest.name} {manifest.version}",
-              "baseline_accuracy": baseline_acc, "rows": rows,
-              "command": "python scripts/table5.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "machine": {"cpus": os.cpu_count(), "platform": sys.platform}}
+    report = {
+        "bundle": str(args.bundle),
+        "model": f"{manifest.name} {manifest.version}",
+        "baseline_accuracy": baseline_acc,
+        "rows": rows,
+        "command": "python scripts/table5.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "table5.json", report)
     atomic_write_bytes(args.out / "table5.md", render(report).encode())
@@ -150,11 +185,29 @@ def http_rows(args, manifest, rows, test_images) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "bundle"
         shutil.copytree(args.bundle, bundle, ignore=shutil.ignore_patterns("calibration_cache"))
-        env = {**os.environ, "EARLYEXIT_ADMIN_TOKEN": token, "EARLYEXIT_PROVIDERS": "cpu",
-               "EARLYEXIT_INTRA_OP_THREADS": str(args.threads)}
-        proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "--bundle", str(bundle),
-                                 "--host", "127.0.0.1", "--port", str(port), "--no-access-log"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = {
+            **os.environ,
+            "EARLYEXIT_ADMIN_TOKEN": token,
+            "EARLYEXIT_PROVIDERS": "cpu",
+            "EARLYEXIT_INTRA_OP_THREADS": str(args.threads),
+        }
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "serving.cli",
+                "--bundle",
+                str(bundle),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-access-log",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             for _ in range(120):
                 try:
@@ -164,19 +217,31 @@ def http_rows(args, manifest, rows, test_images) -> None:
                     time.sleep(0.5)
             images, labels = test_images.images[:1000], test_images.labels[:1000]
             _put_thresholds(url, token, [1.0] * manifest.num_exits)
-            full = run_http_bench(url, images, labels, args.concurrency, args.http_duration,
-                                  check_answers=False)
+            full = run_http_bench(
+                url, images, labels, args.concurrency, args.http_duration, check_answers=False
+            )
             full_tp = full["early_exit"]["throughput_rps"]
             for row in rows:
                 _put_thresholds(url, token, row["thresholds"])
-                early = run_http_bench(url, images, labels, args.concurrency, args.http_duration,
-                                       check_answers=False)
+                early = run_http_bench(
+                    url, images, labels, args.concurrency, args.http_duration, check_answers=False
+                )
                 tp = early["early_exit"]["throughput_rps"]
-                row["http"] = {"throughput": tp, "full_depth_throughput": full_tp,
-                               "speedup": tp / full_tp, "concurrency": args.concurrency,
-                               "duration_s": args.http_duration}
-                log.info("HTTP %s=%s: %.1f req/s vs full depth %.1f (%.2fx)", row["mode"],
-                         row["value"], tp, full_tp, tp / full_tp)
+                row["http"] = {
+                    "throughput": tp,
+                    "full_depth_throughput": full_tp,
+                    "speedup": tp / full_tp,
+                    "concurrency": args.concurrency,
+                    "duration_s": args.http_duration,
+                }
+                log.info(
+                    "HTTP %s=%s: %.1f req/s vs full depth %.1f (%.2fx)",
+                    row["mode"],
+                    row["value"],
+                    tp,
+                    full_tp,
+                    tp / full_tp,
+                )
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -210,7 +275,8 @@ def render(report: dict) -> str:
             f"| {name} | {', '.join(f'{t:.3f}' for t in r['thresholds'])} | "
             f"{r['test_accuracy']:.2f} | {r['delta_vs_final_exit']:+.2f} | {dbase} | "
             f"{r['mac_acceleration']:.2f}× | {r['in_process'][0]['speedup']:.2f}× | "
-            f"{r['in_process'][1]['speedup']:.2f}× | {http} |")
+            f"{r['in_process'][1]['speedup']:.2f}× | {http} |"
+        )
     lines.append("")
     return "\n".join(lines)
 

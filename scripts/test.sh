@@ -24,6 +24,7 @@ if [ -z "${EARLYEXIT_DATA:-}" ] && [ -d ../shared/data/cifar-10-batches-py ]; th
 fi
 echo "EARLYEXIT_DATA=${EARLYEXIT_DATA:-<unset: CIFAR tests will skip>}"
 
-ruff check training serving thresholds tests
+ruff check training serving thresholds tests scripts
+ruff format --check training serving thresholds tests scripts
 # pytest exits 5 when it collects nothing, so an empty suite fails here too.
 python -m pytest -q "$@"

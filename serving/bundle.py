@@ -119,9 +119,7 @@ def _require(mapping: dict[str, Any], key: str, where: str) -> Any:
 
 
 def _int_tuple(value: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(value, list | tuple) or not all(
-        isinstance(v, int) and v > 0 for v in value
-    ):
+    if not isinstance(value, list | tuple) or not all(isinstance(v, int) and v > 0 for v in value):
         raise BundleError(f"manifest.json: '{where}' must be a list of positive integers")
     return tuple(value)
 

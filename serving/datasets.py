@@ -28,11 +28,28 @@ DEFAULT_SPLIT_SEED = 0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -40,10 +57,20 @@ FASHION_MNIST_FILES = {
 }
 # Official archives and their published checksums, for --download on machines with internet.
 DOWNLOADS = {
-    "cifar10": [("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                 "md5", "c58f30108f718f92721af3b95e74349a")],
-    "cifar100": [("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                  "md5", "eb9058c3a382ffc7106e4002c42a8d85")],
+    "cifar10": [
+        (
+            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            "md5",
+            "c58f30108f718f92721af3b95e74349a",
+        )
+    ],
+    "cifar100": [
+        (
+            "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+            "md5",
+            "eb9058c3a382ffc7106e4002c42a8d85",
+        )
+    ],
     "fashion-mnist": [
         ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/" + name, "md5", digest)
         for name, digest in (

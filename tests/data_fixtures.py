@@ -9,8 +9,18 @@ from pathlib import Path
 
 import numpy as np
 
-CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
-                 "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_NAMES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 def _rows(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -23,12 +33,17 @@ def write_tiny_cifar10(root: Path, per_batch: int = 20, seed: int = 0) -> Path:
     out = root / "cifar-10-batches-py"
     out.mkdir(parents=True, exist_ok=True)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"batch_label": name, "labels": [int(v) for v in rng.integers(0, 10, per_batch)],
-                 "data": _rows(rng, per_batch)}
+        batch = {
+            "batch_label": name,
+            "labels": [int(v) for v in rng.integers(0, 10, per_batch)],
+            "data": _rows(rng, per_batch),
+        }
         with open(out / name, "wb") as fh:
             pickle.dump(batch, fh, protocol=2)
     with open(out / "batches.meta", "wb") as fh:
-        pickle.dump({"label_names": CIFAR10_NAMES, "num_cases_per_batch": per_batch}, fh, protocol=2)
+        pickle.dump(
+            {"label_names": CIFAR10_NAMES, "num_cases_per_batch": per_batch}, fh, protocol=2
+        )
     return root
 
 
@@ -37,12 +52,17 @@ def write_tiny_cifar100(root: Path, n: int = 30, seed: int = 0) -> Path:
     out = root / "cifar-100-python"
     out.mkdir(parents=True, exist_ok=True)
     for name in ("train", "test"):
-        batch = {"data": _rows(rng, n), "fine_labels": [int(v) for v in rng.integers(0, 100, n)],
-                 "coarse_labels": [int(v) for v in rng.integers(0, 20, n)]}
+        batch = {
+            "data": _rows(rng, n),
+            "fine_labels": [int(v) for v in rng.integers(0, 100, n)],
+            "coarse_labels": [int(v) for v in rng.integers(0, 20, n)],
+        }
         with open(out / name, "wb") as fh:
             pickle.dump(batch, fh, protocol=2)
-    meta = {"fine_label_names": [f"fine{i}" for i in range(100)],
-            "coarse_label_names": [f"coarse{i}" for i in range(20)]}
+    meta = {
+        "fine_label_names": [f"fine{i}" for i in range(100)],
+        "coarse_label_names": [f"coarse{i}" for i in range(20)],
+    }
     with open(out / "meta", "wb") as fh:
         pickle.dump(meta, fh, protocol=2)
     return root

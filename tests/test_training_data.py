@@ -20,7 +20,11 @@ def test_cifar10_reader_on_pickle_fixture(tmp_path):
 
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "rb") as fh:
         raw = pickle.load(fh, encoding="latin1")
-    assert list(test.images[0, 0, 0]) == [raw["data"][0, 0], raw["data"][0, 1024], raw["data"][0, 2048]]
+    assert list(test.images[0, 0, 0]) == [
+        raw["data"][0, 0],
+        raw["data"][0, 1024],
+        raw["data"][0, 2048],
+    ]
 
 
 def test_cifar100_reader_fine_and_coarse(tmp_path):
@@ -81,7 +85,7 @@ def test_random_crop_is_a_shifted_window_of_the_padded_image():
     assert y.shape == x.shape
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for i in range(2):
-        windows = [padded[i, :, dy:dy + 6, dx:dx + 6] for dy in range(5) for dx in range(5)]
+        windows = [padded[i, :, dy : dy + 6, dx : dx + 6] for dy in range(5) for dx in range(5)]
         assert any(torch.equal(y[i], w) for w in windows)
 
 
@@ -101,8 +105,9 @@ def test_loader_order_is_deterministic_and_resumable(tmp_path):
     data = load_split("cifar10", tmp_path, "train", val_size=0)
 
     def make():
-        return BatchLoader(data, 16, (0.5,) * 3, (0.25,) * 3, train=True,
-                           augment=AugmentConfig(cutout=4), seed=3)
+        return BatchLoader(
+            data, 16, (0.5,) * 3, (0.25,) * 3, train=True, augment=AugmentConfig(cutout=4), seed=3
+        )
 
     a = list(make().epoch(2))
     loader = make()
@@ -112,14 +117,19 @@ def test_loader_order_is_deterministic_and_resumable(tmp_path):
     resumed.generator.set_state(state)
     rest = list(resumed.epoch(2, start_step=1))
     assert torch.equal(a[0][0], first[0])
-    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a[1:], rest, strict=True))
+    assert all(
+        torch.equal(p[0], q[0]) and torch.equal(p[1], q[1])
+        for p, q in zip(a[1:], rest, strict=True)
+    )
 
 
 def test_loader_shards_ranks_disjointly(tmp_path):
     write_tiny_cifar10(tmp_path, per_batch=20)
     data = load_split("cifar10", tmp_path, "train", val_size=0)
-    shards = [BatchLoader(data, 10, (0.5,) * 3, (0.25,) * 3, train=False, rank=r, world_size=2)
-              for r in range(2)]
+    shards = [
+        BatchLoader(data, 10, (0.5,) * 3, (0.25,) * 3, train=False, rank=r, world_size=2)
+        for r in range(2)
+    ]
     labels = [torch.cat([y for _, y in s.epoch(0)]) for s in shards]
     assert len(labels[0]) == len(labels[1]) == 50
 

@@ -19,13 +19,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _arrays(n: int, seed: int) -> ImageArrays:
     rng = np.random.default_rng(seed)
-    return ImageArrays(rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
-                       rng.integers(0, 4, n).astype(np.int64), ("a", "b", "c", "d"))
+    return ImageArrays(
+        rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
+        rng.integers(0, 4, n).astype(np.int64),
+        ("a", "b", "c", "d"),
+    )
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(arch="resnet18", width=0.125, exits=3, epochs=3, batch_size=8, lr=0.05,
-                val_size=0, cutout=4, num_threads=1)
+    base = dict(
+        arch="resnet18",
+        width=0.125,
+        exits=3,
+        epochs=3,
+        batch_size=8,
+        lr=0.05,
+        val_size=0,
+        cutout=4,
+        num_threads=1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -145,9 +157,14 @@ def test_ddp_two_gloo_processes_match_single_process_gradients(tmp_path):
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "training.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize(
@@ -184,10 +201,28 @@ def test_cli_yaml_config_and_torchrun_ddp(tmp_path):
         f"data_dir: {tmp_path / 'data'}\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(_free_port()), "-m", "training.cli", "--config", str(tmp_path / "cfg.yaml"),
-         "--out", str(tmp_path / "run"), "--threads", "1", "--no-progress"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "training.cli",
+            "--config",
+            str(tmp_path / "cfg.yaml"),
+            "--out",
+            str(tmp_path / "run"),
+            "--threads",
+            "1",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -202,9 +237,27 @@ def test_smoke_30_steps_on_real_cifar10(tmp_path):
     data = os.environ.get("EARLYEXIT_DATA")
     if not data:
         pytest.skip("EARLYEXIT_DATA is not set (directory holding cifar-10-batches-py/)")
-    proc = _cli("--arch", "resnet18", "--width", "0.125", "--dataset", "cifar10", "--data-dir",
-                data, "--out", str(tmp_path / "run"), "--epochs", "1", "--max-steps", "30",
-                "--batch-size", "64", "--threads", "2", "--no-progress")
+    proc = _cli(
+        "--arch",
+        "resnet18",
+        "--width",
+        "0.125",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        data,
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--max-steps",
+        "30",
+        "--batch-size",
+        "64",
+        "--threads",
+        "2",
+        "--no-progress",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert state["global_step"] == 30 and state["classes"][0] == "airplane"

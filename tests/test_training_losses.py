@@ -51,8 +51,9 @@ def test_each_distillation_path_matches_hand_computed_value(tiny, path):
     }[path]
     loss = create_loss("self_distillation", path=path, alpha=alpha, lam=lam, temperature=t)
     got = loss(logits, feats, target)
-    assert math.isclose(float(got.total), _expected(logits, feats, target, alpha, lam, t, refs),
-                        rel_tol=1e-5)
+    assert math.isclose(
+        float(got.total), _expected(logits, feats, target, alpha, lam, t, refs), rel_tol=1e-5
+    )
     assert math.isclose(float(got.total), float(got.ce + got.kl + got.feature), rel_tol=1e-6)
 
 

@@ -25,13 +25,30 @@ class _Parser(argparse.ArgumentParser):
 
 # flag name → config field, for flags that override a --config file
 _FLAG_FIELDS = {
-    "arch": "arch", "width": "width", "stem": "stem", "exits": "exits", "dataset": "dataset",
-    "data_dir": "data_dir", "val_size": "val_size", "epochs": "epochs", "batch_size": "batch_size",
-    "lr": "lr", "schedule": "schedule", "loss": "loss", "distill_path": "distill_path",
-    "alpha": "alpha", "lam": "lam", "temperature": "temperature",
-    "distill_off_epochs": "distill_off_epochs", "seed": "seed", "cutout": "cutout",
-    "autoaugment": "autoaugment", "threads": "num_threads", "warmup_epochs": "warmup_epochs",
-    "weight_decay": "weight_decay", "best_metric": "best_metric",
+    "arch": "arch",
+    "width": "width",
+    "stem": "stem",
+    "exits": "exits",
+    "dataset": "dataset",
+    "data_dir": "data_dir",
+    "val_size": "val_size",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "schedule": "schedule",
+    "loss": "loss",
+    "distill_path": "distill_path",
+    "alpha": "alpha",
+    "lam": "lam",
+    "temperature": "temperature",
+    "distill_off_epochs": "distill_off_epochs",
+    "seed": "seed",
+    "cutout": "cutout",
+    "autoaugment": "autoaugment",
+    "threads": "num_threads",
+    "warmup_epochs": "warmup_epochs",
+    "weight_decay": "weight_decay",
+    "best_metric": "best_metric",
 }
 
 
@@ -110,14 +127,18 @@ def check_inputs(cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         args = build_parser().parse_args(argv)
         cfg = resolve_config(args)
         check_inputs(cfg)
         out = Path(args.out)
         if args.no_resume and (out / "last.pt").exists():
-            raise UsageError(f"{out} already holds a run (last.pt); drop --no-resume to continue it")
+            raise UsageError(
+                f"{out} already holds a run (last.pt); drop --no-resume to continue it"
+            )
         if args.download:
             download(cfg.dataset, cfg.data_dir)
         from .engine import BEST_CKPT, Trainer, evaluate_test_split, init_distributed

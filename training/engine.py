@@ -169,7 +169,9 @@ class Trainer:
         seed_everything(cfg.seed)
 
         if train_data is None:
-            train_data = load_split(cfg.dataset, cfg.data_dir, "train", cfg.val_size, cfg.split_seed)
+            train_data = load_split(
+                cfg.dataset, cfg.data_dir, "train", cfg.val_size, cfg.split_seed
+            )
         if val_data is None and cfg.val_size > 0:
             val_data = load_split(cfg.dataset, cfg.data_dir, "val", cfg.val_size, cfg.split_seed)
         self.classes = list(train_data.classes)
@@ -181,15 +183,26 @@ class Trainer:
             self.mean, self.std = (0.5,) * c, (0.25,) * c
         augment = AugmentConfig(cfg.crop_padding, cfg.flip, cfg.cutout, cfg.autoaugment)
         self.train_loader = BatchLoader(
-            train_data, cfg.batch_size, self.mean, self.std, train=True, augment=augment,
-            seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+            train_data,
+            cfg.batch_size,
+            self.mean,
+            self.std,
+            train=True,
+            augment=augment,
+            seed=cfg.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
         self.val_loader = (
             BatchLoader(val_data, 500, self.mean, self.std, train=False) if val_data else None
         )
 
         self.model: MultiExitNetwork = create_model(
-            cfg.arch, self.num_classes, exits=cfg.exits, width=cfg.width, stem=cfg.stem,
+            cfg.arch,
+            self.num_classes,
+            exits=cfg.exits,
+            width=cfg.width,
+            stem=cfg.stem,
             in_chans=c,
         )
         self.costs = measure_costs(self.model, self.input_shape)
@@ -204,12 +217,18 @@ class Trainer:
                 self.model, device_ids=[device.index] if self.use_cuda else None
             )
         self.loss_fn = create_loss(
-            cfg.loss, path=cfg.distill_path, alpha=cfg.alpha, lam=cfg.lam,
+            cfg.loss,
+            path=cfg.distill_path,
+            alpha=cfg.alpha,
+            lam=cfg.lam,
             temperature=cfg.temperature,
         )
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+            self.model.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov,
         )
         self.steps_per_epoch = self.train_loader.steps_per_epoch()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -230,12 +249,16 @@ class Trainer:
         if self.use_cuda and self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         alpha, lam = distill_weights(self.cfg, self.epoch)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                            enabled=self.use_cuda and self.cfg.amp):
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.use_cuda and self.cfg.amp
+        ):
             out = self.net(x)
             terms = self.loss_fn(
-                [z.float() for z in out.logits], [f.float() for f in out.features], y,
-                alpha=alpha, lam=lam,
+                [z.float() for z in out.logits],
+                [f.float() for f in out.features],
+                y,
+                alpha=alpha,
+                lam=lam,
             )
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
@@ -330,9 +353,11 @@ class Trainer:
             if max_steps is not None and self.global_step >= max_steps:
                 break
             bar = tqdm(
-                total=self.steps_per_epoch, initial=self.step_in_epoch,
+                total=self.steps_per_epoch,
+                initial=self.step_in_epoch,
                 desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
-                disable=not (progress and self.dist.is_main), mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                disable=not (progress and self.dist.is_main),
+                mininterval=1.0 if sys.stderr.isatty() else 30.0,
                 file=sys.stderr,
             )
             sums: dict[str, float] = {}
@@ -362,13 +387,19 @@ class Trainer:
                 "global_step": self.global_step,
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "epoch_seconds": epoch_seconds,
-                "step_seconds_median": float(np.median(self.step_seconds[-count:])) if count else None,
-                "images_per_second": count * self.cfg.batch_size * self.dist.world_size / epoch_seconds,
+                "step_seconds_median": float(np.median(self.step_seconds[-count:]))
+                if count
+                else None,
+                "images_per_second": count
+                * self.cfg.batch_size
+                * self.dist.world_size
+                / epoch_seconds,
             }
             record.update({f"train_{k}": v / max(count, 1) for k, v in sums.items()})
             if self.val_loader is not None and self.dist.is_main:
-                self.last_val = evaluate(self.model, self.val_loader, self.device,
-                                         amp=self.use_cuda and self.cfg.amp)
+                self.last_val = evaluate(
+                    self.model, self.val_loader, self.device, amp=self.use_cuda and self.cfg.amp
+                )
                 record.update({f"val_{k}": v for k, v in self.last_val.items()})
             self.log_metrics(record)
             if self.dist.is_main:

@@ -23,8 +23,14 @@ logger = logging.getLogger(__name__)
 
 
 def measure_step_ratio(
-    arch: str, width: float, exits: int, batch_size: int = 128, steps: int = 20,
-    threads: int = 2, input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
+    arch: str,
+    width: float,
+    exits: int,
+    batch_size: int = 128,
+    steps: int = 20,
+    threads: int = 2,
+    input_shape: tuple[int, int, int] = (3, 32, 32),
+    num_classes: int = 10,
 ) -> dict[str, Any]:
     """Median seconds per SGD step of SD (K exits) and baseline (backbone only), interleaved."""
     import torch
@@ -52,13 +58,23 @@ def measure_step_ratio(
             if step >= 2:
                 times[name].append(time.perf_counter() - t0)
     sd, base = statistics.median(times["sd"]), statistics.median(times["baseline"])
-    return {"sd_step_s": sd, "baseline_step_s": base, "ratio": sd / base, "steps": steps,
-            "batch_size": batch_size, "threads": threads}
+    return {
+        "sd_step_s": sd,
+        "baseline_step_s": base,
+        "ratio": sd / base,
+        "steps": steps,
+        "batch_size": batch_size,
+        "threads": threads,
+    }
 
 
 def _read_run(run: Path) -> dict[str, Any]:
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
-    test = json.loads((run / "test_metrics.json").read_text()) if (run / "test_metrics.json").is_file() else {}
+    test = (
+        json.loads((run / "test_metrics.json").read_text())
+        if (run / "test_metrics.json").is_file()
+        else {}
+    )
     config = json.loads((run / "config.json").read_text())
     return {"metrics": metrics, "test": test, "config": config}
 
@@ -77,8 +93,12 @@ def _plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
         keys = sorted(k for k in run["metrics"][-1] if k.startswith("val_acc_exit"))
         for key in keys:
             style = "-" if name == "self-distillation" else "--"
-            ax.plot(epochs, [m[key] for m in run["metrics"]], style,
-                    label=f"{name} {key.removeprefix('val_acc_')}")
+            ax.plot(
+                epochs,
+                [m[key] for m in run["metrics"]],
+                style,
+                label=f"{name} {key.removeprefix('val_acc_')}",
+            )
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
@@ -90,7 +110,9 @@ def _plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def build_report(sd_dir: Path, baseline_dir: Path, step_ratio: dict[str, Any] | None) -> dict[str, Any]:
+def build_report(
+    sd_dir: Path, baseline_dir: Path, step_ratio: dict[str, Any] | None
+) -> dict[str, Any]:
     sd, base = _read_run(sd_dir), _read_run(baseline_dir)
     sd_test, base_test = sd["test"].get("final", {}), base["test"].get("final", {})
     report: dict[str, Any] = {
@@ -99,15 +121,19 @@ def build_report(sd_dir: Path, baseline_dir: Path, step_ratio: dict[str, Any] | 
         "sd_config": sd["config"],
         "baseline_config": base["config"],
         "test_accuracy": {"self_distillation": sd_test, "baseline": base_test},
-        "deepest_gain_points": (sd_test.get("acc_last", float("nan"))
-                                - base_test.get("acc_last", float("nan"))),
+        "deepest_gain_points": (
+            sd_test.get("acc_last", float("nan")) - base_test.get("acc_last", float("nan"))
+        ),
         "epoch_seconds_median": {
             "self_distillation": statistics.median(m["epoch_seconds"] for m in sd["metrics"]),
             "baseline": statistics.median(m["epoch_seconds"] for m in base["metrics"]),
         },
         "step_time": step_ratio,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "python": sys.version.split()[0]},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": sys.version.split()[0],
+        },
     }
     return report
 
@@ -127,10 +153,13 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
         "",
         "| model | " + " | ".join(e.removeprefix("acc_") for e in exits) + " | ensemble |",
         "|---|" + "---|" * (len(exits) + 1),
-        "| self-distillation | " + " | ".join(f"{sd[e]:.2f}" for e in exits)
+        "| self-distillation | "
+        + " | ".join(f"{sd[e]:.2f}" for e in exits)
         + f" | {sd.get('acc_ensemble', float('nan')):.2f} |",
-        "| baseline | " + " | ".join("" for _ in exits[:-1])
-        + (" | " if len(exits) > 1 else "") + f"{base.get('acc_last', float('nan')):.2f} | – |",
+        "| baseline | "
+        + " | ".join("" for _ in exits[:-1])
+        + (" | " if len(exits) > 1 else "")
+        + f"{base.get('acc_last', float('nan')):.2f} | – |",
         "",
         f"Deepest exit gain: **{report['deepest_gain_points']:+.2f} points** (target ≥ +1).",
     ]
@@ -168,20 +197,29 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for run in (args.sd, args.baseline):
         if not (run / "metrics.jsonl").is_file() or not (run / "config.json").is_file():
-            print(f"earlyexit-train-report: error: {run} is not a finished run directory",
-                  file=sys.stderr)
+            print(
+                f"earlyexit-train-report: error: {run} is not a finished run directory",
+                file=sys.stderr,
+            )
             return 2
     cfg = json.loads((args.sd / "config.json").read_text())
-    ratio = None if args.no_step_time else measure_step_ratio(
-        cfg["arch"], cfg["width"], cfg["exits"], cfg["batch_size"], args.steps, args.threads)
+    ratio = (
+        None
+        if args.no_step_time
+        else measure_step_ratio(
+            cfg["arch"], cfg["width"], cfg["exits"], cfg["batch_size"], args.steps, args.threads
+        )
+    )
     report = build_report(args.sd, args.baseline, ratio)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "earlyexit-train-report " + " ".join(sys.argv[1:] if argv is None else argv)
     report["command"] = command
     atomic_write_json(args.out / "report.json", report)
     atomic_write_bytes(args.out / "report.md", render_markdown(report, command).encode())
-    _plot({"self-distillation": _read_run(args.sd), "baseline": _read_run(args.baseline)},
-          args.out / "val_accuracy.png")
+    _plot(
+        {"self-distillation": _read_run(args.sd), "baseline": _read_run(args.baseline)},
+        args.out / "val_accuracy.png",
+    )
     logger.info("wrote %s", args.out)
     return 0
 

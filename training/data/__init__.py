@@ -3,4 +3,11 @@
 from .augment import AutoAugmentCifar, cutout, random_crop, random_flip
 from .loader import AugmentConfig, BatchLoader
 
-__all__ = ["AugmentConfig", "AutoAugmentCifar", "BatchLoader", "cutout", "random_crop", "random_flip"]
+__all__ = [
+    "AugmentConfig",
+    "AutoAugmentCifar",
+    "BatchLoader",
+    "cutout",
+    "random_crop",
+    "random_flip",
+]

@@ -19,8 +19,8 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
     padded = F.pad(x, (padding, padding, padding, padding))
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h)[None, :])  # N×H
-    cols = (dx[:, None] + torch.arange(w)[None, :])  # N×W
+    rows = dy[:, None] + torch.arange(h)[None, :]  # N×H
+    cols = dx[:, None] + torch.arange(w)[None, :]  # N×W
     batch = torch.arange(n)[:, None, None]
     # Advanced indexing gathers every image's window in one op: N×H×W×C → N×C×H×W.
     out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]

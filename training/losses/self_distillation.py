@@ -121,8 +121,13 @@ class CrossEntropyExits(nn.Module):
 
 
 @register_loss("self_distillation")
-def self_distillation(path: str = "deepest", alpha: float = 0.6, lam: float = 0.04,
-                      temperature: float = 3.0, **_: object) -> nn.Module:
+def self_distillation(
+    path: str = "deepest",
+    alpha: float = 0.6,
+    lam: float = 0.04,
+    temperature: float = 3.0,
+    **_: object,
+) -> nn.Module:
     return SelfDistillationLoss(path=path, alpha=alpha, lam=lam, temperature=temperature)
 
 

@@ -53,8 +53,10 @@ class WideResNet(StagedBackbone):
         stages, channels, in_ch = [], [], base
         for i in range(3):
             ch = scaled(16 * widen * 2**i, width)
-            blocks = [WideBlock(in_ch if j == 0 else ch, ch, 2 if (i > 0 and j == 0) else 1, dropout)
-                      for j in range(n)]
+            blocks = [
+                WideBlock(in_ch if j == 0 else ch, ch, 2 if (i > 0 and j == 0) else 1, dropout)
+                for j in range(n)
+            ]
             if i == 2:  # pre-activation nets end with BN-ReLU before pooling
                 blocks += [nn.BatchNorm2d(ch), nn.ReLU(inplace=False)]
             stages.append(nn.Sequential(*blocks))
