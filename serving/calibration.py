@@ -13,16 +13,18 @@ fallback ("ensemble": mean over ALL K exits' probabilities in float32, `exit_pro
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from serving.bundle import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -133,21 +135,14 @@ def save_calibration(
         target = target.with_name(target.name + ".npz")  # np.savez would append it anyway
     target.parent.mkdir(parents=True, exist_ok=True)
     meta_json = json.dumps(meta, sort_keys=True, default=str)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(
-                fh,
-                exit_probs=exit_probs,
-                labels=labels.astype(np.int64, copy=False),
-                meta=np.array(meta_json),
-            )
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        exit_probs=exit_probs,
+        labels=labels.astype(np.int64, copy=False),
+        meta=np.array(meta_json),
+    )
+    atomic_write_bytes(target, buffer.getvalue())
     return target
 
 

@@ -9,18 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-CIFAR10_NAMES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
+from serving.datasets import CIFAR10_CLASSES
+
+CIFAR10_NAMES = list(CIFAR10_CLASSES)
 
 
 def _rows(rng: np.random.Generator, n: int) -> np.ndarray:
