@@ -51,7 +51,7 @@ def run_nsga2(table: ExitTable, costs: CostModel, config: GAConfig | None = None
 
     The population is rounded up to a multiple of 4 (a requirement of `selTournamentDCD`).
     """
-    from deap import base, tools
+    from deap import algorithms, base, tools
 
     config = config or GAConfig()
     start = time.perf_counter()
@@ -65,6 +65,7 @@ def run_nsga2(table: ExitTable, costs: CostModel, config: GAConfig | None = None
 
     scorer = PopulationScorer(table, costs, bits, fitness_of, config.gray)
     toolbox = base.Toolbox()
+    toolbox.register("clone", clone)
     toolbox.register("mate", tools.cxTwoPoint)
     flip = config.bit_flip_prob if config.bit_flip_prob is not None else min(1.0, 2.0 / length)
     toolbox.register("mutate", tools.mutFlipBit, indpb=flip)
@@ -78,15 +79,12 @@ def run_nsga2(table: ExitTable, costs: CostModel, config: GAConfig | None = None
         population = tools.selNSGA2(population, size)  # assigns crowding distances
         front_signature, stale = b"", 0
         for generation in range(1, config.generations + 1):
-            offspring = [clone(i) for i in tools.selTournamentDCD(population, size)]
-            for first, second in zip(offspring[::2], offspring[1::2], strict=False):
-                if random.random() < config.crossover_prob:
-                    toolbox.mate(first, second)
-                    del first.fitness.values, second.fitness.values
-            for individual in offspring:
-                if random.random() < config.mutation_prob:
-                    toolbox.mutate(individual)
-                    del individual.fitness.values
+            offspring = algorithms.varAnd(
+                tools.selTournamentDCD(population, size),
+                toolbox,
+                config.crossover_prob,
+                config.mutation_prob,
+            )
             nevals = scorer([i for i in offspring if not i.fitness.valid])
             evaluations += nevals
             population = tools.selNSGA2(population + offspring, size)

@@ -164,7 +164,7 @@ def run_ga(
     TuningError if no evaluated vector does (only possible with a baseline above the final
     exit's accuracy).
     """
-    from deap import base, tools
+    from deap import algorithms, base, tools
 
     config = config or GAConfig()
     start = time.perf_counter()
@@ -178,6 +178,7 @@ def run_ga(
 
     scorer = PopulationScorer(table, costs, bits, fitness_of, config.gray)
     toolbox = base.Toolbox()
+    toolbox.register("clone", clone)
     toolbox.register("mate", tools.cxTwoPoint)
     flip = config.bit_flip_prob if config.bit_flip_prob is not None else min(1.0, 2.0 / length)
     toolbox.register("mutate", tools.mutFlipBit, indpb=flip)
@@ -199,15 +200,9 @@ def run_ga(
         for generation in range(1, config.generations + 1):
             elites = [clone(h) for h in hall[: config.elite]]
             chosen = toolbox.select(population, config.population - len(elites))
-            offspring = [clone(i) for i in chosen]
-            for first, second in zip(offspring[::2], offspring[1::2], strict=False):
-                if random.random() < config.crossover_prob:
-                    toolbox.mate(first, second)
-                    del first.fitness.values, second.fitness.values
-            for individual in offspring:
-                if random.random() < config.mutation_prob:
-                    toolbox.mutate(individual)
-                    del individual.fitness.values
+            offspring = algorithms.varAnd(
+                chosen, toolbox, config.crossover_prob, config.mutation_prob
+            )
             fresh = [i for i in offspring if not i.fitness.valid]
             nevals = scorer(fresh)
             evaluations += nevals
