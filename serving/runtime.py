@@ -382,13 +382,43 @@ class EarlyExitRuntime:
         answers, exits = decide(exit_probs, thresholds, m.fallback)
         return BatchResult(answers, exits, exit_probs, [n] * m.num_exits, seconds)
 
+    def _new_outputs(
+        self, n: int, keep_all: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Answer probabilities, exit indices (fallback until an exit accepts) and, when the
+        ensemble fallback may be needed, room for every exit's probabilities of every row."""
+        m = self.manifest
+        seen = np.empty((n, m.num_exits, m.num_classes), np.float32) if keep_all else None
+        answers = np.empty((n, m.num_classes), dtype=np.float32)
+        return answers, np.full(n, FALLBACK_EXIT, dtype=np.int64), seen
+
+    @staticmethod
+    def _accept(
+        k: int,
+        probs: np.ndarray,
+        rows: np.ndarray,
+        thresholds: tuple[float, ...],
+        answers: np.ndarray,
+        exits: np.ndarray,
+        seen: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Answer the rows exit k+1 accepts. Returns the rows still running, their
+        probabilities, and the mask that selects them (None when every row continues)."""
+        if seen is not None:
+            seen[rows, k] = probs
+        take = accept_mask(probs.max(axis=1), thresholds[k])
+        if not take.any():
+            return rows, probs, None
+        answers[rows[take]] = probs[take]
+        exits[rows[take]] = k + 1
+        stay = ~take
+        return rows[stay], probs[stay], stay
+
     def _classify_cpu(self, x: np.ndarray, thresholds: tuple[float, ...]) -> BatchResult:
         m = self.manifest
-        n, num_exits = x.shape[0], m.num_exits
+        n = x.shape[0]
         skips, keep_all = self._plan(thresholds)
-        seen = np.empty((n, num_exits, m.num_classes), np.float32) if keep_all else None
-        answers = np.empty((n, m.num_classes), dtype=np.float32)
-        exits = np.full(n, FALLBACK_EXIT, dtype=np.int64)
+        answers, exits, seen = self._new_outputs(n, keep_all)
         rows = np.arange(n)
         rows_per_segment, seconds = [], []
         feats = x
@@ -405,20 +435,9 @@ class EarlyExitRuntime:
                 continue
             outputs = self._segments[k].run(self._outputs[k], {spec.input_name: feats})
             seconds.append(time.perf_counter() - start)
-            probs = outputs[0]
-            if seen is not None:
-                seen[rows, k] = probs
-            take = accept_mask(probs.max(axis=1), thresholds[k])
-            if take.any():
-                answers[rows[take]] = probs[take]
-                exits[rows[take]] = k + 1
-                stay = ~take
-                rows = rows[stay]
-                probs = probs[stay]
-                if spec.feature_output and rows.size:
-                    feats = outputs[1][stay]  # the continuing rows only
-            elif spec.feature_output:
-                feats = outputs[1]
+            rows, probs, stay = self._accept(k, outputs[0], rows, thresholds, answers, exits, seen)
+            if spec.feature_output and rows.size:
+                feats = outputs[1] if stay is None else outputs[1][stay]  # continuing rows only
             last_probs = probs
         self._fallback(answers, rows, seen, last_probs)
         return BatchResult(answers, exits, None, rows_per_segment, seconds)
@@ -446,11 +465,9 @@ class EarlyExitRuntime:
         """As `_classify_cpu`, but feature maps stay on the GPU (IOBinding + Gather graph)."""
         ort = self._ort
         m = self.manifest
-        n, num_exits = x.shape[0], m.num_exits
+        n = x.shape[0]
         skips, keep_all = self._plan(thresholds)
-        seen = np.empty((n, num_exits, m.num_classes), np.float32) if keep_all else None
-        answers = np.empty((n, m.num_classes), dtype=np.float32)
-        exits = np.full(n, FALLBACK_EXIT, dtype=np.int64)
+        answers, exits, seen = self._new_outputs(n, keep_all)
         rows = np.arange(n)
         rows_per_segment, seconds = [], []
         feats: Any = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0) if n else None
@@ -474,18 +491,12 @@ class EarlyExitRuntime:
             if skips[k]:
                 feats = outputs[0]
                 continue
-            probs = outputs[0].numpy()
             next_feats = outputs[1] if spec.feature_output else None
-            if seen is not None:
-                seen[rows, k] = probs
-            take = accept_mask(probs.max(axis=1), thresholds[k])
-            if take.any():
-                answers[rows[take]] = probs[take]
-                exits[rows[take]] = k + 1
-                stay = ~take
-                rows, probs = rows[stay], probs[stay]
-                if next_feats is not None and rows.size:
-                    next_feats = self._gather_rows(next_feats, np.flatnonzero(stay))
+            rows, probs, stay = self._accept(
+                k, outputs[0].numpy(), rows, thresholds, answers, exits, seen
+            )
+            if next_feats is not None and stay is not None and rows.size:
+                next_feats = self._gather_rows(next_feats, np.flatnonzero(stay))
             feats = next_feats
             last_probs = probs
         self._fallback(answers, rows, seen, last_probs)
