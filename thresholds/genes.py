@@ -80,6 +80,19 @@ def make_types(weights: tuple[float, ...]) -> tuple[type, type]:
     return fitness_cls, ThresholdIndividual
 
 
+def variation_toolbox(length: int, bit_flip_prob: float | None) -> Any:
+    """A DEAP toolbox with the variation operators both searches use: cheap clone, two-point
+    crossover, bit-flip mutation (default rate: two flipped bits per individual)."""
+    from deap import base, tools
+
+    toolbox = base.Toolbox()
+    toolbox.register("clone", clone)
+    toolbox.register("mate", tools.cxTwoPoint)
+    flip = bit_flip_prob if bit_flip_prob is not None else min(1.0, 2.0 / length)
+    toolbox.register("mutate", tools.mutFlipBit, indpb=flip)
+    return toolbox
+
+
 def clone(individual: Any) -> Any:
     """A cheap copy (genes and fitness) — much faster than deepcopy in the inner loop."""
     twin = type(individual)(individual)

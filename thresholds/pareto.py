@@ -19,7 +19,7 @@ import numpy as np
 from thresholds.costs import CostModel
 from thresholds.evaluate import ExitTable, Metrics, evaluate_population
 from thresholds.frontier import nondominated
-from thresholds.genes import clone, make_types, private_random
+from thresholds.genes import make_types, private_random, variation_toolbox
 from thresholds.objectives import Objective
 from thresholds.search import GAConfig, PopulationScorer, progress_bar, seed_genes
 
@@ -51,7 +51,7 @@ def run_nsga2(table: ExitTable, costs: CostModel, config: GAConfig | None = None
 
     The population is rounded up to a multiple of 4 (a requirement of `selTournamentDCD`).
     """
-    from deap import algorithms, base, tools
+    from deap import algorithms, tools
 
     config = config or GAConfig()
     start = time.perf_counter()
@@ -64,11 +64,7 @@ def run_nsga2(table: ExitTable, costs: CostModel, config: GAConfig | None = None
         return [(float(a), float(s)) for a, s in zip(accuracy, acceleration, strict=True)]
 
     scorer = PopulationScorer(table, costs, bits, fitness_of, config.gray)
-    toolbox = base.Toolbox()
-    toolbox.register("clone", clone)
-    toolbox.register("mate", tools.cxTwoPoint)
-    flip = config.bit_flip_prob if config.bit_flip_prob is not None else min(1.0, 2.0 / length)
-    toolbox.register("mutate", tools.mutFlipBit, indpb=flip)
+    toolbox = variation_toolbox(length, config.bit_flip_prob)
     rng = random.Random(config.seed)
     generation = 0
     with private_random(rng), progress_bar(config.generations, config.progress, "NSGA-II") as bar:

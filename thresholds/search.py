@@ -24,7 +24,15 @@ import numpy as np
 from thresholds.costs import CostModel
 from thresholds.errors import TuningError
 from thresholds.evaluate import ExitTable, Metrics, evaluate, evaluate_population
-from thresholds.genes import check_bits, clone, decode, encode, make_types, private_random
+from thresholds.genes import (
+    check_bits,
+    clone,
+    decode,
+    encode,
+    make_types,
+    private_random,
+    variation_toolbox,
+)
 from thresholds.objectives import Objective
 
 logger = logging.getLogger(__name__)
@@ -164,7 +172,7 @@ def run_ga(
     TuningError if no evaluated vector does (only possible with a baseline above the final
     exit's accuracy).
     """
-    from deap import algorithms, base, tools
+    from deap import algorithms, tools
 
     config = config or GAConfig()
     start = time.perf_counter()
@@ -177,11 +185,7 @@ def run_ga(
         return [(float(s), float(a)) for s, a in zip(scores, accuracy, strict=True)]
 
     scorer = PopulationScorer(table, costs, bits, fitness_of, config.gray)
-    toolbox = base.Toolbox()
-    toolbox.register("clone", clone)
-    toolbox.register("mate", tools.cxTwoPoint)
-    flip = config.bit_flip_prob if config.bit_flip_prob is not None else min(1.0, 2.0 / length)
-    toolbox.register("mutate", tools.mutFlipBit, indpb=flip)
+    toolbox = variation_toolbox(length, config.bit_flip_prob)
     toolbox.register("select", tools.selTournament, tournsize=config.tournament_size)
     hall = tools.HallOfFame(max(1, config.elite), similar=lambda a, b: a == b)
     logbook = tools.Logbook()
