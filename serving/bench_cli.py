@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 
+from serving.cli_common import OneLineParser, parse_or_exit
 from serving.datasets import DATASETS
 
 
@@ -36,7 +37,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="earlyexit-bench",
         description="Measure accuracy of every exit, dynamic accuracy and exit fractions under "
         "the bundle's thresholds, MAC speedup and measured wall-clock speedup against the full "
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_or_exit(build_parser(), argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

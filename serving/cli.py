@@ -11,11 +11,13 @@ import logging
 import sys
 from typing import Any
 
+from serving.cli_common import OneLineParser, parse_or_exit
+
 logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="earlyexit-serve",
         description="Serve an early-exit bundle over HTTP (POST /classify, /metrics, web page "
         "at /). Every flag has an EARLYEXIT_* environment variable; flags win.",
@@ -69,7 +71,7 @@ def check_bundle(bundle_dir: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_or_exit(build_parser(), argv)
     from pydantic import ValidationError
 
     from serving.bundle import BundleError

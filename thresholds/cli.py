@@ -7,8 +7,9 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
+from serving.cli_common import OneLineParser, UsageError
 from thresholds.errors import TuningError
 
 if TYPE_CHECKING:
@@ -20,18 +21,8 @@ PROG = "earlyexit-tune"
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder")
 
 
-class UsageError(Exception):
-    """Bad command line; exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    # argparse prints the whole usage block on error; the contract asks for one clear line.
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description="Tune per-exit confidence thresholds (genetic search, seed 004 Alg. 2) and "
         "write them to the bundle's thresholds.json.",

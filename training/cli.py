@@ -9,18 +9,10 @@ import sys
 from pathlib import Path
 
 from serving.bundle import atomic_write_json
+from serving.cli_common import OneLineParser, UsageError
 from serving.datasets import DATASETS, DatasetError, download
 
 log = logging.getLogger("earlyexit.train")
-
-
-class UsageError(Exception):
-    """Bad flags or input: reported as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one clear line instead of usage + error
-        raise UsageError(message)
 
 
 # flag name → config field, for flags that override a --config file
@@ -53,7 +45,7 @@ _FLAG_FIELDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="earlyexit-train", description=__doc__)
+    p = OneLineParser(prog="earlyexit-train", description=__doc__)
     p.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
     p.add_argument("--out", required=True, help="run directory (resumed if it has last.pt)")
     p.add_argument("--arch", help="backbone name (see training.list_models())")

@@ -8,12 +8,13 @@ import logging
 import sys
 
 from serving.bundle import FALLBACKS
+from serving.cli_common import OneLineParser, parse_or_exit
 
 logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="earlyexit-export",
         description="Export a multi-exit checkpoint as a bundle: one ONNX segment per exit "
         "(parity- and MAC-checked), stage files, the plain full model, manifest.json and "
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_or_exit(build_parser(), argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -1,0 +1,32 @@
+"""What every `earlyexit-*` command shares: bad usage is one clear line on stderr, exit code 2.
+
+argparse's own error() prints the whole usage block; the contract asks for one line. This
+module is dependency-free so `training` and `thresholds` CLIs can use it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+
+class UsageError(Exception):
+    """Bad flags or bad input: reported as one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def parse_or_exit(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """`parser.parse_args(argv)`; a usage error prints `PROG: error: MESSAGE` and exits 2."""
+    try:
+        return parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
