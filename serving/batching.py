@@ -1,7 +1,10 @@
 """Dynamic batching: requests wait in a bounded queue; one worker groups them into batches.
 
-A batch closes when it holds `max_batch_size` images or when its oldest image has waited
-`max_batch_wait_s`, and runs on a dedicated inference thread so the event loop keeps answering
+A batch closes when it holds `max_batch_size` images, when its oldest image has waited
+`max_batch_wait_s`, or at once when no other request is on its way: routes wrap reading and
+decoding in `arriving()`, so the batcher knows whether waiting can fill the batch. A lone
+request (concurrency 1) therefore never pays the batching wait, while under load the images
+being decoded join the batch. It runs on a dedicated inference thread so the event loop keeps answering
 health checks and scrapes. Early-exit and full-mode images never share a batch. Threshold swaps
 take the same lock as a running batch, so they land between batches. Everything except the
 runtime call runs on the event loop thread, which is what makes the queue checks atomic.
@@ -13,8 +16,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -90,6 +94,7 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="earlyexit-infer")
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
+        self._arriving = 0  # requests being read or decoded, not yet queued
         self.batches_run = 0
 
     # ------------------------------------------------------------------ public API
@@ -103,6 +108,24 @@ class DynamicBatcher:
             self._worker = asyncio.get_running_loop().create_task(
                 self._work(), name="earlyexit-batcher"
             )
+
+    @property
+    def arriving_count(self) -> int:
+        return self._arriving
+
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark one request as on its way to the queue while its body is read and decoded.
+
+        Leave the block before `classify`/`enqueue`: a request counted here makes a partly
+        filled batch wait (up to `max_batch_wait_s`) for it.
+        """
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            self._wakeup.set()  # a batch waiting for this request re-checks at once
 
     async def classify(self, images: Sequence[np.ndarray], full: bool = False) -> list[RowResult]:
         """Queue the images (all or none) and wait for their answers, in order."""
@@ -171,7 +194,8 @@ class DynamicBatcher:
         self._update_depth()
 
     async def _next_batch(self) -> list[_Job] | None:
-        """Wait for work, then until the batch is full or its oldest job's wait is up."""
+        """Wait for work, then until the batch is full, its oldest job's wait is up, or no
+        request is arriving that could join it."""
         while True:
             mode = self._oldest_mode()
             if mode is None:
@@ -182,7 +206,7 @@ class DynamicBatcher:
                 continue
             queue = self._pending[mode]
             deadline = queue[0].enqueued + self.max_batch_wait_s
-            while len(queue) < self.max_batch_size and not self._closing:
+            while len(queue) < self.max_batch_size and not self._closing and self._arriving:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break

@@ -185,8 +185,12 @@ def prepare_image(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
     (bilinear, antialiased) to H×W, the usual evaluation transform. Raises ImageTooLargeError,
     UndecodableImageError or UnsupportedImageError.
     """
+    return decode_image(open_image(data, max_pixels), spec)
+
+
+def decode_image(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """The pixel half of `prepare_image`, for an image `open_image` has already checked."""
     channels, height, width = spec.shape
-    image = open_image(data, max_pixels)
     image = _load(image, (width, height))
     image = _orient(image)
     image = to_color_mode(image, spec.color_mode)

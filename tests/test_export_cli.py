@@ -137,3 +137,27 @@ def test_greedy_thresholds_never_lose_accuracy_against_the_final_exit():
     for t in np.arange(0.0, values[0] - 1e-9, 0.01):
         lower = max_1 > round(float(t), 2)
         assert right[lower, 0].sum() < right[lower, -1].sum()
+
+
+def test_lite_head_checkpoint_exports_with_its_own_heads(tmp_path, capsys):
+    """The head variant travels in the checkpoint config; export rebuilds the same network."""
+    from training.models import create_model
+
+    torch.manual_seed(2)
+    model = create_model("resnet18", 10, exits=2, width=0.125, head="lite").eval()
+    checkpoint = tiny_checkpoint(model, exits=2)
+    checkpoint["config"]["head"] = "lite"
+    path = tmp_path / "lite.pt"
+    torch.save(checkpoint, path)
+    out = tmp_path / "bundle"
+    args = ["--checkpoint", str(path), "--out", str(out), "--exporter", "torchscript", "--quiet"]
+    assert main(args) == 0
+    manifest = load_manifest(out)
+    assert manifest.provenance["training_config"]["head"] == "lite"
+    # Segment 1's MACs are the lite head's, not the seed head's.
+    assert manifest.segments[0].macs == checkpoint["costs"]["segment_macs"][0]
+
+    checkpoint["config"]["head"] = "attention"  # weights of one variant cannot fit the other
+    torch.save(checkpoint, path)
+    assert main([*args, "--force"]) == 2
+    assert "do not fit" in _one_error_line(capsys)

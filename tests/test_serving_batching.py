@@ -135,3 +135,45 @@ def test_bad_configuration_is_refused(runtime):
         DynamicBatcher(runtime, max_batch_size=0, max_batch_wait_s=0.001, queue_size=4)
     with pytest.raises(ValueError):
         DynamicBatcher(runtime, max_batch_size=4, max_batch_wait_s=-1, queue_size=4)
+
+
+def test_a_lone_request_does_not_wait_for_company(runtime, tiny_images):
+    """Nothing else is arriving, so the 10 s batching window is not waited out."""
+
+    async def scenario():
+        batcher = DynamicBatcher(runtime, max_batch_size=8, max_batch_wait_s=10.0, queue_size=8)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        rows = await asyncio.wait_for(batcher.classify([tiny_images.images[0]]), timeout=5)
+        waited = loop.time() - t0
+        await batcher.stop()
+        return rows, waited
+
+    rows, waited = run(scenario())
+    assert rows[0].batch_size == 1 and waited < 5
+
+
+def test_a_batch_waits_for_a_request_still_arriving(runtime, tiny_images):
+    """A request being decoded joins the batch of one already queued."""
+
+    async def scenario():
+        batcher = DynamicBatcher(runtime, max_batch_size=8, max_batch_wait_s=10.0, queue_size=8)
+        batcher.start()
+
+        async def slow_client():
+            with batcher.arriving():
+                await asyncio.sleep(0.05)  # reading and decoding its body
+            return await batcher.classify([tiny_images.images[1]])
+
+        slow = asyncio.ensure_future(slow_client())
+        await asyncio.sleep(0)  # the slow request is now arriving
+        assert batcher.arriving_count == 1
+        first = await asyncio.wait_for(batcher.classify([tiny_images.images[0]]), timeout=5)
+        second = await slow
+        await batcher.stop()
+        return first, second, batcher
+
+    first, second, batcher = run(scenario())
+    assert first[0].batch_size == second[0].batch_size == 2
+    assert batcher.batches_run == 1 and batcher.arriving_count == 0

@@ -3,7 +3,7 @@ import torch
 
 import training
 from training.models import UnknownModelError, create_backbone, create_model, stage_groups
-from training.models.exits import AttentionModule, ShallowExit
+from training.models.exits import EXIT_HEADS, AttentionModule, LiteExit, ShallowExit
 
 
 def _arch_exits():
@@ -29,6 +29,47 @@ def test_every_arch_and_exit_count_builds_and_staged_equals_full(arch, exits):
             feats, logits = model.forward_stage(k, feats)
             assert torch.equal(logits, out.logits[k - 1])
         assert torch.equal(model.forward_backbone(x), out.logits[-1])
+
+
+@pytest.mark.parametrize("head", sorted(EXIT_HEADS))
+def test_every_exit_head_keeps_staged_equal_to_full(head):
+    torch.manual_seed(0)
+    model = create_model("resnet18", 10, exits=4, width=0.125, head=head).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        feats = x
+        for k in range(1, 5):
+            feats, logits = model.forward_stage(k, feats)
+            assert torch.equal(logits, out.logits[k - 1])
+    # Every head ends in the deepest width, so the L2 hint compares like with like.
+    assert {tuple(f.shape) for f in out.features} == {(3, model.backbone.feature_dim)}
+    assert all(isinstance(h, EXIT_HEADS[head]) for h in model.heads[:-1])
+
+
+def test_lite_heads_have_fewer_layers_and_macs_than_the_seed_heads():
+    from training.costs import measure_costs
+
+    seed = create_model("resnet18", 10, exits=4, width=0.25, head="attention")
+    lite = create_model("resnet18", 10, exits=4, width=0.25, head="lite")
+    assert isinstance(lite.heads[0], LiteExit)
+
+    def convs(head):
+        return sum(isinstance(m, torch.nn.Conv2d) for m in head.modules())
+
+    for k in range(3):
+        # one depthwise-pointwise pair per halving against two, plus the attention's pair
+        assert convs(lite.heads[k]) == 2 * (3 - k)
+        assert convs(seed.heads[k]) == 4 * (3 - k) + 2
+    seed_macs = measure_costs(seed, (3, 32, 32)).segment_macs
+    lite_macs = measure_costs(lite, (3, 32, 32)).segment_macs
+    assert all(a < b for a, b in zip(lite_macs[:3], seed_macs[:3], strict=True))
+    assert lite_macs[3] == seed_macs[3]  # exit K is the backbone's own head in both
+
+
+def test_unknown_exit_head_lists_valid_names():
+    with pytest.raises(ValueError, match="attention, lite"):
+        create_model("resnet18", 10, exits=4, width=0.125, head="transformer")
 
 
 def test_imagenet_stem_and_width_multiplier():

@@ -18,6 +18,7 @@ class TrainConfig:
     width: float = 1.0
     stem: str = "cifar"
     exits: int = 4
+    head: str = "attention"  # exit-head variant: "attention" (seed 004) or "lite"
     # data
     dataset: str = "cifar10"
     data_dir: str = "data"
@@ -85,6 +86,10 @@ class TrainConfig:
             raise ValueError("width must be positive")
         if self.exits < 1:
             raise ValueError("exits must be ≥ 1")
+        from .models.exits import EXIT_HEADS
+
+        if self.head not in EXIT_HEADS:
+            raise ValueError(f"head must be one of {sorted(EXIT_HEADS)}, got {self.head!r}")
 
 
 def load_yaml_config(path: str | Path) -> dict[str, Any]:

@@ -201,6 +201,7 @@ class Trainer:
             cfg.arch,
             self.num_classes,
             exits=cfg.exits,
+            head=cfg.head,
             width=cfg.width,
             stem=cfg.stem,
             in_chans=c,

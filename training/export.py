@@ -173,7 +173,7 @@ def build_model(checkpoint: dict[str, Any]) -> MultiExitNetwork:
     validate_checkpoint(checkpoint)
     config = checkpoint["config"]
     kwargs: dict[str, Any] = {"in_chans": int(checkpoint["input_shape"][0])}
-    for key in ("width", "stem"):
+    for key in ("width", "stem", "head"):
         if config.get(key) is not None:
             kwargs[key] = config[key]
     try:
@@ -185,7 +185,12 @@ def build_model(checkpoint: dict[str, Any]) -> MultiExitNetwork:
     try:
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"checkpoint weights do not fit {config['arch']}: {exc}") from exc
+        # torch lists every mismatched tensor on its own line; the CLI promises one line.
+        detail = " ".join(str(exc).split())
+        if len(detail) > 300:
+            detail = detail[:297] + "..."
+        variant = f"{config['arch']} with {config.get('head', 'attention')} exit heads"
+        raise CheckpointError(f"checkpoint weights do not fit {variant}: {detail}") from exc
     return model.eval()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,8 @@ from serving.imaging import (
     ImageError,
     ImageTooLargeError,
     UnsupportedImageError,
-    prepare_image,
+    decode_image,
+    open_image,
 )
 from serving.routes.deps import RETRY_AFTER_S, require_ready
 from serving.schemas import (
@@ -116,22 +118,33 @@ async def _read_single(request: Request, settings: Settings) -> bytes:
     )
 
 
-def _decode_all(payloads: Sequence[bytes], manifest: Manifest, max_pixels: int) -> list[np.ndarray]:
-    """Decode every image (in a worker thread); errors name the failing file when there are many."""
-    images = []
-    for i, data in enumerate(payloads):
+# Decoding a small image costs less than the round trip to a worker thread, so requests whose
+# images total at most this many pixels (a few 32×32 or one 128×128) are decoded on the event
+# loop; larger ones go to the thread pool so that one big image cannot stall other requests.
+INLINE_DECODE_PIXELS = 128 * 128
+
+
+def _each(payloads: Sequence[Any], fn: Any) -> list[Any]:
+    """`fn` over every image; errors name the failing file when there are many."""
+    out = []
+    for i, item in enumerate(payloads):
         try:
-            images.append(prepare_image(data, manifest.input, max_pixels))
+            out.append(fn(item))
         except ImageError as exc:
             if len(payloads) > 1:
                 raise type(exc)(f"files[{i}]: {exc}") from exc
             raise
-    return images
+    return out
 
 
 async def _decode(payloads: Sequence[bytes], manifest: Manifest, settings: Settings) -> list:
     try:
-        return await run_in_threadpool(_decode_all, payloads, manifest, settings.max_image_pixels)
+        # Headers only: sizes are known (and bombs refused) before any pixel is decoded.
+        opened = _each(payloads, lambda data: open_image(data, settings.max_image_pixels))
+        decode = partial(_each, opened, lambda image: decode_image(image, manifest.input))
+        if sum(image.width * image.height for image in opened) <= INLINE_DECODE_PIXELS:
+            return decode()
+        return await run_in_threadpool(decode)
     except ImageTooLargeError as exc:
         raise HTTPException(413, str(exc)) from exc
     except UnsupportedImageError as exc:
@@ -210,9 +223,10 @@ async def classify(
     """Classify one image with the early-exit model."""
     started = time.perf_counter()
     state, runtime, batcher = require_ready(request)
-    payload = await _read_single(request, state.settings)
     manifest = runtime.manifest
-    images = await _decode([payload], manifest, state.settings)
+    with batcher.arriving():
+        payload = await _read_single(request, state.settings)
+        images = await _decode([payload], manifest, state.settings)
     (row,) = await _run(batcher, images, full)
     answer = build_answer(row, manifest, (time.perf_counter() - started) * 1000.0, full, top_k)
     request.state.exit = answer.exit
@@ -236,20 +250,22 @@ async def classify_batch(
     media = _media_type(request.headers.get("content-type"))
     if media != "multipart/form-data":
         raise HTTPException(415, "send the images as multipart/form-data, field 'files'")
-    form = await _read_form(request, settings)
-    try:
-        uploads = form.getlist("files")
-        if not uploads:
-            raise HTTPException(422, "missing multipart field 'files'")
-        if len(uploads) > settings.max_batch_files:
-            raise HTTPException(
-                413, f"{len(uploads)} files; the limit is {settings.max_batch_files} per request"
-            )
-        payloads = [await _upload_bytes(u, f"files[{i}]") for i, u in enumerate(uploads)]
-    finally:
-        await form.close()
     manifest = runtime.manifest
-    images = await _decode(payloads, manifest, settings)
+    with batcher.arriving():
+        form = await _read_form(request, settings)
+        try:
+            uploads = form.getlist("files")
+            if not uploads:
+                raise HTTPException(422, "missing multipart field 'files'")
+            if len(uploads) > settings.max_batch_files:
+                raise HTTPException(
+                    413,
+                    f"{len(uploads)} files; the limit is {settings.max_batch_files} per request",
+                )
+            payloads = [await _upload_bytes(u, f"files[{i}]") for i, u in enumerate(uploads)]
+        finally:
+            await form.close()
+        images = await _decode(payloads, manifest, settings)
     rows = await _run(batcher, images, full)
     latency_ms = (time.perf_counter() - started) * 1000.0
     results = [build_answer(row, manifest, latency_ms, full, top_k) for row in rows]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .backbone import StagedBackbone
-from .exits import FinalExit, ShallowExit
+from .exits import FinalExit, create_exit_head
 
 
 class MultiExitOutput(NamedTuple):
@@ -36,14 +36,15 @@ class MultiExitNetwork(nn.Module):
     and is what export uses; `forward_backbone` is the plain single-exit model.
     """
 
-    def __init__(self, backbone: StagedBackbone, exits: int) -> None:
+    def __init__(self, backbone: StagedBackbone, exits: int, head: str = "attention") -> None:
         super().__init__()
         self.backbone = backbone
         self.num_exits = exits
+        self.head_kind = head
         self.groups = stage_groups(backbone.num_stages, exits)
         channels = [backbone.stage_channels[g[-1]] for g in self.groups]
         heads: list[nn.Module] = [
-            ShallowExit(channels[k:], backbone.fc.out_features) for k in range(exits - 1)
+            create_exit_head(head, channels[k:], backbone.fc.out_features) for k in range(exits - 1)
         ]
         heads.append(FinalExit(backbone))
         self.heads = nn.ModuleList(heads)

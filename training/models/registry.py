@@ -37,15 +37,19 @@ def create_backbone(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     return _BACKBONES[name](num_classes=num_classes, **kwargs)
 
 
-def create_model(name: str, num_classes: int, exits: int = 4, **kwargs: Any) -> nn.Module:
+def create_model(
+    name: str, num_classes: int, exits: int = 4, head: str = "attention", **kwargs: Any
+) -> nn.Module:
     """A multi-exit network over backbone `name` with `exits` classifiers (1 = backbone only).
 
-    kwargs go to the backbone (`width`, `stem`, `in_chans`, ...). Raises UnknownModelError for an
-    unknown name and ValueError when `exits` exceeds the backbone's number of stages.
+    `head` names the exit-head variant ("attention" = seed 004, "lite"; see
+    `training.models.exits`). kwargs go to the backbone (`width`, `stem`, `in_chans`, ...).
+    Raises UnknownModelError for an unknown name and ValueError for an unknown head or when
+    `exits` exceeds the backbone's number of stages.
     """
     from .multi_exit import MultiExitNetwork
 
-    return MultiExitNetwork(create_backbone(name, num_classes, **kwargs), exits=exits)
+    return MultiExitNetwork(create_backbone(name, num_classes, **kwargs), exits=exits, head=head)
 
 
 def _ensure_registered() -> None:
