@@ -363,6 +363,8 @@ class EarlyExitRuntime:
             return self._classify_full(x, thresholds)
         if self.on_cuda:
             return self._classify_cuda(x, thresholds)
+        if x.shape[0] == 1:
+            return self._classify_one(x, thresholds)
         return self._classify_cpu(x, thresholds)
 
     def _classify_full(self, x: np.ndarray, thresholds: tuple[float, ...]) -> BatchResult:
@@ -441,6 +443,43 @@ class EarlyExitRuntime:
             last_probs = probs
         self._fallback(answers, rows, seen, last_probs)
         return BatchResult(answers, exits, None, rows_per_segment, seconds)
+
+    def _classify_one(self, x: np.ndarray, thresholds: tuple[float, ...]) -> BatchResult:
+        """`_classify_cpu` for a single row, the latency-critical case: the same decisions and
+        arithmetic, without the row bookkeeping whose numpy calls cost about as much as a
+        small segment's head at batch 1. float() of a float32 is exact, so `>` on Python
+        floats is `accept_mask`'s float64 comparison."""
+        m = self.manifest
+        skips, keep_all = self._plan(thresholds)
+        seen: list[np.ndarray] = []
+        seconds: list[float] = []
+        feats = x
+        probs = None
+        for k, spec in enumerate(m.segments):
+            start = time.perf_counter()
+            if skips[k]:
+                feats = self._stages[k].run([spec.feature_output], {spec.input_name: feats})[0]
+                seconds.append(time.perf_counter() - start)
+                continue
+            outputs = self._segments[k].run(self._outputs[k], {spec.input_name: feats})
+            seconds.append(time.perf_counter() - start)
+            probs = outputs[0]
+            if keep_all:
+                seen.append(probs)
+            if float(probs[0].max()) > thresholds[k]:
+                rest = m.num_exits - k - 1
+                exits = np.array([k + 1], dtype=np.int64)
+                return BatchResult(
+                    probs, exits, None, [1] * (k + 1) + [0] * rest, seconds + [0.0] * rest
+                )
+            if spec.feature_output:
+                feats = outputs[1]
+        if m.fallback == "ensemble":
+            if len(seen) != m.num_exits:
+                raise RuntimeError("exit K rejected a row it must accept: non-finite output?")
+            probs = np.stack(seen, axis=1).mean(axis=1)
+        exits = np.full(1, FALLBACK_EXIT, dtype=np.int64)
+        return BatchResult(probs, exits, None, [1] * m.num_exits, seconds)
 
     def _fallback(
         self,

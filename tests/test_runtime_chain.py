@@ -93,6 +93,29 @@ def test_mixed_batch_equals_rows_one_at_a_time(runtime, batch):
     assert reached[0] > reached[1] > reached[2] > 0
 
 
+@pytest.mark.parametrize("fallback", ["ensemble", "last"])
+def test_single_row_fast_path_is_exactly_the_reference_rule(bundle_copy, batch, fallback):
+    """Batch size 1 takes its own code path; its answers are bit-identical to `decide` on the
+    same row's full-mode probabilities, disabled exits included."""
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["fallback"] = fallback
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    runtime = EarlyExitRuntime(bundle_copy, intra_op_threads=1)
+    seen_exits = set()
+    for thresholds in (runtime.thresholds, (1.0, runtime.thresholds[1], 0.0), (1.0, 1.0, 1.0)):
+        for i in range(len(batch)):
+            row = batch[i : i + 1]
+            single = runtime.classify(row, thresholds=thresholds)
+            full = runtime.classify(row, full=True, thresholds=thresholds)
+            answers, exits = decide(full.exit_probs, thresholds, fallback)
+            assert single.exits.tolist() == exits.tolist()
+            np.testing.assert_array_equal(single.probs, answers)
+            depth = runtime.manifest.num_exits if exits[0] == 0 else int(exits[0])
+            assert single.rows_per_segment == [1] * depth + [0] * (3 - depth)
+            seen_exits.add(int(exits[0]))
+    assert seen_exits == {0, 1, 2, 3}
+
+
 def test_dynamic_answers_equal_the_reference_rule_on_full_mode(runtime, batch):
     full = runtime.classify(batch, full=True)
     answers, exits = decide(full.exit_probs, runtime.thresholds, runtime.manifest.fallback)
