@@ -6,6 +6,10 @@ answer under load is compared with that image's reference answer: dynamic batchi
 change what a client gets. With `compare_full=True` a second pass runs at full depth (every
 threshold 1.0, set through the admin endpoint and restored afterwards) and the two are reported
 side by side. `http_bench_main(args)` (alias `main_http`) is `earlyexit-bench --http URL`.
+
+Requests go through serving.httpclient, a lean HTTP/1.1 keep-alive client: each worker owns one
+persistent connection, so the client's own CPU cost stays well below the model's inference time
+(the benchmark usually shares the machine with the server it measures).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from serving.httpclient import HttpClient, HttpClientError, HttpConnection, parse_base_url
 
 logger = logging.getLogger(__name__)
 
@@ -120,10 +126,10 @@ def _scrape_batch_totals(text: str) -> tuple[float, float]:
     return total, count
 
 
-async def _batch_totals(client: Any) -> tuple[float, float] | None:
+async def _batch_totals(client: HttpClient) -> tuple[float, float] | None:
     try:
-        response = await client.get("/metrics")
-        return _scrape_batch_totals(response.text) if response.status_code == 200 else None
+        response = await client.request("GET", "/metrics")
+        return _scrape_batch_totals(response.text) if response.status == 200 else None
     except Exception:  # noqa: BLE001 - metrics are a bonus, never a reason to fail the run
         return None
 
@@ -132,23 +138,29 @@ def _answer_key(answer: dict[str, Any]) -> tuple[Any, Any]:
     return answer.get("class_index"), answer.get("exit")
 
 
-async def _post(client: Any, payload: bytes) -> tuple[int, dict[str, Any] | None]:
-    response = await client.post(
-        "/classify", content=payload, headers={"Content-Type": "image/png"}
+async def _post(
+    client: HttpClient | HttpConnection, payload: bytes
+) -> tuple[int, dict[str, Any] | None]:
+    # /classify has no side effects, so a POST lost to a stale keep-alive connection may be resent.
+    response = await client.request(
+        "POST", "/classify", payload, {"Content-Type": "image/png"}, retry_safe=True
     )
     body = (
         response.json()
         if response.headers.get("content-type", "").startswith("application/json")
         else None
     )
-    return response.status_code, body
+    return response.status, body
 
 
-async def reference_answers(client: Any, payloads: Sequence[bytes]) -> list[dict[str, Any]]:
+async def reference_answers(client: HttpClient, payloads: Sequence[bytes]) -> list[dict[str, Any]]:
     """One request at a time, so each image is alone in its batch."""
     answers = []
     for i, payload in enumerate(payloads):
-        status, body = await _post(client, payload)
+        try:
+            status, body = await _post(client, payload)
+        except HttpClientError as exc:
+            raise LoadTestError(f"reference request for image {i} failed: {exc}") from exc
         if status != 200 or body is None:
             raise LoadTestError(f"reference request for image {i} answered {status}: {body}")
         answers.append(body)
@@ -156,26 +168,30 @@ async def reference_answers(client: Any, payloads: Sequence[bytes]) -> list[dict
 
 
 async def load_pass(
-    client: Any,
+    client: HttpClient,
     payloads: Sequence[bytes],
     labels: Sequence[int],
     references: Sequence[dict[str, Any]] | None,
     concurrency: int,
     duration_s: float,
 ) -> PassStats:
-    """`concurrency` workers post images round-robin until `duration_s` has passed."""
+    """`concurrency` workers, each on its own keep-alive connection (opened before the clock
+    starts), post images round-robin until `duration_s` has passed."""
     stats = PassStats()
     order = itertools.count()
+    connections = [client.connection() for _ in range(concurrency)]
+    # A failed connect is not fatal here: the worker's first request retries it and counts it.
+    await asyncio.gather(*(conn.connect() for conn in connections), return_exceptions=True)
     before = await _batch_totals(client)
     started = time.perf_counter()
     deadline = started + duration_s
 
-    async def worker() -> None:
+    async def worker(conn: HttpConnection) -> None:
         while time.perf_counter() < deadline:
             i = next(order) % len(payloads)
             t0 = time.perf_counter()
             try:
-                status, body = await _post(client, payloads[i])
+                status, body = await _post(conn, payloads[i])
             except Exception as exc:  # noqa: BLE001 - counted, the run goes on
                 stats.errors += 1
                 stats.status_codes[type(exc).__name__] += 1
@@ -195,37 +211,41 @@ async def load_pass(
                 diff = abs(float(body.get("confidence", 0.0)) - float(ref.get("confidence", 0.0)))
                 stats.max_confidence_diff = max(stats.max_confidence_diff, diff)
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    stats.elapsed_s = time.perf_counter() - started
+    try:
+        await asyncio.gather(*(worker(conn) for conn in connections))
+        stats.elapsed_s = time.perf_counter() - started
+    finally:
+        await asyncio.gather(*(conn.close() for conn in connections))
     after = await _batch_totals(client)
     if before is not None and after is not None and after[1] > before[1]:
         stats.batch_size_mean = round((after[0] - before[0]) / (after[1] - before[1]), 3)
     return stats
 
 
-async def _get_model(client: Any) -> dict[str, Any]:
-    response = await client.get("/v1/model")
-    if response.status_code != 200:
-        raise LoadTestError(f"GET /v1/model answered {response.status_code}: {response.text}")
+async def _get_model(client: HttpClient) -> dict[str, Any]:
+    response = await client.request("GET", "/v1/model")
+    if response.status != 200:
+        raise LoadTestError(f"GET /v1/model answered {response.status}: {response.text}")
     return response.json()
 
 
 async def _put_thresholds(
-    client: Any, token: str | None, values: Sequence[float], tuned: dict[str, Any] | None
+    client: HttpClient, token: str | None, values: Sequence[float], tuned: dict[str, Any] | None
 ) -> None:
     if not token:
         raise LoadTestError("compare_full needs the admin token (EARLYEXIT_ADMIN_TOKEN)")
-    response = await client.put(
-        "/v1/thresholds",
-        json={"thresholds": list(values), "tuned": tuned},
-        headers={"Authorization": f"Bearer {token}"},
-    )
-    if response.status_code != 200:
-        raise LoadTestError(f"PUT /v1/thresholds answered {response.status_code}: {response.text}")
+    body = json.dumps({"thresholds": list(values), "tuned": tuned}).encode()
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    try:
+        response = await client.request("PUT", "/v1/thresholds", body, headers)
+    except HttpClientError as exc:
+        raise LoadTestError(f"PUT /v1/thresholds failed: {exc}") from exc
+    if response.status != 200:
+        raise LoadTestError(f"PUT /v1/thresholds answered {response.status}: {response.text}")
 
 
 async def _one_pass(
-    client: Any,
+    client: HttpClient,
     payloads: Sequence[bytes],
     labels: Sequence[int],
     concurrency: int,
@@ -249,16 +269,14 @@ async def _run(
     check_answers: bool,
     timeout_s: float,
 ) -> dict[str, Any]:
-    import httpx
-
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s) as client:
+    async with HttpClient(url, timeout_s=timeout_s) as client:
         try:
             model = await _get_model(client)
-        except httpx.HTTPError as exc:
+        except HttpClientError as exc:
             raise LoadTestError(f"cannot reach {url}: {exc}") from exc
         report: dict[str, Any] = {
             "url": url,
+            "client": "asyncio-http11",
             "model": {"name": model["name"], "version": model["version"]},
             "num_exits": model["num_exits"],
             "thresholds": model["thresholds"],
@@ -319,10 +337,12 @@ def run_http_bench(
     Returns a JSON-able report: per pass requests, errors, throughput (answers/s), latency
     percentiles (ms, client side), accuracy (%), exit fractions, mismatches against the
     single-image reference answers; RSS of `server_pid` before and after; with `compare_full`
-    a full-depth pass and the speedups. Raises LoadTestError when the server cannot be used.
+    a full-depth pass and the speedups. Raises LoadTestError when the server cannot be used,
+    ValueError (serving.httpclient.InvalidURL for a URL that is not http://) for bad arguments.
     """
     if concurrency < 1 or duration_s <= 0:
         raise ValueError("concurrency must be ≥ 1 and duration_s > 0")
+    parse_base_url(url)  # fail before encoding images
     if len(images) == 0 or len(images) != len(labels):
         raise ValueError("need as many labels as images, at least one")
     payloads = encode_png(np.asarray(images))
@@ -398,6 +418,11 @@ def http_bench_main(args: argparse.Namespace) -> int:
         return 2
     if not getattr(args, "data_dir", None):
         print("earlyexit-bench: error: --http needs --dataset and --data-dir", file=sys.stderr)
+        return 2
+    try:
+        parse_base_url(args.http)
+    except ValueError as exc:
+        print(f"earlyexit-bench: error: --http: {exc}", file=sys.stderr)
         return 2
     try:
         data = load_split(args.dataset, args.data_dir, getattr(args, "split", None) or "test")
