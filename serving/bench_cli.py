@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-token", help="--http: admin bearer token (default $EARLYEXIT_ADMIN_TOKEN)"
     )
     parser.add_argument("--server-pid", type=int, help="--http: report this server's RSS")
+    parser.add_argument(
+        "--local-bundle",
+        help="--http with --compare-full: a copy of the served bundle, timed in-process at the "
+        "server's mean batch size so the HTTP speedup can be set against the runtime's own",
+    )
     parser.add_argument("--out", help="directory for bench.json and PNG plots")
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     parser.add_argument("--quiet", action="store_true", help="warnings and errors only")

@@ -319,6 +319,82 @@ def compare_passes(early: dict[str, Any], full: dict[str, Any]) -> dict[str, Any
     }
 
 
+def in_process_speedup(
+    runtime: Any, x: np.ndarray, thresholds: Sequence[float], batch_size: int, repeats: int = 5
+) -> dict[str, Any]:
+    """Early-exit speedup of the runtime itself on preprocessed rows `x`: `thresholds` against
+    full depth (every threshold 1.0, what --compare-full sets on the server), batches of
+    `batch_size`, timed interleaved."""
+    from serving.bench import time_variants
+
+    tuned = tuple(float(t) for t in thresholds)
+    full = (1.0,) * runtime.manifest.num_exits
+    batch_size = max(1, int(batch_size))
+    batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+    seconds = time_variants(
+        {
+            "early_exit": lambda b: runtime.classify(b, thresholds=tuned),
+            "full_depth": lambda b: runtime.classify(b, thresholds=full),
+        },
+        batches,
+        repeats,
+    )
+    return {
+        "batch_size": batch_size,
+        "rows": int(len(x)),
+        "seconds": seconds,
+        "speedup": seconds["full_depth"] / seconds["early_exit"],
+    }
+
+
+def in_process_latency_p50_ms(
+    runtime: Any, images: np.ndarray, thresholds: Sequence[float], repeats: int = 3
+) -> float:
+    """Median batch-1 latency of preprocess + classify over `images`: the in-process side of
+    the serving-overhead target (the server adds HTTP, decoding, batching and JSON)."""
+    tuned = tuple(float(t) for t in thresholds)
+    runtime.classify(runtime.preprocess(images[:1]), thresholds=tuned)  # warm-up
+    times = []
+    for _ in range(repeats):
+        for i in range(len(images)):
+            start = time.perf_counter()
+            runtime.classify(runtime.preprocess(images[i : i + 1]), thresholds=tuned)
+            times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def add_in_process_reference(
+    report: dict[str, Any],
+    bundle: str | os.PathLike[str],
+    images: np.ndarray,
+    threads: int = 0,
+    rows: int = 256,
+) -> None:
+    """Time the served thresholds in-process on the same images and add what the serving
+    targets are stated in: HTTP p50 − in-process batch-1 p50 (serving overhead), and HTTP
+    throughput speedup ÷ in-process speedup at the early-exit pass's mean server batch size
+    (≥ 0.8 means HTTP keeps at least 80 % of what early exit saves in-process)."""
+    from serving.runtime import EarlyExitRuntime
+
+    runtime = EarlyExitRuntime(bundle, intra_op_threads=threads, inter_op_threads=1)
+    images = np.asarray(images)[:rows]
+    thresholds = report["thresholds"]
+    early = report["early_exit"]
+    reference: dict[str, Any] = {"bundle": str(bundle), "threads": threads}
+    p50 = in_process_latency_p50_ms(runtime, images, thresholds)
+    reference["latency_ms_p50_batch1"] = round(p50, 4)
+    reference["serving_overhead_ms"] = round(early["latency_ms"]["p50"] - p50, 4)
+    batch = round(early.get("server_batch_size_mean") or 1.0)
+    reference.update(in_process_speedup(runtime, runtime.preprocess(images), thresholds, batch))
+    report["in_process"] = reference
+    comparison = report.get("comparison")
+    if comparison and comparison.get("throughput_speedup"):
+        comparison["in_process_speedup"] = round(reference["speedup"], 3)
+        comparison["throughput_vs_in_process"] = round(
+            comparison["throughput_speedup"] / reference["speedup"], 3
+        )
+
+
 def run_http_bench(
     url: str,
     images: np.ndarray,
@@ -429,6 +505,15 @@ def http_bench_main(args: argparse.Namespace) -> int:
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         print(f"earlyexit-bench: error: {exc}", file=sys.stderr)
         return 2
+    local = getattr(args, "local_bundle", None)
+    if local:
+        from serving.bundle import BundleError, load_manifest
+
+        try:  # before the load passes, not after minutes of them
+            load_manifest(local)
+        except BundleError as exc:
+            print(f"earlyexit-bench: error: --local-bundle: {exc}", file=sys.stderr)
+            return 2
     limit = getattr(args, "limit", None) or 1000
     images, labels = data.images[:limit], data.labels[:limit]
     try:
@@ -448,6 +533,12 @@ def http_bench_main(args: argparse.Namespace) -> int:
         print(f"earlyexit-bench: error: {exc}", file=sys.stderr)
         return 1
     report["dataset"] = args.dataset
+    if local:
+        try:
+            add_in_process_reference(report, local, images, int(getattr(args, "threads", 0) or 0))
+        except (BundleError, ValueError) as exc:
+            print(f"earlyexit-bench: error: --local-bundle: {exc}", file=sys.stderr)
+            return 2
     if getattr(args, "out", None):
         path = write_report(report, args.out)
         logger.info("wrote %s", path)
@@ -477,6 +568,13 @@ def format_report(report: dict[str, Any]) -> str:
         )
     if "comparison" in report:
         lines.append(f"  speedups   {report['comparison']}")
+    if "in_process" in report:
+        ref = report["in_process"]
+        lines.append(
+            f"  in-process batch-1 p50 {ref['latency_ms_p50_batch1']} ms → serving overhead "
+            f"{ref['serving_overhead_ms']} ms; speedup at batch {ref['batch_size']}: "
+            f"{ref['speedup']:.3f}"
+        )
     if report.get("rss_mb_before") is not None:
         lines.append(f"  server RSS {report['rss_mb_before']} → {report['rss_mb_after']} MiB")
     return "\n".join(lines)

@@ -61,7 +61,7 @@ def test_bench_with_full_depth_comparison(server, bundle, tiny_images) -> None:
     )
 
 
-def test_earlyexit_bench_http(server, tmp_path, capsys, monkeypatch) -> None:
+def test_earlyexit_bench_http(server, bundle, tmp_path, capsys, monkeypatch) -> None:
     from serving.bench_cli import main as bench_main
 
     monkeypatch.delenv("EARLYEXIT_ADMIN_TOKEN", raising=False)
@@ -86,6 +86,23 @@ def test_earlyexit_bench_http(server, tmp_path, capsys, monkeypatch) -> None:
     assert bench_main(["--http", server.url, *common, "--compare-full", "--limit", "5"]) == 0
     out = capsys.readouterr().out
     assert "full_depth" in out and "speedups" in out
+    # --local-bundle: the served thresholds timed in-process on the same images.
+    argv = ["--http", server.url, *common, "--compare-full", "--json", "--local-bundle",
+            str(bundle), "--threads", "1"]  # fmt: skip
+    assert bench_main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    ref, comparison = report["in_process"], report["comparison"]
+    assert ref["latency_ms_p50_batch1"] > 0 and ref["speedup"] > 0
+    assert ref["batch_size"] == max(1, round(report["early_exit"]["server_batch_size_mean"]))
+    assert ref["serving_overhead_ms"] == pytest.approx(
+        report["early_exit"]["latency_ms"]["p50"] - ref["latency_ms_p50_batch1"], abs=1e-3
+    )
+    assert comparison["throughput_vs_in_process"] == pytest.approx(
+        comparison["throughput_speedup"] / ref["speedup"], rel=1e-2
+    )
+    bad = ["--http", server.url, *common, "--local-bundle", str(tmp_path / "nope")]
+    assert bench_main(bad) == 2
+    assert "--local-bundle" in capsys.readouterr().err
     # Nothing listens on the discard port.
     assert bench_main(["--http", "http://127.0.0.1:9", *common]) == 1
     assert "cannot reach" in capsys.readouterr().err
