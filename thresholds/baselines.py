@@ -93,27 +93,51 @@ def _take(array: np.ndarray, rows: slice) -> np.ndarray:
     return array if array.shape[0] == 1 else array[rows]
 
 
+def _grid_bins(table: ExitTable, steps: int) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """Grid values, each row's flat histogram cell, and the histogram's shape ((steps+1)^K)."""
+    grid = np.linspace(0.0, 1.0, steps)
+    # bins[n, j] = how many grid values row n's max probability strictly exceeds.
+    bins = np.searchsorted(grid, table.max_probs.astype(np.float64), side="left")
+    shape = (steps + 1,) * table.num_exits
+    return grid, np.ravel_multi_index(tuple(bins.T), shape), shape
+
+
+def _histogram(flat: np.ndarray, shape: tuple[int, ...], weights: np.ndarray | None) -> np.ndarray:
+    cells = int(np.prod(shape))
+    return np.bincount(flat, weights=weights, minlength=cells).astype(np.float64).reshape(shape)
+
+
+def _chunk_rows(num_exits: int, steps: int) -> int:
+    """Slices of exit 1's grid axis combined at once, so temporaries stay bounded."""
+    return max(1, _CHUNK_CELLS // steps ** max(num_exits - 1, 0))
+
+
+def _flagged_answers(
+    flat: np.ndarray, shape: tuple[int, ...], steps: int, flags: np.ndarray
+) -> np.ndarray:
+    """At every grid point, how many rows are answered by an exit (or the fallback, column K)
+    whose `flags[row, column]` is set: correct rows, or discordant ones."""
+    k = len(shape)
+    parts = [_exit_part(_histogram(flat, shape, flags[:, j]), j, steps) for j in range(k)]
+    parts.append(_fallback_part(_histogram(flat, shape, flags[:, k]), steps))
+    total = np.zeros((steps,) * k)
+    chunk = _chunk_rows(k, steps)
+    for start in range(0, steps, chunk):
+        rows = slice(start, start + chunk)
+        for part in parts:
+            total[rows] += _take(part, rows)
+    return total
+
+
 def grid_tables(
     table: ExitTable, costs: CostModel, steps: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Grid values, plus correct-row counts and total cost at every grid point (steps^K each)."""
     k = table.num_exits
-    grid = np.linspace(0.0, 1.0, steps)
-    # bins[n, j] = how many grid values row n's max probability strictly exceeds.
-    bins = np.searchsorted(grid, table.max_probs.astype(np.float64), side="left")
-    shape = (steps + 1,) * k
-    flat = np.ravel_multi_index(tuple(bins.T), shape)
-    cells = int(np.prod(shape))
-
-    def histogram(weights: np.ndarray | None) -> np.ndarray:
-        return np.bincount(flat, weights=weights, minlength=cells).astype(np.float64).reshape(shape)
-
-    counts = histogram(None)
+    grid, flat, shape = _grid_bins(table, steps)
+    counts = _histogram(flat, shape, None)
     answered = [_exit_part(counts, j, steps) for j in range(k)]
-    right = [
-        _exit_part(histogram(table.correct[:, j].astype(np.float64)), j, steps) for j in range(k)
-    ]
-    right.append(_fallback_part(histogram(table.correct[:, k].astype(np.float64)), steps))
+    correct = _flagged_answers(flat, shape, steps, table.correct.astype(np.float64))
     # Cost = sum over segments j of (rows reaching j) × (what j costs at this grid point); a
     # disabled exit's segment costs its stage when the head is unneeded (see skipped_heads).
     unneeded = (table.fallback == "last") | ~can_fall_back(grid[:, None], table.num_classes)
@@ -125,20 +149,25 @@ def grid_tables(
             skip = disabled & np.expand_dims(unneeded, tuple(range(k - 1)))
             cost = cost - (costs.segment_costs[j] - costs.stage_costs[j]) * skip
         segment_cost.append(cost)
-    correct = np.zeros((steps,) * k)
     total_cost = np.zeros((steps,) * k)
     n = float(table.num_rows)
-    # Combined in slices of exit 1's grid so temporaries stay bounded.
-    chunk = max(1, _CHUNK_CELLS // steps ** max(k - 1, 0))
+    chunk = _chunk_rows(k, steps)
     for start in range(0, steps, chunk):
         rows = slice(start, start + chunk)
-        for part in right:
-            correct[rows] += _take(part, rows)
         reaching = np.full((1,) * k, n)
         for j in range(k):
             total_cost[rows] += reaching * _take(segment_cost[j], rows)
             reaching = reaching - _take(answered[j], rows)
     return grid, correct, total_cost
+
+
+def grid_discordant(table: ExitTable, steps: int) -> np.ndarray:
+    """Discordant rows (answer right where the final exit is wrong, or the reverse) at every
+    grid point (steps^K), for the paired confidence bound."""
+    final = table.correct[:, table.num_exits - 1 : table.num_exits]
+    flags = (table.correct != final).astype(np.float64)
+    _, flat, shape = _grid_bins(table, steps)
+    return _flagged_answers(flat, shape, steps, flags)
 
 
 def grid_search(
@@ -168,24 +197,23 @@ def grid_search(
     n = table.num_rows
     accuracy = (100.0 * correct / n).ravel()
     acceleration = (costs.full_model / (total_cost / n)).ravel()
-    score = objective.score(accuracy, acceleration)
+    # The GA's constraint exactly, margin included, so the GA ÷ grid ratio compares like with like.
+    discordant = grid_discordant(table, used).ravel() if objective.needs_discordant else None
+    score = objective.score(accuracy, acceleration, discordant)
     best = _best_index(score, accuracy)
     thresholds = grid[np.array(np.unravel_index(best, (used,) * k))]
     metrics = evaluate(table, thresholds, costs)  # exact re-scoring of the winner
+    fitness = float(
+        objective.score(metrics.accuracy, metrics.acceleration, metrics.discordant_rows)
+    )
     front = nondominated(accuracy, acceleration)
     seconds = time.perf_counter() - start
-    logger.info(
-        "grid (%d^%d points): fitness %.4f in %.2fs",
-        used,
-        k,
-        float(objective.score(metrics.accuracy, metrics.acceleration)),
-        seconds,
-    )
+    logger.info("grid (%d^%d points): fitness %.4f in %.2fs", used, k, fitness, seconds)
     return BaselineResult(
         name="grid",
         thresholds=tuple(float(t) for t in thresholds),
         metrics=metrics,
-        fitness=float(objective.score(metrics.accuracy, metrics.acceleration)),
+        fitness=fitness,
         seconds=seconds,
         steps=used,
         points=used**k,
@@ -203,7 +231,7 @@ def global_threshold_search(
     values = np.linspace(0.0, 1.0, steps)
     matrix = np.repeat(values[:, None], table.num_exits, axis=1)
     scored = evaluate_population(table, matrix, costs)
-    score = objective.score(scored.accuracy, scored.acceleration)
+    score = objective.score(scored.accuracy, scored.acceleration, scored.discordant_counts)
     best = _best_index(score, scored.accuracy)
     metrics = scored.row(best)
     seconds = time.perf_counter() - start

@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="maximise acceleration with accuracy >= baseline - EPS points",
     )
     mode.add_argument(
+        "--confidence",
+        type=float,
+        metavar="Z",
+        help="with --max-drop: require the one-sided lower confidence bound of the accuracy "
+        "difference (paired with the final exit on the same rows) to stay above -EPS, "
+        "i.e. a margin of Z standard errors (default 0 = none; e.g. 1.0 or 1.645 for ~95%%)",
+    )
+    mode.add_argument(
         "--pareto",
         action="store_true",
         help="search the accuracy x acceleration front (NSGA-II); the written "
@@ -171,6 +179,7 @@ def _request(args: argparse.Namespace) -> TuneRequest:
     options = TuneOptions(
         beta=args.beta,
         max_drop=args.max_drop,
+        confidence=args.confidence,
         pareto=args.pareto,
         baseline=args.baseline,
         ga=ga,

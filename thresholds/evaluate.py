@@ -9,7 +9,9 @@ heads, is `thresholds.costs`).
 
 Everything that does not depend on the thresholds (max probabilities, per-exit and fallback
 correctness) is computed once in `build_exit_table`, so scoring a population of P vectors is a
-handful of P×N numpy passes.
+handful of P×N numpy passes. Besides the correct rows, each vector's *discordant* rows (answer
+right where the final exit is wrong, or the reverse) are counted: the paired confidence bound of
+`thresholds.objectives` needs them.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ class ExitTable:
     correct: np.ndarray  # N×(K+1) bool: exit k right (k < K), fallback right (column K)
     fallback: str
     num_classes: int
-    # Derived layouts for the hot loop: exit-major float64 max probs, packed correctness bits.
+    # Derived layouts for the hot loop: exit-major float64 max probs, packed correctness bits,
+    # and the final exit's correctness in the same dtype (to count discordant rows).
     _max_probs_t: np.ndarray = field(init=False, repr=False)
     _correct_bits: np.ndarray = field(init=False, repr=False)
+    _final_bits: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         k1 = self.correct.shape[1]
@@ -55,6 +59,8 @@ class ExitTable:
         bits = (self.correct.astype(dtype) * weights).sum(axis=1, dtype=dtype)
         object.__setattr__(self, "_max_probs_t", np.ascontiguousarray(self.max_probs.T, np.float64))
         object.__setattr__(self, "_correct_bits", bits)
+        final = self.correct[:, self.max_probs.shape[1] - 1].astype(dtype)
+        object.__setattr__(self, "_final_bits", final)
 
     @property
     def num_rows(self) -> int:
@@ -121,6 +127,8 @@ class Metrics:
     acceleration: float
     mean_cost: float
     exit_fractions: tuple[float, ...]  # K exits, then the fallback
+    # Rows whose answer is right where the final exit's is wrong, or wrong where it is right.
+    discordant_rows: int
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -138,6 +146,7 @@ class PopulationMetrics:
 
     thresholds: np.ndarray  # P×K
     correct_counts: np.ndarray  # P
+    discordant_counts: np.ndarray  # P: rows right/wrong where the final exit is wrong/right
     exit_counts: np.ndarray  # P×(K+1)
     accuracy: np.ndarray  # P, percent
     mean_cost: np.ndarray  # P, cost units per row
@@ -157,6 +166,7 @@ class PopulationMetrics:
             acceleration=float(self.acceleration[p]),
             mean_cost=float(self.mean_cost[p]),
             exit_fractions=tuple(float(f) for f in self.exit_fractions[p]),
+            discordant_rows=int(self.discordant_counts[p]),
         )
 
 
@@ -174,7 +184,10 @@ def check_thresholds(thresholds: np.ndarray, num_exits: int) -> np.ndarray:
     return matrix
 
 
-def _exit_counts_chunk(table: ExitTable, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _exit_counts_chunk(
+    table: ExitTable, thresholds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Correct rows (P), discordant rows (P) and rows per exit then fallback (P×(K+1))."""
     p, n, k = thresholds.shape[0], table.num_rows, table.num_exits
     # first[p, n] = index of the first accepting exit (0-based), K for the fallback.
     first = np.full((p, n), k, dtype=np.uint8)
@@ -185,8 +198,10 @@ def _exit_counts_chunk(table: ExitTable, thresholds: np.ndarray) -> tuple[np.nda
     right = np.right_shift(table._correct_bits[None, :], first.astype(table._correct_bits.dtype))
     right &= 1
     correct_counts = right.sum(axis=1, dtype=np.int64)
+    right ^= table._final_bits[None, :]  # now 1 where the answer and the final exit disagree
+    discordant_counts = right.sum(axis=1, dtype=np.int64)
     exit_counts = np.stack([np.count_nonzero(first == j, axis=1) for j in range(k + 1)], axis=1)
-    return correct_counts, exit_counts
+    return correct_counts, discordant_counts, exit_counts
 
 
 def evaluate_population(
@@ -201,10 +216,11 @@ def evaluate_population(
     if table.num_exits > 254:
         raise TuningError("at most 254 exits are supported")
     chunk = max(1, _MAX_CELLS // table.num_rows)
-    corrects, counts = [], []
+    corrects, discords, counts = [], [], []
     for start in range(0, matrix.shape[0], chunk):
-        c, e = _exit_counts_chunk(table, matrix[start : start + chunk])
+        c, d, e = _exit_counts_chunk(table, matrix[start : start + chunk])
         corrects.append(c)
+        discords.append(d)
         counts.append(e)
     correct_counts = np.concatenate(corrects)
     exit_counts = np.concatenate(counts)
@@ -217,6 +233,7 @@ def evaluate_population(
     return PopulationMetrics(
         thresholds=matrix,
         correct_counts=correct_counts,
+        discordant_counts=np.concatenate(discords),
         exit_counts=exit_counts,
         accuracy=100.0 * correct_counts / n,
         mean_cost=mean_cost,

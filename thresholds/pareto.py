@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from thresholds.costs import CostModel
-from thresholds.evaluate import ExitTable, Metrics, evaluate_population
+from thresholds.evaluate import ExitTable, Metrics, PopulationMetrics, evaluate_population
 from thresholds.frontier import nondominated
 from thresholds.genes import make_types, private_random, variation_toolbox
 from thresholds.objectives import Objective
@@ -34,10 +34,16 @@ class ParetoResult:
     seconds: float
 
     def choose(self, objective: Objective) -> tuple[Metrics, float]:
-        """The front point that best meets `objective` (ties: the more accurate)."""
+        """The front point that best meets `objective` (ties: the more accurate).
+
+        With a confidence margin this is the best *front* point under the bound; a dominated
+        vector with fewer discordant rows (a smaller paired SE) could meet it at a higher
+        acceleration, so the GA is the exact tool for that mode.
+        """
         accuracy = np.array([m.accuracy for m in self.front])
         acceleration = np.array([m.acceleration for m in self.front])
-        score = objective.score(accuracy, acceleration)
+        discordant = np.array([m.discordant_rows for m in self.front])
+        score = objective.score(accuracy, acceleration, discordant)
         candidates = np.flatnonzero(score == score.max())
         best = int(candidates[np.argmax(accuracy[candidates])])
         return self.front[best], float(score[best])
@@ -60,8 +66,9 @@ def run_nsga2(table: ExitTable, costs: CostModel, config: GAConfig | None = None
     size = -(-config.population // 4) * 4
     _, individual_cls = make_types((1.0, 1.0))
 
-    def fitness_of(accuracy: np.ndarray, acceleration: np.ndarray) -> list[tuple[float, float]]:
-        return [(float(a), float(s)) for a, s in zip(accuracy, acceleration, strict=True)]
+    def fitness_of(scored: PopulationMetrics) -> list[tuple[float, float]]:
+        pairs = zip(scored.accuracy, scored.acceleration, strict=True)
+        return [(float(a), float(s)) for a, s in pairs]
 
     scorer = PopulationScorer(table, costs, bits, fitness_of, config.gray)
     toolbox = variation_toolbox(length, config.bit_flip_prob)

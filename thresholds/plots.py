@@ -107,9 +107,12 @@ def plot_tradeoff(path: Path, outcome: TuneOutcome, costs: CostModel) -> Path:
         label=f"chosen ({chosen.accuracy:.2f}%, {chosen.acceleration:.2f}x)",
     )
     if outcome.objective.max_drop is not None:
-        ax.axhline(
-            outcome.objective.min_accuracy, color="tab:red", ls="--", lw=0.8, label="accuracy floor"
-        )
+        # With a margin the bound, not the accuracy, must clear this line: points just above it
+        # can still be infeasible.
+        floor = "accuracy floor"
+        if outcome.objective.uses_bound:
+            floor += f" (bound at Z = {outcome.objective.confidence:g} must clear it)"
+        ax.axhline(outcome.objective.min_accuracy, color="tab:red", ls="--", lw=0.8, label=floor)
     ax.set_xlabel(f"acceleration (cost: {costs.unit})")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy vs acceleration (tuning split)")

@@ -47,7 +47,12 @@ def _objective_fields(outcome: TuneOutcome) -> dict[str, Any]:
     objective = outcome.objective
     if objective.max_drop is None:
         return {"mode": "beta", "beta": objective.beta}
-    return {"mode": "max_drop", "max_drop": objective.max_drop}
+    return {
+        "mode": "max_drop",
+        "max_drop": objective.max_drop,
+        "confidence": objective.confidence,
+        "paired": objective.paired,
+    }
 
 
 def _search_fields(outcome: TuneOutcome, options: TuneOptions) -> dict[str, Any]:
@@ -68,7 +73,8 @@ def _search_fields(outcome: TuneOutcome, options: TuneOptions) -> dict[str, Any]
 def tuned_provenance(
     outcome: TuneOutcome, options: TuneOptions, costs: CostModel, data: DataInfo
 ) -> dict[str, Any]:
-    """The `tuned` object of thresholds.json: method, β or max_drop, data, both splits' metrics."""
+    """The `tuned` object of thresholds.json: method, β or max_drop (with its confidence Z),
+    data, both splits' metrics (each with its margin: drop, SE, lower bound)."""
     metrics = {data.split: outcome.tune.to_dict()}
     if outcome.test is not None and data.test_split is not None:
         metrics[data.test_split] = outcome.test.to_dict()
@@ -121,6 +127,7 @@ def result_json(
         "split": data.split,
         "rows": tune.rows,
         "exit_accuracies": tune.exit_accuracies,
+        "margin": tune.margin(),
         "cost": costs.to_dict(),
         "search": _search_fields(outcome, options),
         "test": None
@@ -145,6 +152,15 @@ def _pct(x: float) -> str:
     return f"{x:.2f}%"
 
 
+def _margin_text(margin: dict[str, Any], max_drop: float) -> str:
+    kind = "paired" if margin["paired"] else "binomial"
+    return (
+        f"drop {margin['drop']:.2f} ± {margin['se']:.2f} points ({kind} SE), lower bound on "
+        f"the difference {margin['lower_bound']:+.2f} at Z = {margin['confidence']:g} "
+        f"(floor {0.0 - max_drop:+.2f})"
+    )
+
+
 def summary_text(result: dict[str, Any]) -> str:
     """A few human-readable lines about a `result_json` object."""
     lines = [
@@ -157,12 +173,16 @@ def summary_text(result: dict[str, Any]) -> str:
         + ", ".join(f"{f:.3f}" for f in result["exit_fractions"])
         + " (last: fallback)",
     ]
+    if result["mode"] == "max_drop":
+        lines.append(f"{result['split']}: {_margin_text(result['margin'], result['max_drop'])}")
     test = result.get("test")
     if test:
         lines.append(
             f"{test['split']}: accuracy {_pct(test['accuracy'])} (baseline "
             f"{_pct(test['baseline_accuracy'])}), acceleration {test['acceleration']:.3f}x"
         )
+        if result["mode"] == "max_drop":
+            lines.append(f"{test['split']}: {_margin_text(test['margin'], result['max_drop'])}")
     for key, name in (("grid", "grid search"), ("global", "global threshold")):
         comp = result.get(key)
         if comp:

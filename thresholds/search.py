@@ -23,7 +23,13 @@ import numpy as np
 
 from thresholds.costs import CostModel
 from thresholds.errors import TuningError
-from thresholds.evaluate import ExitTable, Metrics, evaluate, evaluate_population
+from thresholds.evaluate import (
+    ExitTable,
+    Metrics,
+    PopulationMetrics,
+    evaluate,
+    evaluate_population,
+)
 from thresholds.genes import (
     check_bits,
     clone,
@@ -93,8 +99,8 @@ class SearchResult:
         }
 
 
-# (accuracy P, acceleration P) -> one DEAP fitness tuple per vector
-FitnessOf = Callable[[np.ndarray, np.ndarray], list[tuple[float, float]]]
+# P scored vectors -> one DEAP fitness tuple per vector
+FitnessOf = Callable[[PopulationMetrics], list[tuple[float, float]]]
 
 
 class PopulationScorer:
@@ -130,7 +136,7 @@ class PopulationScorer:
             rows = list(new_rows.values())
             thresholds = decode(genes[rows], self.table.num_exits, self.bits, self.gray)
             scored = evaluate_population(self.table, thresholds, self.costs)
-            values = self.fitness_of(scored.accuracy, scored.acceleration)
+            values = self.fitness_of(scored)
             for key, value in zip(new_rows, values, strict=True):
                 self.cache[key] = value
             self.points.append(np.column_stack([thresholds, scored.accuracy, scored.acceleration]))
@@ -168,9 +174,10 @@ def run_ga(
 ) -> SearchResult:
     """Maximise `objective` over threshold vectors; deterministic for a given `config.seed`.
 
-    In max-drop mode the returned vector is verified to meet the accuracy floor on `table`;
-    TuningError if no evaluated vector does (only possible with a baseline above the final
-    exit's accuracy).
+    In max-drop mode the returned vector is verified to meet the accuracy floor (or its lower
+    confidence bound, with `objective.confidence` > 0) on `table`; TuningError if no evaluated
+    vector does (only possible with a given baseline: the seeded full-depth vector meets a floor
+    relative to the final exit with any margin, its paired SE being 0).
     """
     from deap import algorithms, tools
 
@@ -180,9 +187,9 @@ def run_ga(
     length = k * bits
     _, individual_cls = make_types((1.0, 1.0))
 
-    def fitness_of(accuracy: np.ndarray, acceleration: np.ndarray) -> list[tuple[float, float]]:
-        scores = objective.score(accuracy, acceleration)
-        return [(float(s), float(a)) for s, a in zip(scores, accuracy, strict=True)]
+    def fitness_of(scored: PopulationMetrics) -> list[tuple[float, float]]:
+        scores = objective.score(scored.accuracy, scored.acceleration, scored.discordant_counts)
+        return [(float(s), float(a)) for s, a in zip(scores, scored.accuracy, strict=True)]
 
     scorer = PopulationScorer(table, costs, bits, fitness_of, config.gray)
     toolbox = variation_toolbox(length, config.bit_flip_prob)
@@ -239,12 +246,14 @@ def run_ga(
     logger.debug("GA log\n%s", logbook)
     thresholds = decode(np.asarray(hall[0], dtype=np.uint8), k, bits, config.gray)[0]
     metrics = evaluate(table, thresholds, costs)
-    if not bool(objective.feasible(metrics.accuracy)):
+    if not bool(objective.feasible(metrics.accuracy, metrics.discordant_rows)):
         raise TuningError(
-            f"no thresholds reach the accuracy floor {objective.min_accuracy:.2f}% "
-            f"(best found {metrics.accuracy:.2f}%); lower the baseline or raise --max-drop"
+            f"no thresholds reach {objective.floor_text()} (best found "
+            f"{metrics.accuracy:.2f}%); lower the baseline or --confidence, or raise --max-drop"
         )
-    fitness = float(objective.score(metrics.accuracy, metrics.acceleration))
+    fitness = float(
+        objective.score(metrics.accuracy, metrics.acceleration, metrics.discordant_rows)
+    )
     seconds = time.perf_counter() - start
     logger.info(
         "GA: fitness %.4f, accuracy %.2f%%, acceleration %.3fx after %d generations, "

@@ -21,7 +21,7 @@ from thresholds.baselines import (
 from thresholds.costs import CostModel
 from thresholds.errors import TuningError
 from thresholds.evaluate import ExitTable, Metrics, evaluate
-from thresholds.objectives import DEFAULT_BETA, Objective
+from thresholds.objectives import DEFAULT_BETA, AccuracyBound, Objective, check_confidence
 from thresholds.pareto import ParetoResult, run_nsga2
 from thresholds.search import GAConfig, SearchResult, run_ga
 
@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 class TuneOptions:
     beta: float | None = None  # eq. 7; the default mode (β = 1) when max_drop is None
     max_drop: float | None = None  # points below the baseline allowed; excludes beta
+    # Z of a one-sided lower confidence bound the max-drop floor applies to; None or 0 = none.
+    confidence: float | None = None
     pareto: bool = False  # NSGA-II front; the written point is the front's best for the mode
     baseline: float | None = None  # percent; None = the final exit's accuracy on the same rows
     ga: GAConfig = field(default_factory=GAConfig)
@@ -42,6 +44,9 @@ class TuneOptions:
     def __post_init__(self) -> None:
         if self.beta is not None and self.max_drop is not None:
             raise TuningError("use either --beta or --max-drop, not both")
+        if self.confidence is not None and self.max_drop is None:
+            raise TuningError("--confidence goes with --max-drop")
+        check_confidence(self.confidence, self.max_drop)
         if self.grid_steps < 2:
             raise TuningError(f"--grid-steps must be >= 2, got {self.grid_steps}")
         # Validates β / EPS / baseline ranges up front, before any data is read.
@@ -54,7 +59,17 @@ class TuneOptions:
     def objective(self, table: ExitTable) -> Objective:
         baseline = table.final_accuracy if self.baseline is None else self.baseline
         beta = DEFAULT_BETA if self.beta is None else self.beta
-        return Objective(baseline=baseline, beta=beta, max_drop=self.max_drop)
+        return Objective(
+            baseline=baseline,
+            beta=beta,
+            max_drop=self.max_drop,
+            confidence=self.confidence or 0.0,
+            rows=table.num_rows,
+            # The default baseline is the final exit on these very rows, so the bound is on the
+            # paired difference; a given --baseline is a fixed number with no rows to pair
+            # with, so the bound falls back to the binomial SE of the dynamic accuracy alone.
+            paired=self.baseline is None,
+        )
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,19 @@ class SplitReport:
     feasible: bool
     exit_accuracies: list[float]  # each exit alone, then the fallback alone
     final_exit: Metrics  # every row answered by exit K (what serving without early exits does)
+    confidence: float  # the Z of `bound`
+    paired: bool  # `bound` is on the paired difference to the final exit on these rows
+    bound: AccuracyBound  # accuracy − baseline, its SE and its lower bound (points)
+
+    def margin(self) -> dict[str, Any]:
+        """The drop, its SE and the lower bound on accuracy − baseline (points)."""
+        return {
+            "confidence": self.confidence,
+            "paired": self.paired,
+            "drop": float(0.0 - self.bound.difference),  # 0.0 - x: no "-0.0" in reports
+            "se": float(self.bound.se),
+            "lower_bound": float(self.bound.lower_bound),
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +112,7 @@ class SplitReport:
             "exit_fractions": list(self.metrics.exit_fractions),
             "exit_accuracies": self.exit_accuracies,
             "feasible": self.feasible,
+            "margin": self.margin(),
         }
 
 
@@ -92,6 +121,8 @@ def split_report(
 ) -> SplitReport:
     objective = options.objective(table)
     metrics = evaluate(table, np.asarray(thresholds), costs)
+    # Reported in every mode, so users see the noise on the drop even without a margin.
+    bound = objective.bound(metrics.accuracy, metrics.discordant_rows)
     return SplitReport(
         rows=table.num_rows,
         metrics=metrics,
@@ -102,9 +133,12 @@ def split_report(
             if objective.max_drop is None
             else metrics.acceleration
         ),
-        feasible=bool(objective.feasible(metrics.accuracy)),
+        feasible=bool(objective.feasible(metrics.accuracy, metrics.discordant_rows)),
         exit_accuracies=table.exit_accuracies(),
         final_exit=evaluate(table, full_depth_thresholds(table.num_exits), costs),
+        confidence=objective.confidence,
+        paired=objective.paired,
+        bound=bound,
     )
 
 
@@ -161,10 +195,8 @@ def tune(
     if options.pareto:
         pareto = run_nsga2(table, costs, options.ga)
         chosen, _ = pareto.choose(objective)
-        if not bool(objective.feasible(chosen.accuracy)):
-            raise TuningError(
-                f"no point of the Pareto front reaches {objective.min_accuracy:.2f}% accuracy"
-            )
+        if not bool(objective.feasible(chosen.accuracy, chosen.discordant_rows)):
+            raise TuningError(f"no point of the Pareto front reaches {objective.floor_text()}")
         thresholds, method = chosen.thresholds, "nsga2"
     else:
         search = run_ga(table, costs, objective, options.ga)
