@@ -430,19 +430,30 @@ class EarlyExitRuntime:
             if rows.size == 0:
                 seconds.append(0.0)
                 continue
-            start = time.perf_counter()
+            outputs = self._run_segment(k, feats, skips[k], seconds)
             if skips[k]:
-                feats = self._stages[k].run([spec.feature_output], {spec.input_name: feats})[0]
-                seconds.append(time.perf_counter() - start)
+                feats = outputs[0]
                 continue
-            outputs = self._segments[k].run(self._outputs[k], {spec.input_name: feats})
-            seconds.append(time.perf_counter() - start)
             rows, probs, stay = self._accept(k, outputs[0], rows, thresholds, answers, exits, seen)
             if spec.feature_output and rows.size:
                 feats = outputs[1] if stay is None else outputs[1][stay]  # continuing rows only
             last_probs = probs
         self._fallback(answers, rows, seen, last_probs)
         return BatchResult(answers, exits, None, rows_per_segment, seconds)
+
+    def _run_segment(
+        self, k: int, feats: np.ndarray, skip: bool, seconds: list[float]
+    ) -> list[np.ndarray]:
+        """Segment k+1 on host features: [probs, features] (features only when `skip`, which
+        runs the stage file without its head). Appends the wall time to `seconds`."""
+        spec = self.manifest.segments[k]
+        start = time.perf_counter()
+        if skip:
+            outputs = self._stages[k].run([spec.feature_output], {spec.input_name: feats})
+        else:
+            outputs = self._segments[k].run(self._outputs[k], {spec.input_name: feats})
+        seconds.append(time.perf_counter() - start)
+        return outputs
 
     def _classify_one(self, x: np.ndarray, thresholds: tuple[float, ...]) -> BatchResult:
         """`_classify_cpu` for a single row, the latency-critical case: the same decisions and
@@ -456,13 +467,10 @@ class EarlyExitRuntime:
         feats = x
         probs = None
         for k, spec in enumerate(m.segments):
-            start = time.perf_counter()
+            outputs = self._run_segment(k, feats, skips[k], seconds)
             if skips[k]:
-                feats = self._stages[k].run([spec.feature_output], {spec.input_name: feats})[0]
-                seconds.append(time.perf_counter() - start)
+                feats = outputs[0]
                 continue
-            outputs = self._segments[k].run(self._outputs[k], {spec.input_name: feats})
-            seconds.append(time.perf_counter() - start)
             probs = outputs[0]
             if keep_all:
                 seen.append(probs)
