@@ -1,10 +1,10 @@
 """Dynamic batching: requests wait in a bounded queue; one worker groups them into batches.
 
 A batch closes when it holds `max_batch_size` images, when its oldest image has waited
-`max_batch_wait_s`, or at once when no other request is on its way: routes wrap reading and
-decoding in `arriving()`, so the batcher knows whether waiting can fill the batch. A lone
-request (concurrency 1) therefore never pays the batching wait, while under load the images
-being decoded join the batch. It runs on a dedicated inference thread so the event loop keeps answering
+`max_batch_wait_s`, or (with `adaptive_wait`, the default) at once when no other request is on
+its way: routes wrap reading and decoding in `arriving()`, so the batcher knows whether waiting
+can fill the batch. A lone request (concurrency 1) therefore never pays the batching wait,
+while under load the images being decoded join the batch. It runs on a dedicated inference thread so the event loop keeps answering
 health checks and scrapes. Early-exit and full-mode images never share a batch. Threshold swaps
 take the same lock as a running batch, so they land between batches. Everything except the
 runtime call runs on the event loop thread, which is what makes the queue checks atomic.
@@ -80,12 +80,14 @@ class DynamicBatcher:
         max_batch_wait_s: float,
         queue_size: int,
         metrics: ServingMetrics | None = None,
+        adaptive_wait: bool = True,
     ) -> None:
         if max_batch_size < 1 or queue_size < 1 or max_batch_wait_s < 0:
             raise ValueError("max_batch_size and queue_size must be ≥ 1, max_batch_wait_s ≥ 0")
         self._runtime = runtime
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_s
+        self.adaptive_wait = adaptive_wait
         self.queue_size = queue_size
         self._metrics = metrics
         self._pending: dict[bool, deque[_Job]] = {False: deque(), True: deque()}
@@ -193,6 +195,9 @@ class DynamicBatcher:
                     job.future.set_exception(exc)
         self._update_depth()
 
+    def _worth_waiting(self) -> bool:
+        return self._arriving > 0 or not self.adaptive_wait
+
     async def _next_batch(self) -> list[_Job] | None:
         """Wait for work, then until the batch is full, its oldest job's wait is up, or no
         request is arriving that could join it."""
@@ -206,7 +211,7 @@ class DynamicBatcher:
                 continue
             queue = self._pending[mode]
             deadline = queue[0].enqueued + self.max_batch_wait_s
-            while len(queue) < self.max_batch_size and not self._closing and self._arriving:
+            while len(queue) < self.max_batch_size and not self._closing and self._worth_waiting():
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break

@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--intra-op-threads", type=int, help="onnxruntime threads (0 = default)")
     parser.add_argument("--max-batch-size", type=int, help="images per batch (default 32)")
     parser.add_argument("--max-batch-wait-ms", type=float, help="batch window (default 2 ms)")
+    parser.add_argument(
+        "--batch-wait",
+        choices=["adaptive", "fixed"],
+        help="adaptive (default): wait only while other requests are arriving; fixed: always",
+    )
     parser.add_argument("--max-body-bytes", type=int, help="request body limit (default 10 MiB)")
     parser.add_argument("--queue-size", type=int, help="images waiting before 503 (default 256)")
     parser.add_argument(
@@ -52,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = (
         "bundle", "host", "port", "providers", "strict_providers", "intra_op_threads",
-        "max_batch_size", "max_batch_wait_ms", "max_body_bytes", "queue_size", "log_level",
-        "access_log",
+        "max_batch_size", "max_batch_wait_ms", "batch_wait", "max_body_bytes", "queue_size",
+        "log_level", "access_log",
     )  # fmt: skip
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 

@@ -6,6 +6,7 @@ status code, exit number (or "fallback") and segment number only.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from prometheus_client import (
@@ -86,6 +87,24 @@ class ServingMetrics:
             registry=r,
         )  # fmt: skip
 
+        # Labelled children looked up once: `.labels()` costs microseconds per call, several
+        # calls per request, on the event loop that bounds throughput.
+        self._exit_series: dict[str, tuple[Any, Any]] = {}
+        self._segment_series: dict[int, Any] = {}
+
+    def _for_exit(self, label: str) -> tuple[Any, Any]:
+        series = self._exit_series.get(label)
+        if series is None:
+            series = (self.exits.labels(exit=label), self.exit_confidence.labels(exit=label))
+            self._exit_series[label] = series
+        return series
+
+    def _for_segment(self, k: int) -> Any:
+        series = self._segment_series.get(k)
+        if series is None:
+            series = self._segment_series[k] = self.segment_duration.labels(segment=str(k))
+        return series
+
     def prime(self, num_exits: int) -> None:
         """Create every exit/segment series at 0 so dashboards see them before traffic."""
         for k in range(1, num_exits + 1):
@@ -118,14 +137,14 @@ class ServingMetrics:
         """One runtime batch: every answered row counts once under the exit that answered it."""
         self.batch_size.observe(int(exits.shape[0]))
         for exit_index, confidence in zip(exits.tolist(), confidences.tolist(), strict=True):
-            label = exit_label(int(exit_index))
-            self.exits.labels(exit=label).inc()
-            self.exit_confidence.labels(exit=label).observe(float(confidence))
+            count, confidence_histogram = self._for_exit(exit_label(int(exit_index)))
+            count.inc()
+            confidence_histogram.observe(float(confidence))
         for k, (rows, seconds) in enumerate(
             zip(rows_per_segment, segment_seconds, strict=False), start=1
         ):
             if rows > 0:
-                self.segment_duration.labels(segment=str(k)).observe(float(seconds))
+                self._for_segment(k).observe(float(seconds))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

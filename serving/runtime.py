@@ -474,7 +474,7 @@ class EarlyExitRuntime:
             probs = outputs[0]
             if keep_all:
                 seen.append(probs)
-            if float(probs[0].max()) > thresholds[k]:
+            if float(probs.max()) > thresholds[k]:  # probs is 1×C
                 rest = m.num_exits - k - 1
                 exits = np.array([k + 1], dtype=np.int64)
                 return BatchResult(

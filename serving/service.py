@@ -109,6 +109,7 @@ class ServingState:
             runtime,
             max_batch_size=self.settings.max_batch_size,
             max_batch_wait_s=self.settings.max_batch_wait_s,
+            adaptive_wait=self.settings.batch_wait == "adaptive",
             queue_size=self.settings.queue_size,
             metrics=self.metrics,
         )

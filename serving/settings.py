@@ -7,7 +7,7 @@ A bad value fails at start-up (pydantic ValidationError), never on the first req
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, le=1024, description="0 = onnxruntime default")
     max_batch_size: int = Field(32, ge=1, le=4096)
     max_batch_wait_ms: float = Field(2.0, ge=0.0, le=10_000.0)
+    # "adaptive": a batch waits only while other requests are being received or decoded (no
+    # wait at concurrency 1); "fixed": always up to max_batch_wait_ms, like Triton's queue delay.
+    batch_wait: Literal["adaptive", "fixed"] = "adaptive"
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     # 4096² is far above what a 32×32 classifier needs; the cap is Pillow's own bomb limit
     # (PIL.Image.MAX_IMAGE_PIXELS), so our check always speaks first.

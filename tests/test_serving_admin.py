@@ -223,7 +223,8 @@ def test_no_token_means_403_and_full_queue_means_503(bundle_copy, pngs, tmp_path
 
 def test_graceful_shutdown_answers_queued_requests(tiny_bundle, pngs, tmp_path) -> None:
     # A long batch window keeps the requests queued when SIGTERM arrives.
-    env = {"EARLYEXIT_MAX_BATCH_WAIT_MS": "3000", "EARLYEXIT_MAX_BATCH_SIZE": "64"}
+    env = {"EARLYEXIT_MAX_BATCH_WAIT_MS": "3000", "EARLYEXIT_MAX_BATCH_SIZE": "64",
+           "EARLYEXIT_BATCH_WAIT": "fixed"}  # fmt: skip
     server = start_server(tiny_bundle, env=env, log_dir=tmp_path)
     try:
 

@@ -177,3 +177,19 @@ def test_a_batch_waits_for_a_request_still_arriving(runtime, tiny_images):
     first, second, batcher = run(scenario())
     assert first[0].batch_size == second[0].batch_size == 2
     assert batcher.batches_run == 1 and batcher.arriving_count == 0
+
+
+def test_fixed_wait_holds_a_lone_request_for_the_window(runtime, tiny_images):
+    async def scenario():
+        batcher = DynamicBatcher(runtime, max_batch_size=8, max_batch_wait_s=0.3, queue_size=8,
+                                 adaptive_wait=False)  # fmt: skip
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        rows = await batcher.classify([tiny_images.images[0]])
+        waited = loop.time() - t0
+        await batcher.stop()
+        return rows, waited
+
+    rows, waited = run(scenario())
+    assert rows[0].batch_size == 1 and rows[0].queue_seconds >= 0.29 and waited >= 0.29
