@@ -94,8 +94,14 @@ def test_earlyexit_bench_http(server, bundle, tmp_path, capsys, monkeypatch) -> 
     ref, comparison = report["in_process"], report["comparison"]
     assert ref["latency_ms_p50_batch1"] > 0 and ref["speedup"] > 0
     assert ref["batch_size"] == max(1, round(report["early_exit"]["server_batch_size_mean"]))
-    assert ref["serving_overhead_ms"] == pytest.approx(
-        report["early_exit"]["latency_ms"]["p50"] - ref["latency_ms_p50_batch1"], abs=1e-3
+    assert "serving_overhead_ms" not in ref  # only meaningful at concurrency 1
+    single = ["--http", server.url, *common[:4], "--concurrency", "1", "--duration", "0.5",
+              "--json", "--local-bundle", str(bundle), "--threads", "1"]  # fmt: skip
+    assert bench_main(single) == 0
+    ref1 = json.loads(capsys.readouterr().out)
+    assert ref1["in_process"]["serving_overhead_ms"] == pytest.approx(
+        ref1["early_exit"]["latency_ms"]["p50"] - ref1["in_process"]["latency_ms_p50_batch1"],
+        abs=1e-3,
     )
     assert comparison["throughput_vs_in_process"] == pytest.approx(
         comparison["throughput_speedup"] / ref["speedup"], rel=1e-2
