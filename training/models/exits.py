@@ -16,20 +16,24 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def depthwise_pointwise(in_ch: int, out_ch: int, stride: int) -> list[nn.Module]:
+    """Depthwise 3×3 (with `stride`), pointwise 1×1 to `out_ch`, BN, ReLU: the building block of
+    every exit head here (a list, so heads keep flat, stable state-dict keys)."""
+    return [
+        nn.Conv2d(in_ch, in_ch, 3, stride, 1, groups=in_ch, bias=False),
+        nn.Conv2d(in_ch, out_ch, 1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    ]
+
+
 class SepConv(nn.Module):
     """Two depthwise-pointwise pairs; the first depthwise conv halves the resolution."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 2) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_ch, in_ch, 3, stride, 1, groups=in_ch, bias=False),
-            nn.Conv2d(in_ch, in_ch, 1, bias=False),
-            nn.BatchNorm2d(in_ch),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(in_ch, in_ch, 3, 1, 1, groups=in_ch, bias=False),
-            nn.Conv2d(in_ch, out_ch, 1, bias=False),
-            nn.BatchNorm2d(out_ch),
-            nn.ReLU(inplace=True),
+            *depthwise_pointwise(in_ch, in_ch, stride), *depthwise_pointwise(in_ch, out_ch, 1)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,12 +45,7 @@ class AttentionModule(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.down = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, 2, 1, groups=channels, bias=False),
-            nn.Conv2d(channels, channels, 1, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
-        )
+        self.down = nn.Sequential(*depthwise_pointwise(channels, channels, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = F.interpolate(self.down(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
@@ -76,16 +75,11 @@ class ShallowExit(nn.Module):
 
 
 class DepthwisePointwise(nn.Module):
-    """One strided depthwise conv, one pointwise conv, BN, ReLU (MobileNet's block)."""
+    """One strided depthwise-pointwise pair (MobileNet's block): a `lite` head's step."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 2) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(in_ch, in_ch, 3, stride, 1, groups=in_ch, bias=False),
-            nn.Conv2d(in_ch, out_ch, 1, bias=False),
-            nn.BatchNorm2d(out_ch),
-            nn.ReLU(inplace=True),
-        )
+        self.body = nn.Sequential(*depthwise_pointwise(in_ch, out_ch, stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
