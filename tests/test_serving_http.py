@@ -110,6 +110,10 @@ def test_health_ready_model_and_metrics(client, tiny_bundle) -> None:
     assert client.get("/static/app.js").status_code == 200
     schema = client.get("/openapi.json").json()
     assert {"/classify", "/classify/batch", "/v1/model", "/v1/thresholds"} <= set(schema["paths"])
+    for path in ("/classify", "/classify/batch"):  # query options parsed by hand, still documented
+        params = {p["name"]: p for p in schema["paths"][path]["post"]["parameters"]}
+        assert params["full"]["schema"]["type"] == "boolean"
+        assert params["top_k"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 10_000}
 
 
 def test_answers_match_the_in_process_runtime(client, pngs, expected) -> None:
@@ -202,6 +206,8 @@ def test_bad_inputs_get_the_right_status_and_json(client, pngs) -> None:
         ("missing field", client.post("/classify", files={"image": ("a.png", png)}), 422),
         ("text part", client.post("/classify", files={"file": ("a.txt", b"x", "text/plain")}), 415),
         ("bad top_k", post_image(client, png, params={"top_k": 0}), 400),
+        ("top_k not a number", post_image(client, png, params={"top_k": "ten"}), 400),
+        ("full as a number", post_image(client, png, params={"full": "2"}), 400),
         ("bad full", post_image(client, png, params={"full": "maybe"}), 400),
         ("unknown path", client.get("/nope"), 404),
         ("wrong method", client.get("/classify"), 405),
