@@ -271,6 +271,7 @@ def test_load_bench_uses_the_lean_client(server, tiny_images) -> None:
     )  # fmt: skip
     early = report["early_exit"]
     assert report["client"] == "asyncio-http11"
+    assert report["event_loop"] == "uvloop"  # installed with the serve extra
     assert early["answered"] >= 1 and early["errors"] == 0 and early["mismatches"] == 0
 
 
