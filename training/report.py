@@ -31,6 +31,7 @@ def measure_step_ratio(
     threads: int = 2,
     input_shape: tuple[int, int, int] = (3, 32, 32),
     num_classes: int = 10,
+    head: str = "attention",
 ) -> dict[str, Any]:
     """Median seconds per SGD step of SD (K exits) and baseline (backbone only), interleaved."""
     import torch
@@ -44,7 +45,7 @@ def measure_step_ratio(
     y = torch.randint(0, num_classes, (batch_size,))
     variants = {}
     for name, k, loss in (("sd", exits, "self_distillation"), ("baseline", 1, "baseline")):
-        model = create_model(arch, num_classes, exits=k, width=width).train()
+        model = create_model(arch, num_classes, exits=k, width=width, head=head).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         variants[name] = (model, opt, create_loss(loss))
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -147,7 +148,9 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
         f"Produced by: `{command}`",
         "",
         f"SD config: arch={report['sd_config']['arch']} width={report['sd_config']['width']} "
-        f"exits={report['sd_config']['exits']} epochs={report['sd_config']['epochs']} "
+        f"exits={report['sd_config']['exits']} "
+        f"head={report['sd_config'].get('head', 'attention')} "
+        f"epochs={report['sd_config']['epochs']} "
         f"schedule={report['sd_config']['schedule']} seed={report['sd_config']['seed']} "
         f"(baseline: same arch, width, seed, epochs; backbone only, CE).",
         "",
@@ -207,7 +210,13 @@ def main(argv: list[str] | None = None) -> int:
         None
         if args.no_step_time
         else measure_step_ratio(
-            cfg["arch"], cfg["width"], cfg["exits"], cfg["batch_size"], args.steps, args.threads
+            cfg["arch"],
+            cfg["width"],
+            cfg["exits"],
+            cfg["batch_size"],
+            args.steps,
+            args.threads,
+            head=cfg.get("head", "attention"),  # runs from before the head registry: the seed's
         )
     )
     report = build_report(args.sd, args.baseline, ratio)
