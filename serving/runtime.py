@@ -482,12 +482,11 @@ class EarlyExitRuntime:
                 )
             if spec.feature_output:
                 feats = outputs[1]
-        if m.fallback == "ensemble":
-            if len(seen) != m.num_exits:
-                raise RuntimeError("exit K rejected a row it must accept: non-finite output?")
-            probs = np.stack(seen, axis=1).mean(axis=1)
-        exits = np.full(1, FALLBACK_EXIT, dtype=np.int64)
-        return BatchResult(probs, exits, None, [1] * m.num_exits, seconds)
+        # No exit accepted the row (rare): the batch path's fallback, on a batch of one.
+        answers, exits, _ = self._new_outputs(1, keep_all=False)
+        stacked = np.stack(seen, axis=1) if keep_all else None
+        self._fallback(answers, np.arange(1), stacked, probs)
+        return BatchResult(answers, exits, None, [1] * m.num_exits, seconds)
 
     def _fallback(
         self,
