@@ -29,6 +29,7 @@ import numpy as np
 
 from serving.bench import time_variants
 from serving.bundle import atomic_write_bytes, atomic_write_json, load_manifest
+from serving.cli_common import setup_cli_logging
 from serving.datasets import load_split
 from serving.loadtest import run_http_bench
 from serving.runtime import EarlyExitRuntime
@@ -82,9 +83,7 @@ def _put_thresholds(url: str, token: str, values) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_cli_logging()
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import sys
 
-from serving.cli_common import OneLineParser, parse_or_exit
+from serving.cli_common import OneLineParser, parse_or_exit, setup_cli_logging
 from serving.datasets import DATASETS
 
 
@@ -93,11 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_or_exit(build_parser(), argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_cli_logging(quiet=args.quiet)
     if args.http:
         if importlib.util.find_spec("serving.loadtest") is None:
             print("earlyexit-bench: error: --http is not available in this build", file=sys.stderr)

@@ -1,12 +1,14 @@
-"""What every `earlyexit-*` command shares: bad usage is one clear line on stderr, exit code 2.
+"""What every `earlyexit-*` command shares: bad usage is one clear line on stderr, exit code 2;
+and one log set-up (`setup_cli_logging`).
 
 argparse's own error() prints the whole usage block; the contract asks for one line. This
-module is dependency-free so `training` and `thresholds` CLIs can use it too.
+module needs only the standard library, so `training` and `thresholds` CLIs can use it too.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -30,3 +32,13 @@ def parse_or_exit(
     except UsageError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def setup_cli_logging(quiet: bool = False, verbose: bool = False, timestamps: bool = False) -> None:
+    """Log lines on stderr for a command-line run: INFO by default, WARNING with --quiet, DEBUG
+    with --verbose; `timestamps` for long runs (training, tuning) whose log is read later."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    prefix = "%(asctime)s " if timestamps else ""
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format=prefix + "%(levelname)s %(name)s: %(message)s"
+    )

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serving.cli_common import OneLineParser, UsageError
+from serving.cli_common import OneLineParser, UsageError, setup_cli_logging
 from thresholds.errors import TuningError
 
 if TYPE_CHECKING:
@@ -218,10 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
         return _fail(2, str(exc))
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_cli_logging(quiet=args.quiet, verbose=args.verbose, timestamps=True)
 
     from serving.bundle import BundleError
     from serving.calibration import CalibrationError

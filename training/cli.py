@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from serving.bundle import atomic_write_json
-from serving.cli_common import OneLineParser, UsageError
+from serving.cli_common import OneLineParser, UsageError, setup_cli_logging
 from serving.datasets import DATASETS, DatasetError, download
 
 log = logging.getLogger("earlyexit.train")
@@ -121,9 +121,7 @@ def check_inputs(cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_cli_logging(timestamps=True)
     try:
         args = build_parser().parse_args(argv)
         cfg = resolve_config(args)
@@ -140,13 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         dist_env = init_distributed()
         trainer = Trainer(cfg, out, dist_env=dist_env)
         trainer.resume()
-    except UsageError as exc:
-        print(f"earlyexit-train: error: {exc}", file=sys.stderr)
-        return 2
-    except DatasetError as exc:
-        print(f"earlyexit-train: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
+    except (UsageError, DatasetError, ValueError) as exc:
         print(f"earlyexit-train: error: {exc}", file=sys.stderr)
         return 2
 

@@ -8,7 +8,7 @@ import logging
 import sys
 
 from serving.bundle import FALLBACKS
-from serving.cli_common import OneLineParser, parse_or_exit
+from serving.cli_common import OneLineParser, parse_or_exit, setup_cli_logging
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_or_exit(build_parser(), argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_cli_logging(quiet=args.quiet)
     if args.opset < 13:
         print("earlyexit-export: error: --opset must be at least 13", file=sys.stderr)
         return 2

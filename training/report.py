@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.bundle import atomic_write_bytes, atomic_write_json
+from serving.cli_common import setup_cli_logging
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_cli_logging()
     p = argparse.ArgumentParser(prog="earlyexit-train-report", description=__doc__)
     p.add_argument("--sd", required=True, type=Path, help="self-distillation run directory")
     p.add_argument("--baseline", required=True, type=Path, help="baseline run directory")
