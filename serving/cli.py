@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["adaptive", "fixed"],
         help="adaptive (default): wait only while other requests are arriving; fixed: always",
     )
+    parser.add_argument(
+        "--inline-max-ms",
+        type=float,
+        help="run a lone image on the event loop when the model takes at most this (default 1)",
+    )
     parser.add_argument("--max-body-bytes", type=int, help="request body limit (default 10 MiB)")
     parser.add_argument("--queue-size", type=int, help="images waiting before 503 (default 256)")
     parser.add_argument(
@@ -57,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = (
         "bundle", "host", "port", "providers", "strict_providers", "intra_op_threads",
-        "max_batch_size", "max_batch_wait_ms", "batch_wait", "max_body_bytes", "queue_size",
+        "max_batch_size", "max_batch_wait_ms", "batch_wait", "inline_max_ms", "max_body_bytes",
+        "queue_size",
         "log_level", "access_log",
     )  # fmt: skip
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}

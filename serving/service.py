@@ -110,6 +110,7 @@ class ServingState:
             max_batch_size=self.settings.max_batch_size,
             max_batch_wait_s=self.settings.max_batch_wait_s,
             adaptive_wait=self.settings.batch_wait == "adaptive",
+            inline_max_s=self.settings.inline_max_s,
             queue_size=self.settings.queue_size,
             metrics=self.metrics,
         )

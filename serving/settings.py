@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     # "adaptive": a batch waits only while other requests are being received or decoded (no
     # wait at concurrency 1); "fixed": always up to max_batch_wait_ms, like Triton's queue delay.
     batch_wait: Literal["adaptive", "fixed"] = "adaptive"
+    # A lone image runs on the event loop, skipping two thread hops, when its batch-1 run time
+    # is measured at or below this; 0 = always on the inference thread.
+    inline_max_ms: float = Field(1.0, ge=0.0, le=100.0)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     # 4096² is far above what a 32×32 classifier needs; the cap is Pillow's own bomb limit
     # (PIL.Image.MAX_IMAGE_PIXELS), so our check always speaks first.
@@ -110,6 +113,10 @@ class Settings(BaseSettings):
     @property
     def max_batch_wait_s(self) -> float:
         return self.max_batch_wait_ms / 1000.0
+
+    @property
+    def inline_max_s(self) -> float:
+        return self.inline_max_ms / 1000.0
 
 
 def settings_error_line(exc: Exception) -> str:

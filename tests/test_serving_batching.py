@@ -135,6 +135,8 @@ def test_bad_configuration_is_refused(runtime):
         DynamicBatcher(runtime, max_batch_size=0, max_batch_wait_s=0.001, queue_size=4)
     with pytest.raises(ValueError):
         DynamicBatcher(runtime, max_batch_size=4, max_batch_wait_s=-1, queue_size=4)
+    with pytest.raises(ValueError):
+        DynamicBatcher(runtime, max_batch_size=4, max_batch_wait_s=0, queue_size=4, inline_max_s=-1)
 
 
 def test_a_lone_request_does_not_wait_for_company(runtime, tiny_images):
@@ -193,3 +195,88 @@ def test_fixed_wait_holds_a_lone_request_for_the_window(runtime, tiny_images):
 
     rows, waited = run(scenario())
     assert rows[0].batch_size == 1 and rows[0].queue_seconds >= 0.29 and waited >= 0.29
+
+
+class _ThreadRecorder:
+    """The runtime, noting which thread ran each classify call."""
+
+    def __init__(self, runtime):
+        self._runtime = runtime
+        self.threads: list[int] = []
+
+    def preprocess(self, images):
+        return self._runtime.preprocess(images)
+
+    @property
+    def thresholds(self):
+        return self._runtime.thresholds
+
+    def classify(self, batch, full=False):
+        import threading
+
+        self.threads.append(threading.get_ident())
+        return self._runtime.classify(batch, full=full)
+
+
+def _lone_requests(runtime, images, inline_max_s, arriving=False):
+    """Classify `images` one request at a time; returns (rows, threads used, loop thread)."""
+    import threading
+
+    recorder = _ThreadRecorder(runtime)
+
+    async def scenario():
+        batcher = DynamicBatcher(recorder, max_batch_size=8, max_batch_wait_s=0.0, queue_size=8,
+                                 inline_max_s=inline_max_s)  # fmt: skip
+        batcher.start()
+        rows = []
+        for image in images:
+            if arriving:
+                with batcher.arriving():  # another request is on its way
+                    rows += await batcher.classify([image])
+            else:
+                rows += await batcher.classify([image])
+        await batcher.stop()
+        return rows, batcher.batches_inline
+
+    loop_thread = threading.get_ident()  # asyncio.run runs the loop on this thread
+    rows, inline = run(scenario())
+    return rows, inline, [t == loop_thread for t in recorder.threads]
+
+
+def test_a_lone_image_of_a_fast_model_runs_on_the_event_loop(runtime, tiny_images, alone):
+    images = tiny_images.images[:6]
+    rows, inline, on_loop = _lone_requests(runtime, images, inline_max_s=10.0)
+    # The first run is on the inference thread: it measures the model; the rest run inline.
+    assert on_loop == [False] + [True] * 5 and inline == 5
+    assert [(int(r.probs.argmax()), r.exit) for r in rows] == alone[:6]
+
+
+def test_inline_runs_need_the_setting_a_fast_enough_model_and_no_company(runtime, tiny_images):
+    images = tiny_images.images[:4]
+    for kwargs in (
+        {"inline_max_s": 0.0},
+        {"inline_max_s": 1e-9},
+        {"inline_max_s": 10.0, "arriving": True},
+    ):
+        _, inline, on_loop = _lone_requests(runtime, images, **kwargs)
+        assert inline == 0 and not any(on_loop), kwargs
+
+
+def test_a_batch_of_several_images_runs_on_the_inference_thread(runtime, tiny_images):
+    import threading
+
+    recorder = _ThreadRecorder(runtime)
+
+    async def scenario():
+        batcher = DynamicBatcher(recorder, max_batch_size=8, max_batch_wait_s=0.0, queue_size=8,
+                                 inline_max_s=10.0)  # fmt: skip
+        batcher.start()
+        await batcher.classify([tiny_images.images[0]])  # measured: fast enough to go inline
+        rows = await batcher.classify(list(tiny_images.images[:3]))
+        await batcher.stop()
+        return rows
+
+    loop_thread = threading.get_ident()
+    rows = run(scenario())
+    assert len(rows) == 3 and rows[0].batch_size == 3
+    assert recorder.threads[-1] != loop_thread

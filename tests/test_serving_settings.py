@@ -34,13 +34,14 @@ def test_environment_is_read(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("EARLYEXIT_PORT", "9001")
     monkeypatch.setenv("EARLYEXIT_PROVIDERS", "cpu")
     monkeypatch.setenv("EARLYEXIT_MAX_BATCH_WAIT_MS", "0.5")
+    monkeypatch.setenv("EARLYEXIT_INLINE_MAX_MS", "0")
     monkeypatch.setenv("EARLYEXIT_QUEUE_SIZE", "7")
     monkeypatch.setenv("EARLYEXIT_ADMIN_TOKEN", "s3cret")
     monkeypatch.setenv("EARLYEXIT_MAX_BATCH_SIZE", "")  # set but empty: the default
     settings = Settings()
     assert settings.bundle == tmp_path and settings.port == 9001
     assert settings.providers == ["CPUExecutionProvider"]
-    assert settings.max_batch_wait_s == pytest.approx(0.0005)
+    assert settings.max_batch_wait_s == pytest.approx(0.0005) and settings.inline_max_s == 0.0
     assert settings.queue_size == 7 and settings.max_batch_size == 32
     assert settings.admin_token.get_secret_value() == "s3cret"
     assert "s3cret" not in repr(settings)
@@ -64,6 +65,7 @@ def test_provider_lists() -> None:
         ("EARLYEXIT_PORT", "http"),
         ("EARLYEXIT_MAX_BATCH_SIZE", "0"),
         ("EARLYEXIT_MAX_BATCH_WAIT_MS", "-1"),
+        ("EARLYEXIT_INLINE_MAX_MS", "-0.5"),
         ("EARLYEXIT_QUEUE_SIZE", "0"),
         ("EARLYEXIT_PROVIDERS", "quantum"),
         ("EARLYEXIT_PROVIDERS", ","),
