@@ -11,7 +11,7 @@ import importlib.util
 import json
 import sys
 
-from serving.cli_common import OneLineParser, parse_or_exit, setup_cli_logging
+from serving.cli_common import OneLineParser, parse_or_exit, providers_arg, setup_cli_logging
 from serving.datasets import DATASETS
 
 
@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--last-exit-rows", type=_positive, default=64, help="deep rows timed at batch 1"
     )
     parser.add_argument(
-        "--providers", default="cpu", help="execution providers, e.g. cuda,cpu (default cpu)"
+        "--providers",
+        type=providers_arg,
+        default="cpu",
+        help="execution providers, e.g. cuda,cpu (default cpu)",
     )
     parser.add_argument(
         "--threads", type=int, default=0, help="intra-op threads per session (0 = default)"
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats=args.repeats,
         timing_rows=args.timing_rows,
         last_exit_rows=args.last_exit_rows,
-        providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
+        providers=args.providers,
         intra_op_threads=args.threads,
         out=args.out,
         progress=not args.quiet and sys.stderr.isatty(),

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from serving.providers import normalize_providers
+
 
 class UsageError(Exception):
     """Bad flags or bad input: reported as one line, exit code 2."""
@@ -21,6 +23,18 @@ class UsageError(Exception):
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
+
+
+def providers_arg(value: str) -> tuple[str, ...]:
+    """argparse `type` of `--providers`: "cuda,cpu" → onnxruntime names; bad names are a usage
+    error naming the valid ones."""
+    try:
+        providers = tuple(normalize_providers(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not providers:
+        raise argparse.ArgumentTypeError('name at least one execution provider, e.g. "cpu"')
+    return providers
 
 
 def parse_or_exit(

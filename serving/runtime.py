@@ -38,13 +38,10 @@ from serving.bundle import (
     validate_threshold_values,
 )
 from serving.calibration import FALLBACK_EXIT, accept_mask, decide
+from serving.providers import normalize_providers
 
 logger = logging.getLogger(__name__)
 
-PROVIDER_NAMES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-}
 # A serialized ONNX model (opset 13) computing rows = Gather(data, indices, axis=0) for float32
 # `data` of any rank: it selects the continuing rows of a feature map on the CUDA device.
 # Built with onnx.helper (see tests/test_runtime_gather.py, which rebuilds and compares it) and
@@ -80,16 +77,8 @@ class BatchResult:
         return self.probs.max(axis=1)
 
 
-def _provider_list(providers: Sequence[str]) -> list[str]:
-    if isinstance(providers, str):
-        providers = [p.strip() for p in providers.split(",") if p.strip()]
-    out = []
-    for name in providers:
-        full = PROVIDER_NAMES.get(name.lower(), name)
-        if full not in PROVIDER_NAMES.values():
-            raise ValueError(f"unknown execution provider {name!r}; use 'cuda' or 'cpu'")
-        if full not in out:
-            out.append(full)
+def _provider_list(providers: str | Sequence[str]) -> list[str]:
+    out = normalize_providers(providers)
     if not out:
         raise ValueError("no execution provider given")
     if "CPUExecutionProvider" not in out:

@@ -12,40 +12,13 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from serving.providers import normalize_providers
+
 # The bundle shipped inside the package (if any), found from the package location so an
 # installed wheel and a source checkout behave the same.
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default_bundle"
 
-# Short provider names users type, mapped to onnxruntime's names; the runtime supports these two
-# (CUDA falls back to CPU unless strict_providers).
-PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-
-
-def normalize_providers(value: Any) -> list[str]:
-    """Accept "cuda,cpu", ["cuda", "cpu"] or full ORT names; return ORT provider names in order."""
-    if value is None:
-        return []
-    items = value.split(",") if isinstance(value, str) else list(value)
-    known = {v.lower(): v for v in PROVIDER_ALIASES.values()}
-    out: list[str] = []
-    for item in items:
-        name = str(item).strip()
-        if not name:
-            continue
-        key = name.lower()
-        resolved = PROVIDER_ALIASES.get(key) or known.get(key)
-        if resolved is None:
-            raise ValueError(
-                f"unknown execution provider {name!r} "
-                f'(use {", ".join(sorted(PROVIDER_ALIASES))}, e.g. "cuda,cpu")'
-            )
-        if resolved not in out:
-            out.append(resolved)
-    return out
 
 
 class Settings(BaseSettings):

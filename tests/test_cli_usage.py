@@ -18,6 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
         ("thresholds.cli", ["--bundle", "x", "--beta", "nan-ish"], "--beta"),
         ("serving.cli", ["--port", "notaport"], "--port"),
         ("serving.bench_cli", ["--bundle", "x"], "--dataset"),
+        (
+            "serving.bench_cli",
+            ["--bundle", "x", "--dataset", "cifar10", "--providers", "tpu"],
+            "unknown execution provider 'tpu'",
+        ),
+        (
+            "thresholds.cli",
+            ["--bundle", "x", "--providers", ","],
+            "at least one execution provider",
+        ),
     ],
 )
 def test_argparse_errors_are_one_line_exit_2(module, args, needle):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serving.cli_common import OneLineParser, UsageError, setup_cli_logging
+from serving.cli_common import OneLineParser, UsageError, providers_arg, setup_cli_logging
 from thresholds.errors import TuningError
 
 if TYPE_CHECKING:
@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch size for collecting calibration and timing latency (32)",
     )
     data.add_argument(
-        "--providers", help="comma-separated execution providers for the runtime (cpu, cuda)"
+        "--providers",
+        type=providers_arg,
+        help="comma-separated execution providers for the runtime (cpu, cuda)",
     )
     data.add_argument(
         "--threads",
@@ -186,9 +188,6 @@ def _request(args: argparse.Namespace) -> TuneRequest:
         grid_steps=args.grid_steps,
         compare=not args.no_baselines,
     )
-    providers = None
-    if args.providers:
-        providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
     return TuneRequest(
         bundle=args.bundle,
         options=options,
@@ -199,7 +198,7 @@ def _request(args: argparse.Namespace) -> TuneRequest:
         test_calibration=args.test_calibration,
         cost=args.cost,
         batch_size=args.batch_size,
-        runtime=RuntimeOptions(providers=providers, intra_op_threads=args.threads),
+        runtime=RuntimeOptions(providers=args.providers, intra_op_threads=args.threads),
         latency_repeats=args.latency_repeats,
         cache_dir=args.cache_dir,
         plots=args.plots,
