@@ -105,6 +105,7 @@ class EarlyExitRuntime:
         verify: bool = True,
         allow_spinning: bool | None = None,
         use_stage_files: bool = True,
+        device_chain: bool = False,
     ) -> None:
         import onnxruntime as ort
 
@@ -119,6 +120,12 @@ class EarlyExitRuntime:
         self._options = self._session_options(intra_op_threads, inter_op_threads, allow_spinning)
         self.providers = self._resolve_providers(_provider_list(providers), strict)
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        # Where feature maps live between segments on the device-resident path (IOBinding +
+        # Gather graph): the GPU under CUDA. `device_chain` runs that same path on the CPU, so
+        # its bookkeeping is exercised (tests) on machines without a GPU.
+        self._device: tuple[str, int] | None = (
+            ("cuda", 0) if self.on_cuda else ("cpu", 0) if device_chain else None
+        )
 
         m = self.manifest
         self._segments = [self._open(spec.file) for spec in m.segments]
@@ -133,7 +140,7 @@ class EarlyExitRuntime:
             [spec.probs_output] + ([spec.feature_output] if spec.feature_output else [])
             for spec in m.segments
         ]
-        self._gather = self._open_gather() if self.on_cuda else None
+        self._gather = self._open_gather() if self._device else None
         logger.info(
             "loaded bundle %s %s: %d exits on %s, thresholds %s",
             m.name,
@@ -350,8 +357,8 @@ class EarlyExitRuntime:
             thresholds = validate_threshold_values(list(thresholds), self.manifest.num_exits)
         if full:
             return self._classify_full(x, thresholds)
-        if self.on_cuda:
-            return self._classify_cuda(x, thresholds)
+        if self._device is not None:
+            return self._classify_on_device(x, thresholds)
         if x.shape[0] == 1:
             return self._classify_one(x, thresholds)
         return self._classify_cpu(x, thresholds)
@@ -496,16 +503,18 @@ class EarlyExitRuntime:
         else:
             answers[rows] = last_probs
 
-    def _classify_cuda(self, x: np.ndarray, thresholds: tuple[float, ...]) -> BatchResult:
-        """As `_classify_cpu`, but feature maps stay on the GPU (IOBinding + Gather graph)."""
+    def _classify_on_device(self, x: np.ndarray, thresholds: tuple[float, ...]) -> BatchResult:
+        """As `_classify_cpu`, but feature maps stay on the device (IOBinding + Gather graph);
+        only probabilities come to the host."""
         ort = self._ort
+        device, device_id = self._device
         m = self.manifest
         n = x.shape[0]
         skips, keep_all = self._plan(thresholds)
         answers, exits, seen = self._new_outputs(n, keep_all)
         rows = np.arange(n)
         rows_per_segment, seconds = [], []
-        feats: Any = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0) if n else None
+        feats: Any = ort.OrtValue.ortvalue_from_numpy(x, device, device_id) if n else None
         last_probs = None
         for k, spec in enumerate(m.segments):
             rows_per_segment.append(int(rows.size))
@@ -518,7 +527,7 @@ class EarlyExitRuntime:
             if not skips[k]:
                 binding.bind_output(spec.probs_output, "cpu")
             if spec.feature_output:
-                binding.bind_output(spec.feature_output, "cuda", 0)
+                binding.bind_output(spec.feature_output, device, device_id)
             start = time.perf_counter()
             session.run_with_iobinding(binding)
             outputs = binding.get_outputs()
@@ -541,7 +550,7 @@ class EarlyExitRuntime:
         binding = self._gather.io_binding()
         binding.bind_ortvalue_input("data", values)
         binding.bind_cpu_input("indices", index.astype(np.int64))
-        binding.bind_output("rows", "cuda", 0)
+        binding.bind_output("rows", *self._device)
         self._gather.run_with_iobinding(binding)
         return binding.get_outputs()[0]
 
