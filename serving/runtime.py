@@ -357,11 +357,9 @@ class EarlyExitRuntime:
             thresholds = validate_threshold_values(list(thresholds), self.manifest.num_exits)
         if full:
             return self._classify_full(x, thresholds)
-        if self._device is not None:
-            return self._classify_on_device(x, thresholds)
-        if x.shape[0] == 1:
+        if x.shape[0] == 1 and self._device is None:
             return self._classify_one(x, thresholds)
-        return self._classify_cpu(x, thresholds)
+        return self._classify_rows(x, thresholds)
 
     def _classify_full(self, x: np.ndarray, thresholds: tuple[float, ...]) -> BatchResult:
         m = self.manifest
@@ -412,30 +410,82 @@ class EarlyExitRuntime:
         stay = ~take
         return rows[stay], probs[stay], stay
 
-    def _classify_cpu(self, x: np.ndarray, thresholds: tuple[float, ...]) -> BatchResult:
+    def _classify_rows(self, x: np.ndarray, thresholds: tuple[float, ...]) -> BatchResult:
+        """The batch loop of both paths: host arrays (CPU) or device-resident features
+        (`_device`: IOBinding + Gather graph). Only `_step` and `_keep` differ between them."""
         m = self.manifest
         n = x.shape[0]
+        on_device = self._device is not None
         skips, keep_all = self._plan(thresholds)
         answers, exits, seen = self._new_outputs(n, keep_all)
         rows = np.arange(n)
-        rows_per_segment, seconds = [], []
-        feats = x
+        rows_per_segment: list[int] = []
+        seconds: list[float] = []
+        feats: Any = x
+        if on_device and n:
+            feats = self._ort.OrtValue.ortvalue_from_numpy(x, *self._device)
         last_probs = None
-        for k, spec in enumerate(m.segments):
+        for k in range(m.num_exits):
             rows_per_segment.append(int(rows.size))
             if rows.size == 0:
                 seconds.append(0.0)
                 continue
-            outputs = self._run_segment(k, feats, skips[k], seconds)
-            if skips[k]:
-                feats = outputs[0]
+            probs, next_feats = (
+                self._step_on_device(k, feats, skips[k], seconds)
+                if on_device
+                else self._step_on_host(k, feats, skips[k], seconds)
+            )
+            if probs is None:  # a stage file: no head, every row continues
+                feats = next_feats
                 continue
-            rows, probs, stay = self._accept(k, outputs[0], rows, thresholds, answers, exits, seen)
-            if spec.feature_output and rows.size:
-                feats = outputs[1] if stay is None else outputs[1][stay]  # continuing rows only
+            rows, probs, stay = self._accept(k, probs, rows, thresholds, answers, exits, seen)
+            if next_feats is not None and rows.size:
+                feats = next_feats if stay is None else self._keep(next_feats, stay, on_device)
             last_probs = probs
         self._fallback(answers, rows, seen, last_probs)
         return BatchResult(answers, exits, None, rows_per_segment, seconds)
+
+    def _step_on_host(
+        self, k: int, feats: np.ndarray, skip: bool, seconds: list[float]
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(probabilities or None for a stage file, next features or None after the last)."""
+        outputs = self._run_segment(k, feats, skip, seconds)
+        if skip:
+            return None, outputs[0]
+        return outputs[0], outputs[1] if len(outputs) > 1 else None
+
+    def _step_on_device(
+        self, k: int, feats: Any, skip: bool, seconds: list[float]
+    ) -> tuple[np.ndarray | None, Any]:
+        """As `_step_on_host` with features as device OrtValues; probabilities come to the
+        host."""
+        spec = self.manifest.segments[k]
+        session = self._stages[k] if skip else self._segments[k]
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(spec.input_name, feats)
+        if not skip:
+            binding.bind_output(spec.probs_output, "cpu")
+        if spec.feature_output:
+            binding.bind_output(spec.feature_output, *self._device)
+        start = time.perf_counter()
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        seconds.append(time.perf_counter() - start)
+        if skip:
+            return None, outputs[0]
+        return outputs[0].numpy(), outputs[1] if spec.feature_output else None
+
+    def _keep(self, feats: Any, stay: np.ndarray, on_device: bool) -> Any:
+        """The feature rows of the rows that continue (a copy on the host, a Gather on the
+        device, so feature maps never visit the host)."""
+        if not on_device:
+            return feats[stay]
+        binding = self._gather.io_binding()
+        binding.bind_ortvalue_input("data", feats)
+        binding.bind_cpu_input("indices", np.flatnonzero(stay).astype(np.int64))
+        binding.bind_output("rows", *self._device)
+        self._gather.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
 
     def _run_segment(
         self, k: int, feats: np.ndarray, skip: bool, seconds: list[float]
@@ -452,9 +502,9 @@ class EarlyExitRuntime:
         return outputs
 
     def _classify_one(self, x: np.ndarray, thresholds: tuple[float, ...]) -> BatchResult:
-        """`_classify_cpu` for a single row, the latency-critical case: the same decisions and
-        arithmetic, without the row bookkeeping whose numpy calls cost about as much as a
-        small segment's head at batch 1. float() of a float32 is exact, so `>` on Python
+        """`_classify_rows` on the host for a single row, the latency-critical case: the same
+        decisions and arithmetic, without the row bookkeeping whose numpy calls cost about as
+        much as a small segment's head at batch 1. float() of a float32 is exact, so `>` on Python
         floats is `accept_mask`'s float64 comparison."""
         m = self.manifest
         skips, keep_all = self._plan(thresholds)
@@ -502,57 +552,6 @@ class EarlyExitRuntime:
             answers[rows] = seen[rows].mean(axis=1)
         else:
             answers[rows] = last_probs
-
-    def _classify_on_device(self, x: np.ndarray, thresholds: tuple[float, ...]) -> BatchResult:
-        """As `_classify_cpu`, but feature maps stay on the device (IOBinding + Gather graph);
-        only probabilities come to the host."""
-        ort = self._ort
-        device, device_id = self._device
-        m = self.manifest
-        n = x.shape[0]
-        skips, keep_all = self._plan(thresholds)
-        answers, exits, seen = self._new_outputs(n, keep_all)
-        rows = np.arange(n)
-        rows_per_segment, seconds = [], []
-        feats: Any = ort.OrtValue.ortvalue_from_numpy(x, device, device_id) if n else None
-        last_probs = None
-        for k, spec in enumerate(m.segments):
-            rows_per_segment.append(int(rows.size))
-            if rows.size == 0:
-                seconds.append(0.0)
-                continue
-            session = self._stages[k] if skips[k] else self._segments[k]
-            binding = session.io_binding()
-            binding.bind_ortvalue_input(spec.input_name, feats)
-            if not skips[k]:
-                binding.bind_output(spec.probs_output, "cpu")
-            if spec.feature_output:
-                binding.bind_output(spec.feature_output, device, device_id)
-            start = time.perf_counter()
-            session.run_with_iobinding(binding)
-            outputs = binding.get_outputs()
-            seconds.append(time.perf_counter() - start)
-            if skips[k]:
-                feats = outputs[0]
-                continue
-            next_feats = outputs[1] if spec.feature_output else None
-            rows, probs, stay = self._accept(
-                k, outputs[0].numpy(), rows, thresholds, answers, exits, seen
-            )
-            if next_feats is not None and stay is not None and rows.size:
-                next_feats = self._gather_rows(next_feats, np.flatnonzero(stay))
-            feats = next_feats
-            last_probs = probs
-        self._fallback(answers, rows, seen, last_probs)
-        return BatchResult(answers, exits, None, rows_per_segment, seconds)
-
-    def _gather_rows(self, values: Any, index: np.ndarray) -> Any:
-        binding = self._gather.io_binding()
-        binding.bind_ortvalue_input("data", values)
-        binding.bind_cpu_input("indices", index.astype(np.int64))
-        binding.bind_output("rows", *self._device)
-        self._gather.run_with_iobinding(binding)
-        return binding.get_outputs()[0]
 
 
 def _check_shape(file: str, name: str, actual: Sequence[Any], expected: Sequence[int]) -> None:
