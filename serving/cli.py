@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", choices=("critical", "error", "warning", "info", "debug"), default=None
     )
     parser.add_argument(
+        "--no-warmup", dest="warmup", action="store_false", default=None,
+        help="skip running each batch size once before reporting ready",
+    )  # fmt: skip
+    parser.add_argument(
         "--no-access-log", dest="access_log", action="store_false", default=None,
         help="do not log one JSON line per request",
     )  # fmt: skip
@@ -63,7 +67,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = (
         "bundle", "host", "port", "providers", "strict_providers", "intra_op_threads",
         "max_batch_size", "max_batch_wait_ms", "batch_wait", "inline_max_ms", "max_body_bytes",
-        "queue_size",
+        "queue_size", "warmup",
         "log_level", "access_log",
     )  # fmt: skip
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}

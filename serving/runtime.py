@@ -331,6 +331,23 @@ class EarlyExitRuntime:
             )
         return x
 
+    def warm_up(self, max_batch_size: int) -> list[int]:
+        """Run every segment (heads and stage files) on zeros at batch sizes 1, 2, 4, … and
+        `max_batch_size`: onnxruntime sizes its memory arenas and picks kernels for those
+        shapes now, so the first requests are not the slow ones and memory under traffic stays
+        flat (a server warms up before it reports ready). Returns the sizes run."""
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        sizes = sorted(
+            {min(1 << i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)}
+        )
+        k = self.manifest.num_exits
+        for n in sizes:
+            x = np.zeros((n, *self.manifest.input.shape), dtype=np.float32)
+            self.classify(x, full=True)  # every segment with its head, on every row
+            self.classify(x, thresholds=(1.0,) * (k - 1) + (0.0,))  # stage files, if any
+        return sizes
+
     # ------------------------------------------------------------------------- inference
 
     def run_full_model(self, batch: np.ndarray) -> np.ndarray:

@@ -105,6 +105,14 @@ class ServingState:
             logger.error("bundle failed to load: %s", self.load_error)
             return
         manifest = runtime.manifest
+        warmed: list[int] = []
+        if self.settings.warmup:
+            try:
+                warmed = await asyncio.to_thread(runtime.warm_up, self.settings.max_batch_size)
+            except Exception as exc:  # noqa: BLE001 - a model that cannot run is not ready
+                self.load_error = f"warm-up failed: {exc}"
+                logger.error("bundle failed to warm up: %s", exc)
+                return
         batcher = DynamicBatcher(
             runtime,
             max_batch_size=self.settings.max_batch_size,
@@ -129,6 +137,7 @@ class ServingState:
                     "exits": manifest.num_exits,
                     "thresholds": list(runtime.thresholds),
                     "providers": self.providers,
+                    "warmed_batch_sizes": warmed,
                     "load_seconds": round(time.perf_counter() - started, 3),
                 }
             },

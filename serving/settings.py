@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # A lone image runs on the event loop, skipping two thread hops, when its batch-1 run time
     # is measured at or below this; 0 = always on the inference thread.
     inline_max_ms: float = Field(1.0, ge=0.0, le=100.0)
+    # Run every batch size 1, 2, 4, … max_batch_size once before /readyz says ready, so the
+    # first requests are not slow and memory is allocated before traffic, not during it.
+    warmup: bool = True
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     # 4096² is far above what a 32×32 classifier needs; the cap is Pillow's own bomb limit
     # (PIL.Image.MAX_IMAGE_PIXELS), so our check always speaks first.

@@ -197,3 +197,17 @@ def test_bad_batches_are_rejected(runtime, batch):
     empty = runtime.classify(batch[:0])
     assert empty.probs.shape == (0, 10) and empty.exits.shape == (0,)
     assert empty.rows_per_segment == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("max_batch", "sizes"), [(1, [1]), (6, [1, 2, 4, 6]), (32, [1, 2, 4, 8, 16, 32])]
+)
+def test_warm_up_runs_powers_of_two_up_to_the_largest_batch(tiny_bundle, batch, max_batch, sizes):
+    runtime = EarlyExitRuntime(tiny_bundle, intra_op_threads=1)
+    before = runtime.classify(batch)
+    assert runtime.warm_up(max_batch) == sizes
+    after = runtime.classify(batch)  # warming changes nothing about answers
+    assert after.exits.tolist() == before.exits.tolist()
+    np.testing.assert_array_equal(after.probs, before.probs)
+    with pytest.raises(ValueError):
+        runtime.warm_up(0)

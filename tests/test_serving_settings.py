@@ -35,6 +35,7 @@ def test_environment_is_read(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("EARLYEXIT_PROVIDERS", "cpu")
     monkeypatch.setenv("EARLYEXIT_MAX_BATCH_WAIT_MS", "0.5")
     monkeypatch.setenv("EARLYEXIT_INLINE_MAX_MS", "0")
+    monkeypatch.setenv("EARLYEXIT_WARMUP", "false")
     monkeypatch.setenv("EARLYEXIT_QUEUE_SIZE", "7")
     monkeypatch.setenv("EARLYEXIT_ADMIN_TOKEN", "s3cret")
     monkeypatch.setenv("EARLYEXIT_MAX_BATCH_SIZE", "")  # set but empty: the default
@@ -42,6 +43,7 @@ def test_environment_is_read(monkeypatch, tmp_path) -> None:
     assert settings.bundle == tmp_path and settings.port == 9001
     assert settings.providers == ["CPUExecutionProvider"]
     assert settings.max_batch_wait_s == pytest.approx(0.0005) and settings.inline_max_s == 0.0
+    assert settings.warmup is False
     assert settings.queue_size == 7 and settings.max_batch_size == 32
     assert settings.admin_token.get_secret_value() == "s3cret"
     assert "s3cret" not in repr(settings)
