@@ -7,9 +7,9 @@ can fill the batch. A lone request (concurrency 1) therefore never pays the batc
 while under load the images being decoded join the batch. Batches run on a dedicated inference
 thread so the event loop keeps answering health checks and scrapes. One exception, for small
 models: a lone image (nothing else queued or arriving) whose mode's measured batch-1 run time is
-at most `inline_max_s` runs on the event loop itself. The two thread hops it saves cost a
-third of a millisecond on a 2-core machine, as much as such a model's whole inference, while a
-health check arriving meanwhile waits at most `inline_max_s`. Early-exit and full-mode images
+at most `inline_max_s` runs on the event loop itself. The two thread hops it saves cost
+0.1–0.3 ms on a 2-core machine, a third to half of such a model's inference, while a health
+check arriving meanwhile waits at most `inline_max_s`. Early-exit and full-mode images
 never share a batch. Threshold swaps take the same lock as a running batch, so they land between
 batches. Everything except the runtime call runs on the event loop thread, which is what makes
 the queue checks atomic.
