@@ -429,7 +429,7 @@ class EarlyExitRuntime:
 
     def _classify_rows(self, x: np.ndarray, thresholds: tuple[float, ...]) -> BatchResult:
         """The batch loop of both paths: host arrays (CPU) or device-resident features
-        (`_device`: IOBinding + Gather graph). Only `_step` and `_keep` differ between them."""
+        (`_device`: IOBinding + Gather graph); they differ only in the step and in `_keep`."""
         m = self.manifest
         n = x.shape[0]
         on_device = self._device is not None
