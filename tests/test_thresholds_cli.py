@@ -73,12 +73,17 @@ def write_calibration(path: Path, split: str, seed: int, rows: int = 3000, **sha
     return save_calibration(path, probs, labels, {"split": split, "dataset": "synthetic"})
 
 
+def tune_inputs(root: Path) -> tuple[Path, Path, Path]:
+    """(bundle, val calibration, test calibration) under `root`."""
+    bundle = write_fake_bundle(root)
+    val = write_calibration(root / "val.npz", "val", seed=0)
+    test = write_calibration(root / "test.npz", "test", seed=1)
+    return bundle, val, test
+
+
 @pytest.fixture
 def setup(tmp_path):
-    bundle = write_fake_bundle(tmp_path)
-    val = write_calibration(tmp_path / "val.npz", "val", seed=0)
-    test = write_calibration(tmp_path / "test.npz", "test", seed=1)
-    return bundle, val, test
+    return tune_inputs(tmp_path)
 
 
 def _run_json(capsys, argv):

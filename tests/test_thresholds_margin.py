@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from serving.bundle import read_thresholds
-from tests.test_thresholds_cli import FAST, write_calibration, write_fake_bundle
+from tests.test_thresholds_cli import FAST, tune_inputs
 from thresholds.baselines import grid_discordant, grid_tables
 from thresholds.cli import main
 from thresholds.costs import CostModel
@@ -196,10 +196,7 @@ def test_bad_confidence_in_the_library(confidence, message):
 
 @pytest.fixture
 def cli_setup(tmp_path):
-    bundle = write_fake_bundle(tmp_path)
-    val = write_calibration(tmp_path / "val.npz", "val", seed=0)
-    test = write_calibration(tmp_path / "test.npz", "test", seed=1)
-    return bundle, val, test
+    return tune_inputs(tmp_path)
 
 
 def test_cli_confidence_is_reported_and_stored(cli_setup, capsys):
