@@ -21,7 +21,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,28 @@ class _Unanswered(Exception):
         self.send_failed = send_failed
 
 
-class HttpConnection:
+_C = TypeVar("_C", bound="_Closing")
+
+
+class _Closing:
+    """`async with` support: leaving the block awaits `aclose()`."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self: _C) -> _C:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class HttpConnection(_Closing):
     """One persistent HTTP/1.1 connection; one request at a time (no pipelining).
 
     Opens lazily, reopens after the server asked to close (`Connection: close`) or after an
@@ -144,17 +165,6 @@ class HttpConnection:
     def is_open(self) -> bool:
         return self._writer is not None
 
-    async def __aenter__(self) -> HttpConnection:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     async def connect(self) -> None:
         """Open the connection now (otherwise the first request does), within timeout_s."""
         if not self._usable():
@@ -166,7 +176,7 @@ class HttpConnection:
                     f"within {self.timeout_s:g} s"
                 ) from None
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Close the connection (a no-op when it is not open)."""
         writer, self._reader, self._writer = self._writer, None, None
         if writer is not None:
@@ -315,7 +325,7 @@ class HttpConnection:
             self._drop()
             raise ServerDisconnected(f"{method}: connection lost mid-response: {exc}") from exc
         if not keep_alive:
-            await self.close()  # the next request opens a new connection
+            await self.aclose()  # the next request opens a new connection
         return response
 
     async def _read_response(
@@ -390,7 +400,7 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
     return b"".join(parts)
 
 
-class HttpClient:
+class HttpClient(_Closing):
     """Connections to one base URL: `connection()` hands out owned ones (one per worker);
     `request()` borrows from a small idle pool for one-off calls. `aclose()` closes them all."""
 
@@ -399,17 +409,6 @@ class HttpClient:
         self.timeout_s = timeout_s
         self._idle: list[HttpConnection] = []
         self._all: list[HttpConnection] = []
-
-    async def __aenter__(self) -> HttpClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def connection(self) -> HttpConnection:
         """A new connection (opened on first use) that the caller uses alone."""
@@ -434,4 +433,4 @@ class HttpClient:
 
     async def aclose(self) -> None:
         connections, self._all, self._idle = self._all, [], []
-        await asyncio.gather(*(conn.close() for conn in connections))
+        await asyncio.gather(*(conn.aclose() for conn in connections))

@@ -215,7 +215,7 @@ async def load_pass(
         await asyncio.gather(*(worker(conn) for conn in connections))
         stats.elapsed_s = time.perf_counter() - started
     finally:
-        await asyncio.gather(*(conn.close() for conn in connections))
+        await asyncio.gather(*(conn.aclose() for conn in connections))
     after = await _batch_totals(client)
     if before is not None and after is not None and after[1] > before[1]:
         stats.batch_size_mean = round((after[0] - before[0]) / (after[1] - before[1]), 3)
