@@ -1,7 +1,9 @@
 """What a row that reaches the last exit pays for the early-exit chain, as the backbone grows.
 
 For each width, builds the multi-exit network (random weights: onnxruntime's timing does not
-depend on them), exports it as a bundle, and times at batch 1, interleaved on the same rows:
+depend on them), exports it as a bundle, and times at batch 1, interleaved on the same rows
+(`serving.bench.time_variants`, as `earlyexit-bench` does: per image, the median over repeats
+of each variant's total time for all rows):
 
 - `full_model`: the single-graph plain model;
 - `chain_with_heads`: every segment with its exit head, no exit accepting (what a deep row runs
@@ -20,12 +22,12 @@ import argparse
 import logging
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from serving.bench import time_variants
 from serving.bundle import atomic_write_bytes, atomic_write_json
 from serving.cli_common import setup_cli_logging
 from serving.runtime import EarlyExitRuntime
@@ -66,16 +68,8 @@ def time_bundle(bundle: Path, rows: int, repeats: int) -> dict[str, Any]:
         "chain_with_heads": lambda x: runtime.classify(x, thresholds=heads),
         "chain_stage_files": lambda x: runtime.classify(x, thresholds=stages),
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for r in range(repeats):
-        for i, x in enumerate(xs):
-            for j in range(len(names)):  # order rotated per row: drift falls on all alike
-                name = names[(i + r + j) % len(names)]
-                start = time.perf_counter()
-                variants[name](x)
-                times[name].append(time.perf_counter() - start)
-    ms = {name: 1e3 * float(np.median(v)) for name, v in times.items()}
+    seconds = time_variants(variants, xs, repeats)  # interleaved, order rotated per row
+    ms = {name: 1e3 * total / len(xs) for name, total in seconds.items()}
     m = runtime.manifest
     return {
         "full_macs": m.full_model.macs,
