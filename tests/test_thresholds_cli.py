@@ -105,6 +105,21 @@ def test_json_result_and_thresholds_file(setup, capsys, tmp_path):
     assert len(result["exit_fractions"]) == EXITS + 1
     assert sum(result["exit_fractions"]) == pytest.approx(1.0)
     assert result["test"]["split"] == "test" and result["test"]["rows"] == 3000
+    moved = result["test"]["vs_tuning"]
+    assert moved["accuracy_difference"] == pytest.approx(
+        result["test"]["accuracy"] - result["accuracy"]
+    )
+    # binomial SEs of two independent samples (tuning rows, 3000 test rows), combined
+    se = [(a * (100 - a) / n) ** 0.5 for a, n in ((result["accuracy"], result["rows"]),
+                                                  (result["test"]["accuracy"], 3000))]  # fmt: skip
+    assert moved["se"] == pytest.approx((se[0] ** 2 + se[1] ** 2) ** 0.5)
+    assert moved["z"] == pytest.approx(moved["accuracy_difference"] / moved["se"])
+    assert moved["final_exit_difference"] == pytest.approx(
+        result["test"]["final_exit"]["accuracy"] - result["exit_accuracies"][EXITS - 1]
+    )
+    assert moved["acceleration_ratio"] == pytest.approx(
+        result["test"]["acceleration"] / result["acceleration"]
+    )
     assert result["grid"]["ratio"] > 0.9 and result["grid"]["seconds"] >= 0
     assert result["fitness"] == pytest.approx(
         result["acceleration"] + 1.0 * (result["accuracy"] - result["baseline_accuracy"])
@@ -116,6 +131,7 @@ def test_json_result_and_thresholds_file(setup, capsys, tmp_path):
     assert tuned["data"]["calibration"] == str(val)
     assert set(tuned["metrics"]) == {"val", "test"}
     assert tuned["metrics"]["val"]["accuracy"] == result["accuracy"]
+    assert tuned["metrics"]["test"]["vs_tuning"] == moved
     for name in ("tradeoff.png", "exit_distribution.png"):
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -157,10 +173,12 @@ def test_dry_run_writes_nothing(setup, capsys):
 
 
 def test_human_summary(setup, capsys):
-    bundle, val, _ = setup
-    assert main(["--bundle", str(bundle), "--calibration", str(val), "-q"] + FAST) == 0
+    bundle, val, test = setup
+    argv = ["--bundle", str(bundle), "--calibration", str(val), "--test-calibration", str(test)]
+    assert main(argv + ["-q"] + FAST) == 0
     out = capsys.readouterr().out
     assert "thresholds" in out and "grid search" in out and "acceleration" in out
+    assert "test - val: accuracy" in out and "chance alone" in out
 
 
 @pytest.mark.parametrize(

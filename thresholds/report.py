@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 from serving.bundle import atomic_write_bytes, atomic_write_json
 from thresholds.costs import CostModel
 from thresholds.evaluate import Metrics
-from thresholds.tuning import TuneOptions, TuneOutcome
+from thresholds.tuning import SplitReport, TuneOptions, TuneOutcome
 
 PARETO_JSON = "pareto_front.json"
 PARETO_CSV = "pareto_front.csv"
@@ -77,7 +78,7 @@ def tuned_provenance(
     data, both splits' metrics (each with its margin: drop, SE, lower bound)."""
     metrics = {data.split: outcome.tune.to_dict()}
     if outcome.test is not None and data.test_split is not None:
-        metrics[data.test_split] = outcome.test.to_dict()
+        metrics[data.test_split] = _held_out(outcome)
     tuned: dict[str, Any] = {"method": outcome.method, **_objective_fields(outcome)}
     tuned.update(
         {
@@ -92,6 +93,39 @@ def tuned_provenance(
     if data.bundle_sha256:
         tuned["bundle_sha256"] = data.bundle_sha256
     return tuned
+
+
+def _binomial_se(accuracy: float, rows: int) -> float:
+    """Standard error of an accuracy (percent) measured on `rows` rows, in points."""
+    p = accuracy / 100.0
+    return 100.0 * math.sqrt(max(p * (1.0 - p), 0.0) / max(rows, 1))
+
+
+def transfer(tune: SplitReport, held_out: SplitReport) -> dict[str, Any]:
+    """How far the held-out split lands from the tuning split's prediction (points), beside
+    the difference two independent samples of these sizes show by chance: its SE is that of
+    the two accuracies combined. The final exit's own difference is the part no choice of
+    thresholds can move."""
+    difference = held_out.metrics.accuracy - tune.metrics.accuracy
+    se = math.hypot(
+        _binomial_se(tune.metrics.accuracy, tune.rows),
+        _binomial_se(held_out.metrics.accuracy, held_out.rows),
+    )
+    return {
+        "accuracy_difference": difference,
+        "se": se,
+        "z": difference / se if se > 0 else 0.0,
+        "final_exit_difference": held_out.final_exit.accuracy - tune.final_exit.accuracy,
+        "drop_difference": (held_out.baseline_accuracy - held_out.metrics.accuracy)
+        - (tune.baseline_accuracy - tune.metrics.accuracy),
+        "acceleration_ratio": held_out.metrics.acceleration / tune.metrics.acceleration,
+    }
+
+
+def _held_out(outcome: TuneOutcome) -> dict[str, Any]:
+    """The held-out split's report with how far it moved from the tuning split's."""
+    assert outcome.test is not None  # callers check; not user input
+    return {**outcome.test.to_dict(), "vs_tuning": transfer(outcome.tune, outcome.test)}
 
 
 def _comparison(outcome: TuneOutcome, which: str) -> dict[str, Any] | None:
@@ -132,7 +166,7 @@ def result_json(
         "search": _search_fields(outcome, options),
         "test": None
         if outcome.test is None
-        else {"split": data.test_split, **outcome.test.to_dict()},
+        else {"split": data.test_split, **_held_out(outcome)},
         "grid": _comparison(outcome, "grid"),
         "global": _comparison(outcome, "global"),
     }
@@ -183,6 +217,12 @@ def summary_text(result: dict[str, Any]) -> str:
         )
         if result["mode"] == "max_drop":
             lines.append(f"{test['split']}: {_margin_text(test['margin'], result['max_drop'])}")
+        moved = test["vs_tuning"]
+        lines.append(
+            f"{test['split']} - {result['split']}: accuracy {moved['accuracy_difference']:+.2f} "
+            f"points (chance alone: ± {1.96 * moved['se']:.2f} at 95 %), of which the final exit "
+            f"{moved['final_exit_difference']:+.2f}; acceleration x{moved['acceleration_ratio']:.3f}"
+        )
     for key, name in (("grid", "grid search"), ("global", "global threshold")):
         comp = result.get(key)
         if comp:
