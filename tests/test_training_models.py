@@ -67,8 +67,23 @@ def test_lite_heads_have_fewer_layers_and_macs_than_the_seed_heads():
     assert lite_macs[3] == seed_macs[3]  # exit K is the backbone's own head in both
 
 
+def test_pool_heads_have_no_convolution_and_almost_no_macs():
+    from training.costs import measure_costs
+
+    pool = create_model("resnet18", 10, exits=4, width=0.25, head="pool")
+    lite = create_model("resnet18", 10, exits=4, width=0.25, head="lite")
+    for head in pool.heads[:3]:
+        assert not any(isinstance(m, torch.nn.Conv2d) for m in head.modules())
+    pool_costs = measure_costs(pool, (3, 32, 32))
+    lite_costs = measure_costs(lite, (3, 32, 32))
+    head_macs = sum(pool_costs.head_macs[:3])
+    # two small FC layers per exit: under 0.1 % of the model, a twentieth of the lite heads'
+    assert 0 < head_macs < 0.001 * pool_costs.backbone_macs
+    assert head_macs < sum(lite_costs.head_macs[:3]) / 20
+
+
 def test_unknown_exit_head_lists_valid_names():
-    with pytest.raises(ValueError, match="attention, lite"):
+    with pytest.raises(ValueError, match="attention, lite, pool"):
         create_model("resnet18", 10, exits=4, width=0.125, head="transformer")
 
 

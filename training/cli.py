@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=float, help="channel width multiplier")
     p.add_argument("--stem", choices=["cifar", "imagenet"])
     p.add_argument("--exits", type=int, help="number of exits K (≤ backbone stages)")
-    p.add_argument("--head", help="exit-head variant: attention (seed 004) or lite")
+    p.add_argument("--head", help="exit-head variant: attention (seed 004), lite or pool")
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-dir")
     p.add_argument("--download", action="store_true", help="fetch official archives first")

@@ -18,7 +18,7 @@ class TrainConfig:
     width: float = 1.0
     stem: str = "cifar"
     exits: int = 4
-    head: str = "attention"  # exit-head variant: "attention" (seed 004) or "lite"
+    head: str = "attention"  # exit-head variant: "attention" (seed 004), "lite" or "pool"
     # data
     dataset: str = "cifar10"
     data_dir: str = "data"

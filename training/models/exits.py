@@ -7,6 +7,9 @@
   dispatch, not arithmetic, dominates such small tensors, and the attention's bilinear Resize
   alone costs as much as a stage convolution. "lite" keeps the same feature width (the L2 hint
   still compares like with like) with a third of the nodes.
+- "pool": global pool, FC to the deepest width + ReLU (the hint's feature), FC: no
+  convolution at all, ≈ 0.03 % of the MACs, for when rows that reach the last exit must cost
+  about what the plain model does (docs/export-and-runtime.md measures the trade).
 """
 
 from __future__ import annotations
@@ -104,7 +107,25 @@ class LiteExit(nn.Module):
         return feat, self.fc(feat)
 
 
-EXIT_HEADS: dict[str, type[nn.Module]] = {"attention": ShallowExit, "lite": LiteExit}
+class PoolExit(nn.Module):
+    """Exit head with almost no graph: global pool, a fully connected layer to the deepest
+    stage's width with ReLU (the L2 hint's feature), FC. Returns (feature vector, logits)."""
+
+    def __init__(self, channel_path: list[int], num_classes: int) -> None:
+        super().__init__()
+        self.align = nn.Sequential(nn.Linear(channel_path[0], channel_path[-1]), nn.ReLU())
+        self.fc = nn.Linear(channel_path[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feat = self.align(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return feat, self.fc(feat)
+
+
+EXIT_HEADS: dict[str, type[nn.Module]] = {
+    "attention": ShallowExit,
+    "lite": LiteExit,
+    "pool": PoolExit,
+}
 
 
 def create_exit_head(kind: str, channel_path: list[int], num_classes: int) -> nn.Module:

@@ -42,7 +42,7 @@ def create_model(
 ) -> nn.Module:
     """A multi-exit network over backbone `name` with `exits` classifiers (1 = backbone only).
 
-    `head` names the exit-head variant ("attention" = seed 004, "lite"; see
+    `head` names the exit-head variant ("attention" = seed 004, "lite", "pool"; see
     `training.models.exits`). kwargs go to the backbone (`width`, `stem`, `in_chans`, ...).
     Raises UnknownModelError for an unknown name and ValueError for an unknown head or when
     `exits` exceeds the backbone's number of stages.
