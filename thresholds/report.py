@@ -164,9 +164,7 @@ def result_json(
         "margin": tune.margin(),
         "cost": costs.to_dict(),
         "search": _search_fields(outcome, options),
-        "test": None
-        if outcome.test is None
-        else {"split": data.test_split, **_held_out(outcome)},
+        "test": None if outcome.test is None else {"split": data.test_split, **_held_out(outcome)},
         "grid": _comparison(outcome, "grid"),
         "global": _comparison(outcome, "global"),
     }
