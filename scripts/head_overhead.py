@@ -1,9 +1,9 @@
 """What a row that reaches the last exit pays for the early-exit chain, as the backbone grows.
 
 For each width, builds the multi-exit network (random weights: onnxruntime's timing does not
-depend on them), exports it as a bundle, and times at batch 1, interleaved on the same rows
-(`serving.bench.time_variants`, as `earlyexit-bench` does: per image, the median over repeats
-of each variant's total time for all rows):
+depend on them), exports it as a bundle, and times at batch 1 on the same rows
+(`serving.bench.time_variants`, as `earlyexit-bench` does: each variant in its own warm loop
+over all rows, turns rotated, per image the median over repeats of that loop's time):
 
 - `full_model`: the single-graph plain model;
 - `chain_with_heads`: every segment with its exit head, no exit accepting (what a deep row runs
@@ -68,7 +68,7 @@ def time_bundle(bundle: Path, rows: int, repeats: int) -> dict[str, Any]:
         "chain_with_heads": lambda x: runtime.classify(x, thresholds=heads),
         "chain_stage_files": lambda x: runtime.classify(x, thresholds=stages),
     }
-    seconds = time_variants(variants, xs, repeats)  # interleaved, order rotated per row
+    seconds = time_variants(variants, xs, repeats)  # warm loops, turns rotated per repeat
     ms = {name: 1e3 * total / len(xs) for name, total in seconds.items()}
     m = runtime.manifest
     return {
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exits", type=int, default=4)
     parser.add_argument("--widths", default="0.25,0.5,1.0")
     parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     setup_cli_logging(timestamps=True)

@@ -3,7 +3,7 @@
 For several β (eq. 7) and `--max-drop` settings, thresholds are tuned on the validation split
 and reported on the test split: accuracy change vs the final exit and vs the baseline model,
 MAC acceleration, measured wall-clock acceleration in-process (early-exit chain vs the
-single-graph full model, interleaved in one loop) and over HTTP (a real server, throughput with
+single-graph full model, each in its own warm loop, turns rotated) and over HTTP (a real server, throughput with
 the tuned thresholds vs the same server at full depth).
 
     python scripts/table5.py --bundle B --data-dir ../shared/data \
@@ -46,7 +46,7 @@ SETTINGS = [("beta", b) for b in (0.5, 1.0, 2.0, 5.0)] + [("max_drop", e) for e 
 def in_process_speedup(
     runtime: EarlyExitRuntime, x: np.ndarray, thresholds, batch: int, rounds: int
 ) -> dict:
-    """Single-graph full model time ÷ early-exit chain time on the same rows (interleaved)."""
+    """Single-graph full model time ÷ early-exit chain time on the same rows (warm loops)."""
     batches = [x[i : i + batch] for i in range(0, len(x), batch)]
     seconds = time_variants(
         {
@@ -256,7 +256,7 @@ def render(report: dict) -> str:
         "Thresholds tuned on the validation split (5 000 images held out of train), reported on "
         "the 10 000-image test split. Accuracy deltas in points; MAC acceleration = full-model "
         "MACs ÷ mean MACs per row; in-process wall-clock = single-graph full model time ÷ "
-        "early-exit chain time on the same rows (interleaved, median of rounds, onnxruntime CPU); "
+        "early-exit chain time on the same rows (warm loops, median of rounds, onnxruntime CPU); "
         "HTTP = server throughput with these thresholds ÷ the same server at full depth "
         "(every exit disabled).",
         "",

@@ -325,7 +325,7 @@ def in_process_speedup(
 ) -> dict[str, Any]:
     """Early-exit speedup of the runtime itself on preprocessed rows `x`: `thresholds` against
     full depth (every threshold 1.0, what --compare-full sets on the server), batches of
-    `batch_size`, timed interleaved."""
+    `batch_size`, timed in turns (`serving.bench.time_variants`)."""
     from serving.bench import time_variants
 
     tuned = tuple(float(t) for t in thresholds)

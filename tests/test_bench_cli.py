@@ -137,3 +137,16 @@ def test_time_variants_reports_every_variant():
     seconds = time_variants({"a": count("a"), "b": count("b")}, batches, repeats=3)
     assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
     assert calls == {"a": 2 + 3 * 5, "b": 2 + 3 * 5}  # warm-up on batch 0, then 3 repeats
+
+
+def test_time_variants_runs_each_variant_in_blocks_in_rotated_order():
+    order = []
+    variants = {name: (lambda b, name=name: order.append((name, len(b)))) for name in "abc"}
+    batches = [np.zeros(1), np.zeros(2)]
+    time_variants(variants, batches, repeats=3)
+    timed = order[3:]  # after one warm-up call each
+    blocks = [timed[i : i + 2] for i in range(0, len(timed), 2)]
+    # every variant runs all batches back to back (its own warm loop) ...
+    assert all(block == [(block[0][0], 1), (block[0][0], 2)] for block in blocks)
+    # ... and who goes first rotates from repeat to repeat
+    assert [block[0][0] for block in blocks] == list("abc" + "bca" + "cab")

@@ -8,7 +8,7 @@
   alone costs as much as a stage convolution. "lite" keeps the same feature width (the L2 hint
   still compares like with like) with a third of the nodes.
 - "pool": global pool, FC to the deepest width + ReLU (the hint's feature), FC: no
-  convolution at all, ≈ 0.03 % of the MACs, for when rows that reach the last exit must cost
+  convolution at all, ≈ 0.05 % of the MACs, for when rows that reach the last exit must cost
   about what the plain model does (docs/export-and-runtime.md measures the trade).
 """
 
