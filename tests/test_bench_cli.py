@@ -74,6 +74,29 @@ def test_bench_writes_json_and_plots(tiny_bundle, cifar_dir, tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_efficiency_counts_the_stage_files_the_runtime_ran(
+    tiny_bundle, cifar_dir, tmp_path, capsys
+):
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    # exit 1 disabled and exit K accepting every row: nothing can fall back, so exit 1's head
+    # is skipped and its stage file runs
+    (bundle / "thresholds.json").write_text(json.dumps({"thresholds": [1.0, 0.5, 0.0]}))
+    argv = ["--bundle", str(bundle), "--dataset", "cifar10", "--data-dir", str(cifar_dir)]
+    argv += ["--batch-sizes", "1", "--repeats", "1", "--timing-rows", "48", "--threads", "1"]
+    assert main(argv + ["--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    dynamic, timing = report["dynamic"], report["timing"]["1"]
+    assert dynamic["stage_files_used"] == [True, False, False]
+    assert dynamic["mac_speedup_executed"] > dynamic["acceleration"]
+    assert timing["mac_speedup"] == pytest.approx(dynamic["mac_speedup_executed"])
+    assert timing["efficiency"] == pytest.approx(
+        timing["speedup_vs_full_model"] / dynamic["mac_speedup_executed"]
+    )
+
+
 def test_missing_bundle_exits_2(cifar_dir, tmp_path, capsys):
     code = main(
         ["--bundle", str(tmp_path / "nope"), "--dataset", "cifar10", "--data-dir", str(cifar_dir)]
