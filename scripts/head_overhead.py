@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from serving.bench import time_variants
-from serving.bundle import atomic_write_bytes, atomic_write_json
+from serving.bundle import atomic_write_json
 from serving.cli_common import setup_cli_logging
+from serving.plots import pyplot, save_png
 from serving.runtime import EarlyExitRuntime
 
 log = logging.getLogger("head_overhead")
@@ -82,13 +83,7 @@ def time_bundle(bundle: Path, rows: int, repeats: int) -> dict[str, Any]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     widths = [float(w) for w in report["widths"]]
     runs = [report["widths"][w] for w in report["widths"]]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -102,10 +97,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{report['head']} heads, {report['exits']} exits")
     ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path, dpi=110, tight=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ Writes transfer_study.json and transfer_study.png to --out.
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import sys
 from pathlib import Path
@@ -26,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from serving.bundle import BundleError, atomic_write_bytes, atomic_write_json, load_manifest
+from serving.bundle import BundleError, atomic_write_json, load_manifest
 from serving.cli_common import setup_cli_logging
+from serving.plots import pyplot, save_png
 from thresholds.calibrate import check_against_manifest, read_calibration_file
 from thresholds.costs import macs_cost_model
 from thresholds.errors import TuningError
@@ -118,11 +118,7 @@ def study(
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     results = report["results"]
     fig, ax = plt.subplots(figsize=(7, 4.4))
     labels = [f"N={r['tune_rows']}\nZ={r['confidence']:g}" for r in results]
@@ -145,10 +141,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     )
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path, dpi=110, tight=False)
 
 
 def _ints(text: str) -> list[int]:

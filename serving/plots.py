@@ -6,18 +6,14 @@ import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from serving.bundle import atomic_write_bytes
 
 
-def _save(fig: object, path: str | os.PathLike[str]) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")  # type: ignore[attr-defined]
-    atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
-
-
-def _pyplot():
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, imported on first use (nothing heavy at
+    import time)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,11 +22,22 @@ def _pyplot():
     return plt
 
 
+def save_png(fig: Any, path: str | os.PathLike[str], *, dpi: int = 120, tight: bool = True) -> Path:
+    """Write `fig` as a PNG atomically (a crash never leaves half a file) and close it."""
+    try:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
+        atomic_write_bytes(path, buffer.getvalue())
+        return Path(path)
+    finally:
+        pyplot().close(fig)
+
+
 def exit_histogram(
     fractions: Sequence[float], path: str | os.PathLike[str], title: str = ""
 ) -> Path:
     """Bar chart of the fraction of rows answered at each exit, then the fallback."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [f"exit {k}" for k in range(1, len(fractions))] + ["fallback"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bars = ax.bar(names, [100.0 * f for f in fractions], color="#4c72b0")
@@ -45,10 +52,7 @@ def exit_histogram(
         )
     ax.set_ylabel("rows (%)")
     ax.set_title(title or "Where rows exit")
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return save_png(fig, path)
 
 
 def accuracy_vs_speedup(
@@ -60,7 +64,7 @@ def accuracy_vs_speedup(
 ) -> Path:
     """Accuracy against MAC speedup over a global-threshold sweep (each dict: threshold,
     accuracy, acceleration); `point` marks the bundle's own thresholds."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [row["acceleration"] for row in sweep]
     ys = [row["accuracy"] for row in sweep]
@@ -85,7 +89,4 @@ def accuracy_vs_speedup(
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or "Accuracy vs speedup")
     ax.legend(fontsize=8)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return save_png(fig, path)

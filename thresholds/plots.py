@@ -9,15 +9,13 @@ Files are written atomically.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from serving.bundle import atomic_write_bytes
+from serving.plots import pyplot, save_png
 from thresholds.costs import CostModel
 from thresholds.tuning import TuneOutcome
 
@@ -28,25 +26,8 @@ PARETO_PNG = "pareto_front.png"
 EXITS_PNG = "exit_distribution.png"
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
 def plot_tradeoff(path: Path, outcome: TuneOutcome, costs: CostModel) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     if outcome.search is not None and outcome.search.explored.size:
         explored = outcome.search.explored
@@ -129,13 +110,13 @@ def plot_tradeoff(path: Path, outcome: TuneOutcome, costs: CostModel) -> Path:
         ax.set_xlim(right=max(*shown, chosen.acceleration, final.acceleration) * 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_pareto(path: Path, outcome: TuneOutcome, costs: CostModel) -> Path:
     if outcome.pareto is None:
         raise ValueError("plot_pareto needs a pareto-mode outcome")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     front = outcome.pareto.front
     ax.plot(
@@ -161,13 +142,13 @@ def plot_pareto(path: Path, outcome: TuneOutcome, costs: CostModel) -> Path:
     ax.set_title("NSGA-II Pareto front (tuning split)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_exit_distribution(
     path: Path, outcome: TuneOutcome, split: str, test_split: str | None
 ) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fractions = outcome.tune.metrics.exit_fractions
     names = [f"exit {k + 1}" for k in range(len(fractions) - 1)] + ["fallback"]
     series = [(split, fractions)]
@@ -183,7 +164,7 @@ def plot_exit_distribution(
     ax.set_ylabel("rows answered (%)")
     ax.set_title("Where rows exit, thresholds " + ", ".join(f"{t:.3f}" for t in outcome.thresholds))
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def write_plots(
