@@ -86,10 +86,7 @@ def study(
                     ("difference", moved["accuracy_difference"]),
                     ("final_exit_difference", moved["final_exit_difference"]),
                     ("se", moved["se"]),
-                    (
-                        "held_out_drop",
-                        outcome.test.baseline_accuracy - outcome.test.metrics.accuracy,
-                    ),
+                    ("held_out_drop", outcome.test.drop),
                     ("acceleration", outcome.tune.metrics.acceleration),
                 ):
                     cell.setdefault(key, []).append(float(value))

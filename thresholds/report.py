@@ -116,8 +116,7 @@ def transfer(tune: SplitReport, held_out: SplitReport) -> dict[str, Any]:
         "se": se,
         "z": difference / se if se > 0 else 0.0,
         "final_exit_difference": held_out.final_exit.accuracy - tune.final_exit.accuracy,
-        "drop_difference": (held_out.baseline_accuracy - held_out.metrics.accuracy)
-        - (tune.baseline_accuracy - tune.metrics.accuracy),
+        "drop_difference": held_out.drop - tune.drop,
         "acceleration_ratio": held_out.metrics.acceleration / tune.metrics.acceleration,
     }
 

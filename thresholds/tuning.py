@@ -87,6 +87,11 @@ class SplitReport:
     paired: bool  # `bound` is on the paired difference to the final exit on these rows
     bound: AccuracyBound  # accuracy − baseline, its SE and its lower bound (points)
 
+    @property
+    def drop(self) -> float:
+        """Points below this split's baseline (negative when above it)."""
+        return self.baseline_accuracy - self.metrics.accuracy
+
     def margin(self) -> dict[str, Any]:
         """The drop, its SE and the lower bound on accuracy − baseline (points)."""
         return {
@@ -106,7 +111,7 @@ class SplitReport:
             "rows": self.rows,
             "accuracy": self.metrics.accuracy,
             "baseline_accuracy": self.baseline_accuracy,
-            "accuracy_drop": self.baseline_accuracy - self.metrics.accuracy,
+            "accuracy_drop": self.drop,
             "acceleration": self.metrics.acceleration,
             "fitness": self.fitness,
             "exit_fractions": list(self.metrics.exit_fractions),
