@@ -455,11 +455,9 @@ def run_http_bench(
 
 
 def _plot_latency(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from serving.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     names = [k for k in ("early_exit", "full_depth") if k in report]
     values = [[report[k]["latency_ms"][p] or 0 for p in ("p50", "p95", "p99")] for k in names]
@@ -471,8 +469,7 @@ def _plot_latency(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{report['model']['name']}: HTTP latency, concurrency {report['concurrency']}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, tight=False)
 
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> Path:

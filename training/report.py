@@ -82,13 +82,9 @@ def _read_run(run: Path) -> dict[str, Any]:
 
 
 def _plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
-    import io
+    from serving.plots import pyplot, save_png
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, run in runs.items():
         epochs = [m["epoch"] for m in run["metrics"]]
@@ -106,10 +102,7 @@ def _plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, tight=False)
 
 
 def build_report(
