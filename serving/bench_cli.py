@@ -150,6 +150,12 @@ def _summary(report: dict) -> None:
             f"{t['speedup_vs_chain']:.2f}x vs chain, MAC {t['mac_speedup']:.2f}x, "
             f"efficiency {t['efficiency']:.2f}"
         )
+        per_mac = [seg["time_per_mac_vs_full_model"] for seg in t.get("segments", [])]
+        if per_mac:
+            lines.append(
+                f"batch {batch}: time per MAC vs the full model, segment 1..K: "
+                + ", ".join("-" if r is None else f"{r:.2f}" for r in per_mac)
+            )
     last = report.get("last_exit_latency")
     if last:
         lines.append(

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from serving.bench import row_macs, threshold_sweep, time_variants
+from serving.bench import row_macs, segment_costs, threshold_sweep, time_variants
 from serving.bench_cli import main
 from serving.calibration import decide
 from tests.data_fixtures import write_tiny_cifar10
@@ -66,6 +66,18 @@ def test_bench_writes_json_and_plots(tiny_bundle, cifar_dir, tmp_path, capsys):
         assert timing["efficiency"] == pytest.approx(
             timing["speedup_vs_full_model"] / timing["mac_speedup"]
         )
+        segments = timing["segments"]
+        assert [seg["segment"] for seg in segments] == [1, 2, 3]
+        assert segments[0]["rows"] == 16  # every timing row enters segment 1
+        assert [seg["rows"] for seg in segments] == sorted(
+            (seg["rows"] for seg in segments), reverse=True
+        )
+        for seg in segments:
+            if seg["rows"]:
+                assert seg["ms_per_row"] > 0
+                assert seg["time_per_mac_vs_full_model"] == pytest.approx(
+                    seg["time_share"] / seg["mac_share"]
+                )
     assert report["last_exit_latency"]["rows"] >= 1
     saved = json.loads((out / "bench.json").read_text())
     assert saved["dynamic"] == dynamic
@@ -95,6 +107,34 @@ def test_efficiency_counts_the_stage_files_the_runtime_ran(
     assert timing["efficiency"] == pytest.approx(
         timing["speedup_vs_full_model"] / dynamic["mac_speedup_executed"]
     )
+
+
+def test_segment_costs_divide_each_segments_time_by_the_rows_that_entered_it():
+    from types import SimpleNamespace
+
+    class Runtime:
+        manifest = SimpleNamespace(num_exits=3, full_model=SimpleNamespace(macs=100))
+        calls = 0
+
+        def classify(self, batch):
+            self.calls += 1
+            # 4 rows in, 2 left after exit 1, none reach segment 3
+            return SimpleNamespace(segment_seconds=[0.004, 0.002, 0.0], rows_per_segment=[4, 2, 0])
+
+    runtime = Runtime()
+    batches = [np.zeros((4, 1))] * 2
+    out = segment_costs(runtime, batches, [40, 30, 30], full_model_seconds_per_row=0.002)
+    assert runtime.calls == 4  # two passes over two batches; only the last pass is kept
+    first, second, third = out
+    assert first["rows"] == 8 and second["rows"] == 4 and third["rows"] == 0
+    # segment 1: 0.008 s / 8 rows = 1 ms a row = half the single graph's 2 ms, for 40 % of its MACs
+    assert first["ms_per_row"] == pytest.approx(1.0)
+    assert first["time_share"] == pytest.approx(0.5)
+    assert first["mac_share"] == pytest.approx(0.4)
+    assert first["time_per_mac_vs_full_model"] == pytest.approx(1.25)
+    assert second["time_per_mac_vs_full_model"] == pytest.approx(0.5 / 0.3)
+    assert third["ms_per_row"] is None and third["time_per_mac_vs_full_model"] is None
+    assert third["mac_share"] == pytest.approx(0.3)
 
 
 def test_missing_bundle_exits_2(cifar_dir, tmp_path, capsys):
