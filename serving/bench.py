@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from serving.bundle import atomic_write_json
-from serving.calibration import collect_calibration, decide
+from serving.calibration import FALLBACK_EXIT, collect_calibration, decide
 from serving.runtime import EarlyExitRuntime
 
 logger = logging.getLogger(__name__)
@@ -218,32 +218,79 @@ def _timing_for_batch_size(
     }
 
 
+def _per_call_seconds(
+    runtime: EarlyExitRuntime, x: np.ndarray, repeats: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch-1 seconds per call over the rows of `x`: the bundle's thresholds (with the exit
+    that answered each call) and the single graph, each in warm blocks whose order alternates
+    from repeat to repeat, as in `time_variants`, but timed call by call."""
+    rows = [x[i : i + 1] for i in range(len(x))]
+    chain: list[float] = []
+    answered: list[int] = []
+    full: list[float] = []
+
+    def run_chain(row: np.ndarray) -> None:
+        start = time.perf_counter()
+        result = runtime.classify(row)
+        chain.append(time.perf_counter() - start)
+        answered.append(int(result.exits[0]))
+
+    def run_full(row: np.ndarray) -> None:
+        start = time.perf_counter()
+        runtime.run_full_model(row)
+        full.append(time.perf_counter() - start)
+
+    run_chain(rows[0])  # warm-up calls, not kept
+    run_full(rows[0])
+    chain.clear()
+    answered.clear()
+    full.clear()
+    blocks = [run_chain, run_full]
+    for r in range(repeats):
+        for fn in blocks if r % 2 == 0 else blocks[::-1]:
+            for row in rows:
+                fn(row)
+    return np.asarray(chain), np.asarray(answered, dtype=np.int64), np.asarray(full)
+
+
 def last_exit_latency(
     runtime: EarlyExitRuntime, x: np.ndarray, repeats: int
 ) -> dict[str, Any] | None:
-    """Batch-1 latency of rows that go all the way (exit K or fallback) vs the full model."""
+    """Batch-1 latency of rows that go all the way (exit K or fallback) vs the full model, the
+    deep rows run back to back (their segments' weights stay in cache; `latency_by_exit` has
+    them among the other rows)."""
     if len(x) == 0:
         return None
-    chain: list[float] = []
-    full: list[float] = []
-    rows = [x[i : i + 1] for i in range(len(x))]
-    runtime.classify(rows[0])
-    runtime.run_full_model(rows[0])
-    pair = [(chain, runtime.classify), (full, runtime.run_full_model)]
-    for r in range(repeats):  # warm blocks, as in `time_variants`; per-call times, median
-        for sink, fn in pair if r % 2 == 0 else pair[::-1]:
-            for row in rows:
-                start = time.perf_counter()
-                fn(row)
-                sink.append(time.perf_counter() - start)
+    chain, _, full = _per_call_seconds(runtime, x, repeats)
     chain_ms, full_ms = 1e3 * float(np.median(chain)), 1e3 * float(np.median(full))
     return {
-        "rows": len(rows),
+        "rows": len(x),
         "repeats": repeats,
         "chain_ms": chain_ms,
         "full_model_ms": full_ms,
         "ratio": chain_ms / full_ms,
     }
+
+
+def latency_by_exit(runtime: EarlyExitRuntime, x: np.ndarray, repeats: int) -> dict[str, Any]:
+    """Batch-1 latency per answering exit, the rows of `x` in their own order (the mix of exits
+    that traffic like them brings), against the single graph's median call on the same rows."""
+    chain, answered, full = _per_call_seconds(runtime, x, repeats)
+    full_ms = 1e3 * float(np.median(full))
+    exits = []
+    for e in [*range(1, runtime.manifest.num_exits + 1), FALLBACK_EXIT]:
+        calls = chain[answered == e]
+        if calls.size:
+            ms = 1e3 * float(np.median(calls))
+            exits.append(
+                {
+                    "exit": e if e != FALLBACK_EXIT else "fallback",
+                    "rows": int(calls.size) // repeats,
+                    "ms": ms,
+                    "vs_full_model": ms / full_ms,
+                }
+            )
+    return {"rows": len(x), "repeats": repeats, "full_model_ms": full_ms, "exits": exits}
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -367,6 +414,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         )
     deep = np.flatnonzero((exits == k) | (exits == 0))[: config.last_exit_rows]
     last = last_exit_latency(runtime, x[deep], config.repeats)
+    by_exit = latency_by_exit(runtime, timing_x, config.repeats)
 
     sweep = threshold_sweep(
         exit_probs, labels, m.fallback, m.segment_macs(), m.full_model.macs, config.sweep_points
@@ -390,6 +438,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         "dynamic": dynamic,
         "timing": timing,
         "last_exit_latency": last,
+        "latency_by_exit": by_exit,
         "sweep": sweep,
     }
     report["seconds"] = time.perf_counter() - started

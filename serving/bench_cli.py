@@ -162,6 +162,12 @@ def _summary(report: dict) -> None:
             f"deep rows at batch 1: {last['chain_ms']:.3f} ms vs full model "
             f"{last['full_model_ms']:.3f} ms ({last['ratio']:.2f}x)"
         )
+    by_exit = report.get("latency_by_exit")
+    if by_exit and by_exit["exits"]:
+        lines.append(
+            "batch-1 latency by exit among all rows, vs full model: "
+            + ", ".join(f"{e['exit']}: {e['vs_full_model']:.2f}x" for e in by_exit["exits"])
+        )
     print("\n".join(lines))
 
 

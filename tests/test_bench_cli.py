@@ -79,6 +79,17 @@ def test_bench_writes_json_and_plots(tiny_bundle, cifar_dir, tmp_path, capsys):
                     seg["time_share"] / seg["mac_share"]
                 )
     assert report["last_exit_latency"]["rows"] >= 1
+    by_exit = report["latency_by_exit"]
+    # every timing row answered by exactly one exit, in the same proportions as the dynamic pass
+    assert sum(e["rows"] for e in by_exit["exits"]) == 16
+    for entry in by_exit["exits"]:
+        assert entry["vs_full_model"] == pytest.approx(entry["ms"] / by_exit["full_model_ms"])
+    # a row answered at exit e (or the fallback, after all K) entered segments 1..e
+    reached = [
+        sum(e["rows"] for e in by_exit["exits"] if e["exit"] == "fallback" or e["exit"] > j)
+        for j in range(3)
+    ]
+    assert reached == [seg["rows"] for seg in report["timing"]["1"]["segments"]]
     saved = json.loads((out / "bench.json").read_text())
     assert saved["dynamic"] == dynamic
     for name in ("exit_histogram.png", "accuracy_vs_speedup.png"):
