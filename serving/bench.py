@@ -348,6 +348,8 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         raise ValueError("batch sizes must be positive integers")
     if config.repeats < 1:
         raise ValueError("repeats must be >= 1")
+    if config.timing_rows < 1:
+        raise ValueError("timing rows must be >= 1")
     runtime = EarlyExitRuntime(
         config.bundle, providers=config.providers, intra_op_threads=config.intra_op_threads
     )
