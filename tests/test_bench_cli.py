@@ -80,7 +80,7 @@ def test_bench_writes_json_and_plots(tiny_bundle, cifar_dir, tmp_path, capsys):
                 )
     assert report["last_exit_latency"]["rows"] >= 1
     by_exit = report["latency_by_exit"]
-    # every timing row answered by exactly one exit, in the same proportions as the dynamic pass
+    # every timing row is answered by exactly one exit (or the fallback)
     assert sum(e["rows"] for e in by_exit["exits"]) == 16
     for entry in by_exit["exits"]:
         assert entry["vs_full_model"] == pytest.approx(entry["ms"] / by_exit["full_model_ms"])
