@@ -133,37 +133,32 @@ def time_variants(
 
 def segment_costs(
     runtime: EarlyExitRuntime,
-    batches: list[np.ndarray],
+    x: np.ndarray,
+    batch_size: int,
     executed_macs: Sequence[int],
     full_model_seconds_per_row: float,
     passes: int = 2,
 ) -> list[dict[str, Any]]:
     """Where the dynamic variant's time goes, segment by segment, next to where its MACs go.
 
-    Runs the bundle's thresholds over `batches` `passes` times (the last pass counts: its caches
-    are warm from the one before) and reads the runtime's own per-segment clock (onnxruntime
-    calls only, not the Python between them). Per segment: the rows that entered it, its time
+    Runs the bundle's thresholds over `x` in batches of `batch_size` (`_dynamic_pass`) `passes`
+    times (the last pass counts: its caches are warm from the one before) and reads the
+    runtime's own per-segment clock (onnxruntime calls only, not the Python between them). Per
+    segment: the rows that entered it, its time
     per row as a share of the single graph's time per image (`time_share`), its executed MACs
     as a share of the single graph's (`mac_share`), and their ratio: above 1 the segment costs
     more per MAC than the single graph does, so leaving before it saves more time than the MAC
     speedup counts, and efficiency can exceed 1; below 1, less.
     """
-    k = runtime.manifest.num_exits
-    seconds = np.zeros(k)
-    rows = np.zeros(k, dtype=np.int64)
     for _ in range(passes):
-        seconds[:], rows[:] = 0.0, 0
-        for batch in batches:
-            result = runtime.classify(batch)
-            seconds += result.segment_seconds
-            rows += result.rows_per_segment
+        _, _, seconds, rows = _dynamic_pass(runtime, x, batch_size, progress=False)
     full_macs = runtime.manifest.full_model.macs
     out: list[dict[str, Any]] = []
-    for j in range(k):
+    for j in range(runtime.manifest.num_exits):
         mac_share = float(executed_macs[j]) / full_macs
         entry: dict[str, Any] = {"segment": j + 1, "rows": int(rows[j]), "mac_share": mac_share}
         if rows[j]:
-            per_row = float(seconds[j]) / int(rows[j])
+            per_row = seconds[j] / rows[j]
             time_share = per_row / full_model_seconds_per_row
             entry |= {
                 "ms_per_row": 1e3 * per_row,
@@ -201,7 +196,7 @@ def _timing_for_batch_size(
     seconds = time_variants(variants, batches, repeats)
     mac_speedup = float(m.full_model.macs / row_macs(exits, executed_macs).mean())
     vs_full = seconds["full_model"] / seconds["dynamic"]
-    segments = segment_costs(runtime, batches, executed_macs, seconds["full_model"] / len(x))
+    segments = segment_costs(runtime, x, batch_size, executed_macs, seconds["full_model"] / len(x))
     return {
         "rows": int(len(x)),
         "batches": len(batches),

@@ -150,24 +150,23 @@ def _summary(report: dict) -> None:
             f"{t['speedup_vs_chain']:.2f}x vs chain, MAC {t['mac_speedup']:.2f}x, "
             f"efficiency {t['efficiency']:.2f}"
         )
-        per_mac = [seg["time_per_mac_vs_full_model"] for seg in t.get("segments", [])]
-        if per_mac:
-            lines.append(
-                f"batch {batch}: time per MAC vs the full model, segment 1..K: "
-                + ", ".join("-" if r is None else f"{r:.2f}" for r in per_mac)
-            )
+        per_mac = [seg["time_per_mac_vs_full_model"] for seg in t["segments"]]
+        lines.append(
+            f"batch {batch}: time per MAC vs the full model, segment 1..K: "
+            + ", ".join("-" if r is None else f"{r:.2f}" for r in per_mac)
+        )
     last = report.get("last_exit_latency")
     if last:
         lines.append(
             f"deep rows at batch 1: {last['chain_ms']:.3f} ms vs full model "
             f"{last['full_model_ms']:.3f} ms ({last['ratio']:.2f}x)"
         )
-    by_exit = report.get("latency_by_exit")
-    if by_exit and by_exit["exits"]:
-        lines.append(
-            "batch-1 latency by exit among all rows, vs full model: "
-            + ", ".join(f"{e['exit']}: {e['vs_full_model']:.2f}x" for e in by_exit["exits"])
+    lines.append(
+        "batch-1 latency by exit among all rows, vs full model: "
+        + ", ".join(
+            f"{e['exit']}: {e['vs_full_model']:.2f}x" for e in report["latency_by_exit"]["exits"]
         )
+    )
     print("\n".join(lines))
 
 

@@ -124,17 +124,22 @@ def test_segment_costs_divide_each_segments_time_by_the_rows_that_entered_it():
     from types import SimpleNamespace
 
     class Runtime:
-        manifest = SimpleNamespace(num_exits=3, full_model=SimpleNamespace(macs=100))
+        manifest = SimpleNamespace(num_exits=3, num_classes=2, full_model=SimpleNamespace(macs=100))
         calls = 0
 
         def classify(self, batch):
             self.calls += 1
             # 4 rows in, 2 left after exit 1, none reach segment 3
-            return SimpleNamespace(segment_seconds=[0.004, 0.002, 0.0], rows_per_segment=[4, 2, 0])
+            return SimpleNamespace(
+                probs=np.zeros((4, 2)),
+                exits=np.zeros(4, dtype=np.int64),
+                segment_seconds=[0.004, 0.002, 0.0],
+                rows_per_segment=[4, 2, 0],
+            )
 
     runtime = Runtime()
-    batches = [np.zeros((4, 1))] * 2
-    out = segment_costs(runtime, batches, [40, 30, 30], full_model_seconds_per_row=0.002)
+    x = np.zeros((8, 1))  # two batches of 4
+    out = segment_costs(runtime, x, 4, [40, 30, 30], full_model_seconds_per_row=0.002)
     assert runtime.calls == 4  # two passes over two batches; only the last pass is kept
     first, second, third = out
     assert first["rows"] == 8 and second["rows"] == 4 and third["rows"] == 0
