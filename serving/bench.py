@@ -107,7 +107,18 @@ def time_variants(
     batches: list[np.ndarray],
     repeats: int,
 ) -> dict[str, float]:
-    """Median over repeats of the seconds each variant takes for all `batches`.
+    """Median over repeats of the seconds each variant takes for all `batches`
+    (`time_variant_runs`)."""
+    runs = time_variant_runs(variants, batches, repeats)
+    return {name: float(np.median(values)) for name, values in runs.items()}
+
+
+def time_variant_runs(
+    variants: dict[str, Callable[[np.ndarray], Any]],
+    batches: list[np.ndarray],
+    repeats: int,
+) -> dict[str, list[float]]:
+    """The seconds each variant takes for all `batches`, one entry per repeat.
 
     Each variant runs every batch back to back (one block, its caches warm, as a server running
     only that variant), and the blocks take turns in an order rotated from repeat to repeat, so
@@ -128,7 +139,7 @@ def time_variants(
             for batch in batches:
                 fn(batch)
             totals[name].append(time.perf_counter() - start)
-    return {name: float(np.median(values)) for name, values in totals.items()}
+    return totals
 
 
 def segment_costs(

@@ -116,6 +116,37 @@ def test_single_row_fast_path_is_exactly_the_reference_rule(bundle_copy, batch, 
     assert seen_exits == {0, 1, 2, 3}
 
 
+class _NaNInLastClass:
+    """Wraps segment 1's session: its probabilities get a NaN in the last class, the rest
+    untouched (Python's max skips a NaN that is not first)."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+
+    def run(self, names, feed):
+        outputs = self.session.run(names, feed)
+        probs = outputs[0].copy()
+        probs[:, -1] = np.nan
+        return [probs, *outputs[1:]]
+
+
+def test_a_nan_probability_is_never_accepted_at_any_batch_size(tiny_bundle, batch):
+    """numpy's max of a row holding a NaN is NaN, so `decide` accepts no such row; the batch-1
+    path reads Python floats and must agree even when another class clears the threshold."""
+    runtime = EarlyExitRuntime(tiny_bundle, intra_op_threads=1)
+    runtime._segments[0] = _NaNInLastClass(runtime._segments[0])
+    thresholds = (0.0, 0.0, 0.0)
+    full = runtime.classify(batch[:2], full=True, thresholds=thresholds)
+    assert np.isnan(full.exit_probs[:, 0, -1]).all() and (full.exit_probs[:, 0, :-1] > 0).any()
+    _, exits = decide(full.exit_probs, thresholds, runtime.manifest.fallback)
+    assert exits.tolist() == [2, 2]
+    assert runtime.classify(batch[:2], thresholds=thresholds).exits.tolist() == [2, 2]
+    for i in range(2):
+        single = runtime.classify(batch[i : i + 1], thresholds=thresholds)
+        assert single.exits.tolist() == [2]
+        assert single.rows_per_segment == [1, 1, 0]
+
+
 def test_dynamic_answers_equal_the_reference_rule_on_full_mode(runtime, batch):
     full = runtime.classify(batch, full=True)
     answers, exits = decide(full.exit_probs, runtime.thresholds, runtime.manifest.fallback)
