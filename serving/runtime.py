@@ -303,6 +303,12 @@ class EarlyExitRuntime:
                 self._plans[thresholds] = plan
         return plan
 
+    def sessions(self, stage_files: bool = False) -> list[Any | None]:
+        """The onnxruntime session of every segment (or of its stage file, None where there is
+        none), for diagnostics that time bare `session.run` calls against `classify` on the
+        same sessions and weights."""
+        return list(self._stages if stage_files else self._segments)
+
     def stage_skips(self, thresholds: Sequence[float] | None = None) -> list[bool]:
         """Which segments `classify` runs as their stage file (no head) under `thresholds`."""
         th = self._thresholds if thresholds is None else tuple(thresholds)

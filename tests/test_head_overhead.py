@@ -29,7 +29,7 @@ def test_bundle_mode_reports_the_deep_row_budget(tiny_bundle, tmp_path):
         "chaining",
         "session_calls",
         "heads",
-        "runtime_python",
+        "runtime_overhead",
     }
     assert budget["allowed"] == pytest.approx(0.05 * 1e3 * report["ms"]["full_model"])
     # two session calls (3 exits) of a graph that computes nothing
@@ -45,14 +45,18 @@ def test_raw_chain_gives_the_runtime_answer_for_a_deep_row(tiny_bundle):
     from serving.runtime import EarlyExitRuntime
 
     runtime = EarlyExitRuntime(tiny_bundle, intra_op_threads=1)
-    segments = [head_overhead.open_session(tiny_bundle / s.file) for s in runtime.manifest.segments]
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     deep = runtime.classify(x, thresholds=(1.0, 1.0, 0.0))
-    np.testing.assert_array_equal(head_overhead.raw_chain(segments)(x), deep.probs)
+    np.testing.assert_array_equal(head_overhead.raw_chain(runtime.sessions())(x), deep.probs)
+    stages = [*runtime.sessions(stage_files=True)[:-1], runtime.sessions()[-1]]
+    np.testing.assert_array_equal(head_overhead.raw_chain(stages)(x), deep.probs)
 
 
 def test_bad_arguments_exit_2(tmp_path, capsys):
     assert head_overhead.main(["--bundle", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+    (tmp_path / "manifest.json").write_text("{}")
+    assert head_overhead.main(["--bundle", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "manifest.json" in capsys.readouterr().err
     assert head_overhead.main(["--rows", "0", "--out", str(tmp_path / "o")]) == 2
     assert head_overhead.main(["--widths", "a,b", "--out", str(tmp_path / "o")]) == 2
