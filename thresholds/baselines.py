@@ -203,9 +203,7 @@ def grid_search(
     best = _best_index(score, accuracy)
     thresholds = grid[np.array(np.unravel_index(best, (used,) * k))]
     metrics = evaluate(table, thresholds, costs)  # exact re-scoring of the winner
-    fitness = float(
-        objective.score(metrics.accuracy, metrics.acceleration, metrics.discordant_rows)
-    )
+    fitness = objective.score_of(metrics)
     front = nondominated(accuracy, acceleration)
     seconds = time.perf_counter() - start
     logger.info("grid (%d^%d points): fitness %.4f in %.2fs", used, k, fitness, seconds)
@@ -231,7 +229,7 @@ def global_threshold_search(
     values = np.linspace(0.0, 1.0, steps)
     matrix = np.repeat(values[:, None], table.num_exits, axis=1)
     scored = evaluate_population(table, matrix, costs)
-    score = objective.score(scored.accuracy, scored.acceleration, scored.discordant_counts)
+    score = objective.score_population(scored)
     best = _best_index(score, scored.accuracy)
     metrics = scored.row(best)
     seconds = time.perf_counter() - start

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from thresholds.errors import TuningError
+from thresholds.evaluate import Metrics, PopulationMetrics
 
 DEFAULT_BETA = 1.0
 # Accuracies are ratios of integer counts; this absorbs float rounding, never a whole row.
@@ -164,6 +165,14 @@ class Objective:
             return self.eq7(accuracy, acceleration)
         feasible, shortfall = self._gap(accuracy, discordant)
         return np.where(feasible, acceleration, -np.maximum(shortfall, 1e-12))
+
+    def score_of(self, metrics: Metrics) -> float:
+        """`score` of one evaluated threshold vector."""
+        return float(self.score(metrics.accuracy, metrics.acceleration, metrics.discordant_rows))
+
+    def score_population(self, scored: PopulationMetrics) -> np.ndarray:
+        """`score` of every vector of an evaluated population."""
+        return self.score(scored.accuracy, scored.acceleration, scored.discordant_counts)
 
     def floor_text(self) -> str:
         """The max-drop floor in words, for error messages."""

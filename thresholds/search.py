@@ -188,7 +188,7 @@ def run_ga(
     _, individual_cls = make_types((1.0, 1.0))
 
     def fitness_of(scored: PopulationMetrics) -> list[tuple[float, float]]:
-        scores = objective.score(scored.accuracy, scored.acceleration, scored.discordant_counts)
+        scores = objective.score_population(scored)
         return [(float(s), float(a)) for s, a in zip(scores, scored.accuracy, strict=True)]
 
     scorer = PopulationScorer(table, costs, bits, fitness_of, config.gray)
@@ -251,9 +251,7 @@ def run_ga(
             f"no thresholds reach {objective.floor_text()} (best found "
             f"{metrics.accuracy:.2f}%); lower the baseline or --confidence, or raise --max-drop"
         )
-    fitness = float(
-        objective.score(metrics.accuracy, metrics.acceleration, metrics.discordant_rows)
-    )
+    fitness = objective.score_of(metrics)
     seconds = time.perf_counter() - start
     logger.info(
         "GA: fitness %.4f, accuracy %.2f%%, acceleration %.3fx after %d generations, "
