@@ -1,9 +1,10 @@
 """What a row that reaches the last exit pays for the early-exit chain, as the backbone grows.
 
 For each width, builds the multi-exit network (random weights: onnxruntime's timing does not
-depend on them), exports it as a bundle, and times at batch 1 on the same rows
-(`serving.bench.time_variants`, as `earlyexit-bench` does: each variant in its own warm loop
-over all rows, turns rotated, per image the median over repeats of that loop's time):
+depend on them), exports it as a bundle, and times at batch 1 on the same rows; or, with
+`--bundle`, times that bundle (`serving.bench.time_variant_runs`, as `earlyexit-bench` does:
+each variant in its own warm loop over all rows, turns rotated, per image the median over
+repeats of that loop's time):
 
 - `full_model`: the single-graph plain model;
 - `chain_with_heads`: every segment with its exit head, no exit accepting (what a deep row runs
