@@ -132,6 +132,13 @@ def test_json_result_and_thresholds_file(setup, capsys, tmp_path):
     assert set(tuned["metrics"]) == {"val", "test"}
     assert tuned["metrics"]["val"]["accuracy"] == result["accuracy"]
     assert tuned["metrics"]["test"]["vs_tuning"] == moved
+    # the oracle ceiling sits at each split's own accuracy and above its acceleration
+    for split in (result, result["test"]):
+        ceiling = split["ceiling"]
+        assert ceiling["at_accuracy"] == split["accuracy"]
+        assert ceiling["acceleration"] >= split["acceleration"]
+        assert ceiling["max_accuracy"] >= split["accuracy"]
+    assert tuned["metrics"]["val"]["ceiling"] == result["ceiling"]
     for name in ("tradeoff.png", "exit_distribution.png"):
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -179,6 +186,7 @@ def test_human_summary(setup, capsys):
     out = capsys.readouterr().out
     assert "thresholds" in out and "grid search" in out and "acceleration" in out
     assert "test - val: accuracy" in out and "chance alone" in out
+    assert "val: an oracle that knows the labels reaches" in out
 
 
 @pytest.mark.parametrize(

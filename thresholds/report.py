@@ -161,6 +161,7 @@ def result_json(
         "rows": tune.rows,
         "exit_accuracies": tune.exit_accuracies,
         "margin": tune.margin(),
+        "ceiling": tune.ceiling.to_dict(),
         "cost": costs.to_dict(),
         "search": _search_fields(outcome, options),
         "test": None if outcome.test is None else {"split": data.test_split, **_held_out(outcome)},
@@ -206,6 +207,13 @@ def summary_text(result: dict[str, Any]) -> str:
     ]
     if result["mode"] == "max_drop":
         lines.append(f"{result['split']}: {_margin_text(result['margin'], result['max_drop'])}")
+    ceiling = result.get("ceiling")
+    if ceiling and ceiling["acceleration"]:
+        lines.append(
+            f"{result['split']}: an oracle that knows the labels reaches "
+            f"{ceiling['acceleration']:.3f}x at this accuracy over the same exits; these "
+            f"thresholds {100 * result['acceleration'] / ceiling['acceleration']:.0f}% of it"
+        )
     test = result.get("test")
     if test:
         lines.append(

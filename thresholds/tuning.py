@@ -18,6 +18,7 @@ from thresholds.baselines import (
     global_threshold_search,
     grid_search,
 )
+from thresholds.ceiling import Ceiling, oracle_ceiling
 from thresholds.costs import CostModel
 from thresholds.errors import TuningError
 from thresholds.evaluate import ExitTable, Metrics, evaluate
@@ -86,6 +87,7 @@ class SplitReport:
     confidence: float  # the Z of `bound`
     paired: bool  # `bound` is on the paired difference to the final exit on these rows
     bound: AccuracyBound  # accuracy − baseline, its SE and its lower bound (points)
+    ceiling: Ceiling  # what an oracle over the same exits reaches at the same accuracy
 
     @property
     def drop(self) -> float:
@@ -118,6 +120,7 @@ class SplitReport:
             "exit_accuracies": self.exit_accuracies,
             "feasible": self.feasible,
             "margin": self.margin(),
+            "ceiling": self.ceiling.to_dict(),
         }
 
 
@@ -144,6 +147,7 @@ def split_report(
         confidence=objective.confidence,
         paired=objective.paired,
         bound=bound,
+        ceiling=oracle_ceiling(table, costs, metrics.accuracy),
     )
 
 

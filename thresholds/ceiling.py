@@ -1,0 +1,95 @@
+"""How much acceleration the exits themselves allow: an oracle ceiling for any exit rule.
+
+Confidence thresholds decide without the label. An oracle that knows it sends each row to the
+earliest exit that answers it correctly, and a row no exit answers correctly to the cheapest
+exit, where being wrong costs least. To reach an accuracy floor it needs only that many correct
+rows, so it keeps the rows whose earliest correct exit is cheapest and sends the rest to the
+cheapest exit. It may also switch exits off for every row, as thresholds of 1.0 do: each set of
+enabled exits is tried with its own costs (disabled exits run as stage files when the cost
+model has them), and with all exits enabled the fallback may answer too. No rule over these
+exits, however it scores confidence, accelerates more at that accuracy on these rows; the gap
+to the tuned thresholds is what a better confidence signal could still win.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from thresholds.costs import CostModel
+from thresholds.evaluate import ExitTable
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    at_accuracy: float  # percent: the floor the oracle had to meet
+    acceleration: float | None  # at that floor; None when no exit answers enough rows right
+    max_accuracy: float  # percent of rows some exit (or the fallback) answers correctly
+    acceleration_at_max_accuracy: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "at_accuracy": self.at_accuracy,
+            "acceleration": self.acceleration,
+            "max_accuracy": self.max_accuracy,
+            "acceleration_at_max_accuracy": self.acceleration_at_max_accuracy,
+        }
+
+
+# Beyond this many optional exits only the all-enabled configuration is tried (2^(K-1) sets).
+_MAX_SUBSET_EXITS = 10
+
+
+def _configurations(table: ExitTable, costs: CostModel) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(allowed K+1 columns, their K+1 costs) for every set of enabled exits."""
+    k = table.num_exits
+    everything = (np.ones(k + 1, dtype=bool), costs.exit_costs())  # fallback allowed too
+    if k - 1 > _MAX_SUBSET_EXITS:
+        return [everything]
+    configurations = [everything]
+    for subset in range(1 << (k - 1)):
+        enabled = [bool(subset >> i & 1) for i in range(k - 1)]
+        # t_K = 0: exit K takes every row it sees, so no fallback and no head kept for it.
+        thresholds = np.array([[0.5 if on else 1.0 for on in enabled] + [0.0]])
+        row_costs = costs.exit_cost_matrix(thresholds, table.fallback, table.num_classes)[0]
+        configurations.append((np.array([*enabled, True, False]), row_costs))
+    return configurations
+
+
+def _mean_cost(
+    correct: np.ndarray, allowed: np.ndarray, exit_costs: np.ndarray, needed: int
+) -> float | None:
+    """Mean cost per row of the oracle limited to `allowed` columns that answers at least
+    `needed` rows correctly; None when those columns answer fewer rows correctly."""
+    usable = correct & allowed
+    answered = usable.any(axis=1)
+    if int(np.count_nonzero(answered)) < needed:
+        return None
+    cheapest = float(exit_costs[np.flatnonzero(allowed)[0]])  # costs grow along the chain
+    earliest = usable.argmax(axis=1)
+    extra = np.sort(exit_costs[earliest[answered]] - cheapest)[:needed]
+    return cheapest + float(extra.sum()) / correct.shape[0]
+
+
+def oracle_ceiling(table: ExitTable, costs: CostModel, accuracy: float) -> Ceiling:
+    """The oracle's acceleration at `accuracy` percent or more on `table`'s rows."""
+    rows = table.num_rows
+    # Percent → rows, with float slack so 79.72 % of 10 000 rows is 7 972, not 7 973.
+    needed = max(0, math.ceil(accuracy * rows / 100.0 - 1e-6))
+    at_floor = [
+        cost
+        for allowed, exit_costs in _configurations(table, costs)
+        if (cost := _mean_cost(table.correct, allowed, exit_costs, needed)) is not None
+    ]
+    # Every row any column answers correctly, all exits enabled: the most accurate oracle.
+    answered = table.correct.any(axis=1)
+    earliest = np.where(answered, table.correct.argmax(axis=1), 0)
+    return Ceiling(
+        at_accuracy=accuracy,
+        acceleration=costs.full_model / min(at_floor) if at_floor else None,
+        max_accuracy=100.0 * int(np.count_nonzero(answered)) / rows,
+        acceleration_at_max_accuracy=costs.full_model / float(costs.exit_costs()[earliest].mean()),
+    )
