@@ -212,7 +212,7 @@ def summary_text(result: dict[str, Any]) -> str:
         lines.append(
             f"{result['split']}: an oracle that knows the labels reaches "
             f"{ceiling['acceleration']:.3f}x at this accuracy over the same exits; these "
-            f"thresholds {100 * result['acceleration'] / ceiling['acceleration']:.0f}% of it"
+            f"thresholds reach {100 * result['acceleration'] / ceiling['acceleration']:.0f}% of it"
         )
     test = result.get("test")
     if test:
