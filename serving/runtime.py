@@ -59,7 +59,8 @@ class ProviderUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class BatchResult:
-    """One classified batch; row i of every array is input row i."""
+    """One classified batch; row i of every array is input row i. Treat the arrays as read-only:
+    a batch of one shares its `exits` array with other answers at the same exit."""
 
     probs: np.ndarray  # N×C float32: the answering exit's (or the fallback's) probabilities
     exits: np.ndarray  # N int64: answering exit 1..K, 0 = fallback
