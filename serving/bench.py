@@ -228,8 +228,8 @@ def _per_call_seconds(
     runtime: EarlyExitRuntime, x: np.ndarray, repeats: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch-1 seconds per call over the rows of `x`: the bundle's thresholds (with the exit
-    that answered each call) and the single graph, each in warm blocks whose order alternates
-    from repeat to repeat, as in `time_variants`, but timed call by call."""
+    that answered each call) and the single graph, in the warm blocks of `time_variant_runs`
+    (order alternating from repeat to repeat), but timed call by call."""
     rows = [x[i : i + 1] for i in range(len(x))]
     chain: list[float] = []
     answered: list[int] = []
@@ -246,17 +246,9 @@ def _per_call_seconds(
         runtime.run_full_model(row)
         full.append(time.perf_counter() - start)
 
-    run_chain(rows[0])  # warm-up calls, not kept
-    run_full(rows[0])
-    chain.clear()
-    answered.clear()
-    full.clear()
-    blocks = [run_chain, run_full]
-    for r in range(repeats):
-        for fn in blocks if r % 2 == 0 else blocks[::-1]:
-            for row in rows:
-                fn(row)
-    return np.asarray(chain), np.asarray(answered, dtype=np.int64), np.asarray(full)
+    time_variant_runs({"chain": run_chain, "full": run_full}, rows, repeats)
+    # Each list starts with `time_variant_runs`' warm-up call, which is not kept.
+    return np.asarray(chain[1:]), np.asarray(answered[1:], dtype=np.int64), np.asarray(full[1:])
 
 
 def last_exit_latency(
