@@ -112,7 +112,7 @@ def test_choosing_a_file_shows_label_exit_and_every_exit(browser, server, tiny_i
     image_path = tmp_path / "sample.png"
     image_path.write_bytes(png_bytes(tiny_images.images[3]))
     expected = httpx.post(
-        f"{server.url}/classify", params={"full": "true"},
+        f"{server.url}/classify", params={"full": "true", "top_k": "3"},
         content=image_path.read_bytes(), headers={"Content-Type": "image/png"}, timeout=300,
     ).json()  # fmt: skip
 
@@ -150,6 +150,16 @@ def test_choosing_a_file_shows_label_exit_and_every_exit(browser, server, tiny_i
         assert row["width"] == f"{100 * answer['confidence']:.1f}%"
         assert row["taken"] == (answer["exit"] == expected["exit"])
     assert not browser.script("return document.getElementById('exits-section').hidden")
+    # The page asks for the three best classes; it shows them, best first, with their share.
+    top = browser.script(
+        "return [...document.querySelectorAll('#top-classes li')].map(li => ({"
+        "label: li.querySelector('.top-label').textContent,"
+        "value: li.querySelector('.top-value').textContent}))"
+    )
+    assert [t["label"] for t in top] == [c["label"] for c in expected["top_k"]]
+    assert [t["value"] for t in top] == [f"{100 * c['confidence']:.1f}%" for c in expected["top_k"]]
+    assert len(top) == 3 and top[0]["label"] == expected["label"]
+    assert not browser.script("return document.getElementById('top-section').hidden")
 
 
 def test_a_broken_file_shows_the_error(browser, server, tmp_path):
@@ -160,3 +170,33 @@ def test_a_broken_file_shows_the_error(browser, server, tmp_path):
     browser.wait_for("return document.getElementById('result').dataset.state === 'error'")
     message = browser.script("return document.getElementById('error').textContent")
     assert "could not decode image" in message
+
+
+def test_a_failed_upload_clears_the_previous_answer(browser, server, tiny_images, tmp_path):
+    good = tmp_path / "good.png"
+    good.write_bytes(png_bytes(tiny_images.images[5]))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    browser.open(server.url + "/")
+    upload = browser.find("#file-input")
+    browser.send_keys(upload, str(good))
+    browser.wait_for("return document.getElementById('result').dataset.state === 'done'")
+    assert browser.script("return document.getElementById('latency').textContent").endswith("ms")
+
+    browser.send_keys(upload, str(broken))
+    browser.wait_for("return document.getElementById('result').dataset.state === 'error'")
+    shown = browser.script(
+        "const text = (id) => document.getElementById(id).textContent;"
+        "return {label: text('label'), exit: text('exit'), confidence: text('confidence'),"
+        "latency: text('latency'), error: text('error'),"
+        "errorHidden: document.getElementById('error').hidden,"
+        "exitRows: document.querySelectorAll('#exits .exit-row').length,"
+        "exitsHidden: document.getElementById('exits-section').hidden,"
+        "topRows: document.querySelectorAll('#top-classes li').length,"
+        "topHidden: document.getElementById('top-section').hidden}"
+    )
+    # Nothing of the first image's answer may read as the answer for the broken file.
+    assert (shown["label"], shown["exit"], shown["confidence"], shown["latency"]) == ("—",) * 4
+    assert shown["exitRows"] == 0 and shown["exitsHidden"]
+    assert shown["topRows"] == 0 and shown["topHidden"]
+    assert not shown["errorHidden"] and "could not decode image" in shown["error"]

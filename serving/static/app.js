@@ -1,4 +1,5 @@
-// The earlyexit demo page: upload an image, show the answer and every exit's confidence.
+// The earlyexit demo page: upload an image, show the answer, its top classes and every exit's
+// confidence.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -51,7 +52,38 @@ function renderExits(answer) {
   $("exits-section").hidden = !(answer.exits && answer.exits.length);
 }
 
+function renderTopClasses(answer) {
+  const list = $("top-classes");
+  list.replaceChildren();
+  for (const c of answer.top_k || []) {
+    const item = document.createElement("li");
+    item.dataset.classIndex = String(c.class_index);
+    const label = document.createElement("span");
+    label.className = "top-label";
+    label.textContent = c.label;
+    const value = document.createElement("span");
+    value.className = "top-value";
+    value.textContent = percent(c.confidence);
+    item.append(label, value);
+    list.append(item);
+  }
+  $("top-section").hidden = !(answer.top_k && answer.top_k.length);
+}
+
+// Every field an answer fills; a failed upload must not leave any of them showing the previous
+// image's answer as if it were this file's.
+function clearAnswer() {
+  for (const id of ["label", "exit", "confidence", "latency"]) setText(id, "—");
+  renderTopClasses({});
+  renderExits({});
+}
+
+// Uploads in flight: only the newest may write to the page, so a slow earlier answer cannot
+// overwrite a later one (or a later error).
+let latestUpload = 0;
+
 async function classify(file) {
+  const upload = ++latestUpload;
   const result = $("result");
   result.dataset.state = "loading";
   $("error").hidden = true;
@@ -62,18 +94,22 @@ async function classify(file) {
   body.append("file", file);
   try {
     const res = await fetch("/classify?full=true&top_k=3", { method: "POST", body });
-    const answer = await res.json();
-    if (!res.ok) throw new Error(answer.detail || res.statusText);
+    // A proxy's error page is not JSON; its status line is then the clearest message.
+    const answer = await res.json().catch(() => ({}));
+    if (!res.ok) throw new Error(answer.detail || `${res.status} ${res.statusText}`);
+    if (upload !== latestUpload) return;
     setText("label", answer.label);
     setText("exit", answer.exit === "fallback"
       ? `fallback (no exit was sure; ${answer.num_exits} exits ran)`
       : `${answer.exit} of ${answer.num_exits}`);
     setText("confidence", percent(answer.confidence));
     setText("latency", `${answer.latency_ms.toFixed(1)} ms`);
+    renderTopClasses(answer);
     renderExits(answer);
     result.dataset.state = "done";
   } catch (err) {
-    setText("label", "—");
+    if (upload !== latestUpload) return;
+    clearAnswer();
     $("error").textContent = `Could not classify: ${err.message}`;
     $("error").hidden = false;
     result.dataset.state = "error";
