@@ -63,6 +63,38 @@ def test_resume_is_bitwise_exact(tmp_path):
     assert all(torch.equal(oa[k]["momentum_buffer"], ob[k]["momentum_buffer"]) for k in oa)
 
 
+def test_resume_is_bitwise_exact_with_adapters_and_ema(tmp_path):
+    kw = dict(feature_hint="adapter", lam=0.03, feature_exits=(1,), ema_decay=0.9)
+    straight = _trainer(tmp_path / "a", **kw)
+    assert [n for n, _ in straight.loss_fn.named_parameters()] == ["adapters.1.weight"]
+    adapter_before = straight.loss_fn.adapters["1"].weight.detach().clone()
+    straight.fit(max_steps=3, progress=False)
+    assert not torch.equal(adapter_before, straight.loss_fn.adapters["1"].weight)  # it trains
+
+    first = _trainer(tmp_path / "b", **kw)
+    first.fit(max_steps=2, progress=False)
+    resumed = _trainer(tmp_path / "b", **kw)
+    assert resumed.resume()
+    resumed.fit(max_steps=3, progress=False)
+    for a_mod, b_mod in [
+        (straight.model, resumed.model),
+        (straight.loss_fn, resumed.loss_fn),
+        (straight.eval_model, resumed.eval_model),
+    ]:
+        a, b = a_mod.state_dict(), b_mod.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The EMA copy is what gets evaluated and exported, and it differs from the raw weights.
+    state = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    raw, ema = state["model"], state["ema_model"]
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw if raw[k].is_floating_point())
+
+
+def test_max_steps_run_still_leaves_best_pt(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.fit(max_steps=2, progress=False)
+    assert (tmp_path / "best.pt").is_file() and (tmp_path / "last.pt").is_file()
+
+
 def test_full_epochs_write_metrics_checkpoints_and_config(tmp_path):
     trainer = _trainer(tmp_path, epochs=2)
     trainer.fit(progress=False)
@@ -90,8 +122,14 @@ def test_schedules_and_distillation_switch_off():
     cos = _cfg(epochs=10, schedule="cosine", warmup_epochs=1)
     assert lr_factor(cos, 0.5) == pytest.approx(0.5, rel=1e-6)
     assert lr_factor(cos, 10) == pytest.approx(0.0, abs=1e-9)
-    sd = _cfg(epochs=10, distill_off_epochs=5)
+    sd = _cfg(epochs=10, distill_off_epochs=5, alpha=0.6, lam=0.04, feature_hint="l2")
     assert distill_weights(sd, 4) == (0.6, 0.04) and distill_weights(sd, 5) == (0.0, 0.0)
+    lin = _cfg(epochs=10, schedule="linear", warmup_epochs=2)
+    assert lin.alpha == 0.3 and lin.lam == 0.0  # the authors' code by default
+    assert lr_factor(lin, 1.0) == pytest.approx(0.5, rel=1e-6)
+    assert lr_factor(lin, 2.0) == pytest.approx(1.0)
+    assert lr_factor(lin, 6.0) == pytest.approx(0.5)
+    assert lr_factor(lin, 10.0) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_baseline_is_the_backbone_alone():
@@ -176,6 +214,15 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
         (["--exits", "5"], "has 4 stages"),
         (["--config", "/nonexistent.yaml"], "config file not found"),
         (["--epochs", "0"], "positive"),
+        (["--distill", "js"], "unknown distillation term"),
+        (["--loss-reduction", "avg"], "unknown loss reduction"),
+        (["--feature-hint", "cosine"], "unknown feature hint"),
+        (["--lambda", "-0.5"], "must be ≥ 0"),
+        (["--alpha", "1.5"], "alpha must be in [0, 1]"),
+        (["--feature-hint", "adapter", "--feature-exits", "1,4"], "no distinct shallow exits"),
+        (["--loss", "baseline", "--alpha", "0.5"], "do(es) not apply to loss 'baseline'"),
+        (["--loss", "deep_supervision", "--feature-hint", "l2"], "do(es) not apply"),
+        (["--ema-decay", "1.0"], "ema_decay"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, needle):
@@ -184,6 +231,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 def test_cli_malformed_data_dir_exit_2(tmp_path):

@@ -42,6 +42,14 @@ _FLAG_FIELDS = {
     "warmup_epochs": "warmup_epochs",
     "weight_decay": "weight_decay",
     "best_metric": "best_metric",
+    "loss_reduction": "loss_reduction",
+    "distill": "distill",
+    "feature_hint": "feature_hint",
+    "feature_exits": "feature_exits",
+    "label_smoothing": "label_smoothing",
+    "ema_decay": "ema_decay",
+    "nesterov": "nesterov",
+    "report_tta_flip": "report_tta_flip",
 }
 
 
@@ -62,16 +70,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["multistep", "cosine"])
+    p.add_argument("--schedule", choices=["multistep", "cosine", "linear"])
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--label-smoothing", type=float, help="ε on every CE term (0 = off)")
+    p.add_argument("--ema-decay", type=float, help="EMA of weights, e.g. 0.999 (0 = off)")
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--loss", help="self_distillation | baseline | deep_supervision")
     p.add_argument("--distill-path", choices=["deepest", "ensemble", "transitive", "dense"])
+    p.add_argument("--loss-reduction", help="sum (every implementation) | mean (eq. 3 as printed)")
+    p.add_argument("--distill", help="soft_ce (authors' code) | kl_t2 (T²·KL, paper)")
+    p.add_argument("--feature-hint", help="none | l2 (paper) | adapter (learned linear adapter)")
+    p.add_argument("--feature-exits", help="comma-separated shallow exits given the hint, e.g. 1,2")
     p.add_argument("--alpha", type=float)
     p.add_argument("--lambda", dest="lam", type=float)
     p.add_argument("--temperature", type=float)
     p.add_argument("--distill-off-epochs", type=int)
     p.add_argument("--cutout", type=int, help="Cutout square size (0 = off)")
     p.add_argument("--autoaugment", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--report-tta-flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="test report also gives flip-averaged accuracy (reporting only, never exported)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--best-metric", help="record key that picks best.pt (default val_acc_last)")

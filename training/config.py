@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEDULES = ("multistep", "cosine")
+SCHEDULES = ("multistep", "cosine", "linear")
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,20 @@ class TrainConfig:
     flip: bool = True
     cutout: int = 0
     autoaugment: bool = False
-    # loss (seed 004 §4.1 defaults)
+    # loss: the defaults are the authors' released code (training/losses/self_distillation.py
+    # lists which setting reproduces which implementation; the paper as printed is
+    # configs/sd_paper.yaml)
     loss: str = "self_distillation"
+    loss_reduction: str = "sum"  # "sum" over exits (every implementation) | "mean" (eq. 3)
     distill_path: str = "deepest"
-    alpha: float = 0.6
-    lam: float = 0.04
+    distill: str = "soft_ce"  # "soft_ce" (authors' code) | "kl_t2" (T²·KL)
+    alpha: float = 0.3
+    feature_hint: str = "none"  # "none" | "l2" (eq. 3 as printed) | "adapter"
+    feature_exits: tuple[int, ...] | None = None  # 1-based shallow exits given the hint
+    lam: float = 0.0
     temperature: float = 3.0
-    distill_off_epochs: int = 5  # α and λ are 0 for the last N epochs
+    distill_off_epochs: int = 0  # α and λ are 0 for the last N epochs
+    label_smoothing: float = 0.0
     # optimisation
     epochs: int = 200
     batch_size: int = 128
@@ -42,17 +49,19 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
-    schedule: str = "multistep"
+    schedule: str = "multistep"  # multistep | cosine | linear (warm-up, then linear to 0)
     milestones: tuple[float, ...] = (0.3, 0.6, 0.9)  # fractions of the epochs
     gamma: float = 0.1
     warmup_epochs: float = 0.0
+    ema_decay: float = 0.0  # EMA of weights (0 = off); evaluated and exported when on
     # run
     seed: int = 0
     best_metric: str = "val_acc_last"
     amp: bool = True  # bf16 autocast, only on CUDA
-    channels_last: bool = True  # only on CUDA
+    channels_last: bool = True  # CUDA and CPU (oneDNN convolutions run faster in NHWC)
     num_threads: int = 0  # 0 = torch default
     eval_test: bool = True
+    report_tta_flip: bool = False  # test report adds flip-averaged accuracy (never exported)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> TrainConfig:
@@ -64,6 +73,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["milestones"] = list(self.milestones)
+        if self.feature_exits is not None:
+            data["feature_exits"] = list(self.feature_exits)
         return data
 
     @classmethod
@@ -75,6 +86,15 @@ class TrainConfig:
         values = dict(data)
         if "milestones" in values:
             values["milestones"] = tuple(float(m) for m in values["milestones"])
+        if values.get("feature_exits") is not None:
+            exits = values["feature_exits"]
+            if isinstance(exits, str):
+                exits = [e for e in exits.replace(" ", "").split(",") if e]
+            if not isinstance(exits, list | tuple) or not all(
+                isinstance(e, int | str) and str(e).lstrip("-").isdigit() for e in exits
+            ):
+                raise ValueError(f"feature_exits must be a list of exit numbers, got {exits!r}")
+            values["feature_exits"] = tuple(int(e) for e in exits)
         return cls(**values)
 
     def validate(self) -> None:
@@ -86,6 +106,44 @@ class TrainConfig:
             raise ValueError("width must be positive")
         if self.exits < 1:
             raise ValueError("exits must be ≥ 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_epochs < 0 or (self.warmup_epochs > 0 and self.warmup_epochs >= self.epochs):
+            raise ValueError("warmup_epochs must be ≥ 0 and below epochs")
+        from .losses import all_loss_fields, list_losses, loss_fields
+        from .losses.self_distillation import check_options
+
+        if self.loss not in list_losses():
+            raise ValueError(f"unknown loss {self.loss!r}; valid: {', '.join(list_losses())}")
+        if self.loss in ("self_distillation",):
+            check_options(
+                path=self.distill_path,
+                alpha=self.alpha,
+                lam=self.lam,
+                temperature=self.temperature,
+                reduction=self.loss_reduction,
+                distill=self.distill,
+                feature=self.feature_hint,
+                feature_exits=self.feature_exits,
+                label_smoothing=self.label_smoothing,
+                num_exits=self.exits,
+            )
+        elif not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.loss_reduction not in ("sum", "mean"):
+            raise ValueError(f"loss_reduction must be sum or mean, got {self.loss_reduction!r}")
+        # A loss-specific field moved off its default for a loss that never reads it is a
+        # recipe mistake: refuse it rather than train something other than what was asked.
+        defaults = TrainConfig()
+        ignored = sorted(
+            name
+            for name in all_loss_fields() - set(loss_fields(self.loss))
+            if getattr(self, name) != getattr(defaults, name)
+        )
+        if ignored:
+            raise ValueError(
+                f"{', '.join(ignored)} do(es) not apply to loss {self.loss!r}; remove it"
+            )
         from .models.exits import EXIT_HEADS
 
         if self.head not in EXIT_HEADS:

@@ -90,9 +90,11 @@ def lr_factor(cfg: TrainConfig, epoch_progress: float) -> float:
     """Multiplier of the base LR at a (fractional) epoch."""
     if cfg.warmup_epochs > 0 and epoch_progress < cfg.warmup_epochs:
         return (epoch_progress + 1e-8) / cfg.warmup_epochs
+    span = max(cfg.epochs - cfg.warmup_epochs, 1e-8)
     if cfg.schedule == "cosine":
-        span = max(cfg.epochs - cfg.warmup_epochs, 1e-8)
         return 0.5 * (1 + math.cos(math.pi * (epoch_progress - cfg.warmup_epochs) / span))
+    if cfg.schedule == "linear":  # the triangular / one-cycle shape of fast-CIFAR recipes
+        return max(0.0, 1.0 - (epoch_progress - cfg.warmup_epochs) / span)
     passed = sum(1 for m in cfg.milestones if epoch_progress >= m * cfg.epochs)
     return cfg.gamma**passed
 
@@ -112,9 +114,16 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: BatchLoader, device: torch.device, amp: bool = False
+    model: nn.Module,
+    loader: BatchLoader,
+    device: torch.device,
+    amp: bool = False,
+    tta_flip: bool = False,
 ) -> dict[str, float]:
-    """Top-1 accuracy (percent) of every exit and of the ensemble (mean of softmax outputs)."""
+    """Top-1 accuracy (percent) of every exit and of the ensemble (mean of softmax outputs).
+
+    `tta_flip` averages each exit's softmax over the image and its mirror: a reporting aid
+    only, since the exported model and the server see one view."""
     was_training = model.training
     model.eval()
     correct: list[int] | None = None
@@ -123,7 +132,13 @@ def evaluate(
         x, y = x.to(device, non_blocking=True), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(x)
+            flipped = model(x.flip(-1)) if tta_flip else None
         probs = [torch.softmax(z.float(), dim=1) for z in out.logits]
+        if flipped is not None:
+            probs = [
+                0.5 * (p + torch.softmax(z.float(), dim=1))
+                for p, z in zip(probs, flipped.logits, strict=True)
+            ]
         hits = [int((p.argmax(1) == y).sum()) for p in probs]
         correct = hits if correct is None else [a + b for a, b in zip(correct, hits, strict=True)]
         ens_correct += int((torch.stack(probs).mean(0).argmax(1) == y).sum())
@@ -208,7 +223,7 @@ class Trainer:
         )
         self.costs = measure_costs(self.model, self.input_shape)
         self.model.to(device)
-        if self.use_cuda and cfg.channels_last:
+        if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.net: nn.Module = self.model
         if self.dist.world_size > 1:
@@ -217,15 +232,23 @@ class Trainer:
             self.net = DistributedDataParallel(
                 self.model, device_ids=[device.index] if self.use_cuda else None
             )
-        self.loss_fn = create_loss(
+        self.loss_fn: nn.Module = create_loss(
             cfg.loss,
             path=cfg.distill_path,
             alpha=cfg.alpha,
             lam=cfg.lam,
             temperature=cfg.temperature,
-        )
+            reduction=cfg.loss_reduction,
+            distill=cfg.distill,
+            feature=cfg.feature_hint,
+            feature_exits=cfg.feature_exits,
+            label_smoothing=cfg.label_smoothing,
+            num_exits=self.model.num_exits,
+            feature_dim=self.model.feature_dim,
+        ).to(device)
+        # Loss parameters (feature adapters) train with the model and live in the checkpoint.
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
+            [*self.model.parameters(), *self.loss_fn.parameters()],
             lr=cfg.lr,
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
@@ -235,6 +258,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(cfg, step / self.steps_per_epoch)
         )
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None
+        if cfg.ema_decay > 0:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                self.model,
+                multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
+                use_buffers=True,
+            )
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -242,12 +272,19 @@ class Trainer:
         self.last_val: dict[str, float] = {}
         self.step_seconds: list[float] = []
 
+    @property
+    def eval_model(self) -> MultiExitNetwork:
+        """The weights that are evaluated and exported: the EMA copy when on."""
+        if self.ema is not None:
+            return self.ema.module  # type: ignore[return-value]
+        return self.model
+
     # -- one optimisation step ---------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         self.net.train()
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
-        if self.use_cuda and self.cfg.channels_last:
+        if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         alpha, lam = distill_weights(self.cfg, self.epoch)
         with torch.autocast(
@@ -265,6 +302,8 @@ class Trainer:
         terms.total.backward()
         self.optimizer.step()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.global_step += 1
         stats = terms.as_floats()
         stats["acc_last"] = 100.0 * float((out.logits[-1].argmax(1) == y).float().mean())
@@ -275,6 +314,10 @@ class Trainer:
         return {
             "format": "earlyexit-checkpoint/1",
             "model": self.model.state_dict(),
+            # EMA weights, when on: what evaluation, best.pt selection and export use.
+            "ema_model": self.ema.module.state_dict() if self.ema is not None else None,
+            "ema_state": self.ema.state_dict() if self.ema is not None else None,
+            "loss": self.loss_fn.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
@@ -302,6 +345,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        self.loss_fn.load_state_dict(state.get("loss") or {})
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema_state"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = int(state["epoch"])
@@ -399,7 +445,10 @@ class Trainer:
             record.update({f"train_{k}": v / max(count, 1) for k, v in sums.items()})
             if self.val_loader is not None and self.dist.is_main:
                 self.last_val = evaluate(
-                    self.model, self.val_loader, self.device, amp=self.use_cuda and self.cfg.amp
+                    self.eval_model,
+                    self.val_loader,
+                    self.device,
+                    amp=self.use_cuda and self.cfg.amp,
                 )
                 record.update({f"val_{k}": v for k, v in self.last_val.items()})
             self.log_metrics(record)
@@ -411,6 +460,11 @@ class Trainer:
                 self.best_value = metric
                 self.save(BEST_CKPT)
                 self.save()  # keep best_value in last.pt consistent
+        if self.dist.is_main and not (self.out_dir / BEST_CKPT).is_file():
+            # A run cut short (--max-steps) or without validation still leaves a checkpoint
+            # that export accepts: the current weights, not ones picked on validation.
+            logger.info("no validated best yet: %s holds the current weights", BEST_CKPT)
+            self.save(BEST_CKPT)
         return {"epoch": self.epoch, "global_step": self.global_step, "val": self.last_val}
 
 
@@ -422,9 +476,21 @@ def _brief(record: dict[str, Any]) -> str:
 def evaluate_test_split(trainer: Trainer, checkpoint: str | Path | None = None) -> dict[str, float]:
     """Per-exit and ensemble accuracy on the official test split (for reports, never tuning)."""
     cfg = trainer.cfg
+    model = trainer.eval_model
     if checkpoint is not None:
         state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
-        trainer.model.load_state_dict(state["model"])
+        model.load_state_dict(exported_weights(state))
     test = load_split(cfg.dataset, cfg.data_dir, "test", cfg.val_size, cfg.split_seed)
     loader = BatchLoader(test, 500, trainer.mean, trainer.std, train=False)
-    return evaluate(trainer.model, loader, trainer.device, amp=trainer.use_cuda and cfg.amp)
+    amp = trainer.use_cuda and cfg.amp
+    result = evaluate(model, loader, trainer.device, amp=amp)
+    if cfg.report_tta_flip:
+        flip = evaluate(model, loader, trainer.device, amp=amp, tta_flip=True)
+        result.update({f"tta_flip_{k}": v for k, v in flip.items()})
+    return result
+
+
+def exported_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """The model weights a checkpoint stands for: its EMA copy when it has one."""
+    ema = state.get("ema_model")
+    return ema if ema is not None else state["model"]

@@ -183,7 +183,9 @@ def build_model(checkpoint: dict[str, Any]) -> MultiExitNetwork:
     except ValueError as exc:
         raise CheckpointError(f"cannot rebuild model from checkpoint config: {exc}") from exc
     try:
-        model.load_state_dict(checkpoint["model"])
+        # A run trained with an EMA of weights is evaluated, selected and exported by it.
+        weights = checkpoint.get("ema_model")
+        model.load_state_dict(weights if weights is not None else checkpoint["model"])
     except (RuntimeError, TypeError, AttributeError) as exc:
         # torch lists every mismatched tensor on its own line; the CLI promises one line.
         detail = " ".join(str(exc).split())

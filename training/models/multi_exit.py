@@ -54,6 +54,11 @@ class MultiExitNetwork(nn.Module):
     def num_classes(self) -> int:
         return self.backbone.fc.out_features
 
+    @property
+    def feature_dim(self) -> int:
+        """Width D of every exit's feature vector (the deepest stage's pooled features)."""
+        return self.backbone.fc.in_features
+
     def run_stage(self, k: int, x: torch.Tensor) -> torch.Tensor:
         """Backbone part of segment k (1-based): features only, no exit head."""
         if k == 1:
