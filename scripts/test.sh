@@ -3,7 +3,8 @@
 #   bash scripts/test.sh [pytest args...]
 # Creates .venv (torch pinned to the local CPU wheel first, so nothing pulls CUDA torch),
 # installs the project with the `dev` extra and the Debian packages the tests drive
-# (Prometheus, Chromium), and points the CIFAR tests at ../shared/data when it exists.
+# (Prometheus, Chromium and chromedriver), and points the CIFAR tests at ../shared/data when it
+# exists. With CI=true the web page tests fail, rather than skip, when the browser is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,11 @@ if [ -z "${EARLYEXIT_DATA:-}" ] && [ -d ../shared/data/cifar-10-batches-py ]; th
     export EARLYEXIT_DATA
 fi
 echo "EARLYEXIT_DATA=${EARLYEXIT_DATA:-<unset: CIFAR tests will skip>}"
+if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    echo "web page tests: headless Chromium $(command -v chromedriver)"
+else
+    echo "web page tests: chromium or chromedriver missing (they will skip; with CI=true, fail)"
+fi
 
 ruff check training serving thresholds tests scripts
 ruff format --check training serving thresholds tests scripts
