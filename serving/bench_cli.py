@@ -135,6 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# A median over fewer rows than this is a few calls' luck rather than a measurement: the
+# summary still prints it (the JSON has every figure) but flags it, so it is not quoted.
+MIN_ROWS_TO_QUOTE = 20
+
+
+def _counted(figure: str, rows: int) -> str:
+    """`figure` with the rows it was measured on, flagged when they are too few to quote."""
+    flag = "; too few" if rows < MIN_ROWS_TO_QUOTE else ""
+    return f"{figure} ({rows} rows{flag})"
+
+
 def _summary(report: dict) -> None:
     dyn = report["dynamic"]
     lines = [
@@ -144,29 +155,40 @@ def _summary(report: dict) -> None:
         f"{dyn['calibration_agreement']:.4f}",
         "exit fractions: " + ", ".join(f"{100 * f:.1f}%" for f in dyn["exit_fractions"]),
     ]
+    counts: list[int] = []
     for batch, t in report["timing"].items():
         lines.append(
             f"batch {batch}: {t['speedup_vs_full_model']:.2f}x vs full model, "
             f"{t['speedup_vs_chain']:.2f}x vs chain, MAC {t['mac_speedup']:.2f}x, "
             f"efficiency {t['efficiency']:.2f}"
         )
-        per_mac = [seg["time_per_mac_vs_full_model"] for seg in t["segments"]]
+        per_mac: list[str] = []
+        for seg in t["segments"]:
+            ratio = seg["time_per_mac_vs_full_model"]
+            per_mac.append(_counted("-" if ratio is None else f"{ratio:.2f}", seg["rows"]))
+            counts.append(seg["rows"])
         lines.append(
-            f"batch {batch}: time per MAC vs the full model, segment 1..K: "
-            + ", ".join("-" if r is None else f"{r:.2f}" for r in per_mac)
+            f"batch {batch}: time per MAC vs the full model, segment 1..K: " + ", ".join(per_mac)
         )
     last = report.get("last_exit_latency")
     if last:
+        deep_ratio = _counted(f"{last['ratio']:.2f}x", last["rows"])
         lines.append(
             f"deep rows at batch 1: {last['chain_ms']:.3f} ms vs full model "
-            f"{last['full_model_ms']:.3f} ms ({last['ratio']:.2f}x)"
+            f"{last['full_model_ms']:.3f} ms: {deep_ratio}"
         )
+        counts.append(last["rows"])
+    by_exit = report["latency_by_exit"]["exits"]
     lines.append(
         "batch-1 latency by exit among all rows, vs full model: "
-        + ", ".join(
-            f"{e['exit']}: {e['vs_full_model']:.2f}x" for e in report["latency_by_exit"]["exits"]
-        )
+        + ", ".join(_counted(f"{e['exit']}: {e['vs_full_model']:.2f}x", e["rows"]) for e in by_exit)
     )
+    counts += [e["rows"] for e in by_exit]
+    if any(n < MIN_ROWS_TO_QUOTE for n in counts):
+        lines.append(
+            f"too few: under {MIN_ROWS_TO_QUOTE} rows, a figure is a few calls' luck, not a "
+            "measurement; time more rows (--timing-rows, --last-exit-rows) before quoting it"
+        )
     print("\n".join(lines))
 
 

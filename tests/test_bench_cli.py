@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from serving.bench import row_macs, segment_costs, threshold_sweep, time_variants
-from serving.bench_cli import main
+from serving.bench_cli import MIN_ROWS_TO_QUOTE, main
 from serving.calibration import decide
 from tests.data_fixtures import write_tiny_cifar10
 
@@ -229,3 +229,51 @@ def test_time_variants_runs_each_variant_in_blocks_in_rotated_order():
     assert all(block == [(block[0][0], 1), (block[0][0], 2)] for block in blocks)
     # ... and who goes first rotates from repeat to repeat
     assert [block[0][0] for block in blocks] == list("abc" + "bca" + "cab")
+
+
+def test_summary_gives_row_counts_and_flags_ratios_from_too_few_rows(
+    tiny_bundle, cifar_dir, tmp_path, capsys
+):
+    out = tmp_path / "report"
+    argv = ["--bundle", str(tiny_bundle), "--dataset", "cifar10", "--data-dir", str(cifar_dir)]
+    argv += ["--batch-sizes", "1", "--repeats", "1", "--timing-rows", "48"]
+    argv += ["--last-exit-rows", "4", "--threads", "1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    report = json.loads((out / "bench.json").read_text())
+
+    def shown(line: str, figures: list[tuple[str, int]]) -> None:
+        for figure, rows in figures:
+            flag = "; too few" if rows < MIN_ROWS_TO_QUOTE else ""
+            assert f"{figure} ({rows} rows{flag})" in line, line
+
+    (by_exit,) = [line for line in lines if line.startswith("batch-1 latency by exit")]
+    shown(
+        by_exit,
+        [
+            (f"{e['exit']}: {e['vs_full_model']:.2f}x", e["rows"])
+            for e in report["latency_by_exit"]["exits"]
+        ],
+    )
+    (per_mac,) = [line for line in lines if "time per MAC" in line]
+    segments = report["timing"]["1"]["segments"]
+    shown(
+        per_mac,
+        [
+            (
+                "-"
+                if s["time_per_mac_vs_full_model"] is None
+                else f"{s['time_per_mac_vs_full_model']:.2f}",
+                s["rows"],
+            )
+            for s in segments
+        ],
+    )
+    assert segments[0]["rows"] == 48 and "(48 rows)" in per_mac  # enough rows: quoted bare
+    (deep,) = [line for line in lines if line.startswith("deep rows")]
+    last = report["last_exit_latency"]
+    assert last["rows"] <= 4
+    shown(deep, [(f"{last['ratio']:.2f}x", last["rows"])])
+    # Whoever reads a flagged figure is told what it means and how to get a real one.
+    assert lines[-1].startswith(f"too few: under {MIN_ROWS_TO_QUOTE} rows"), lines[-1]
+    assert "--timing-rows" in lines[-1]
