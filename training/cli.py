@@ -50,6 +50,7 @@ _FLAG_FIELDS = {
     "ema_decay": "ema_decay",
     "nesterov": "nesterov",
     "report_tta_flip": "report_tta_flip",
+    "train_subset": "train_subset",
 }
 
 
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--download", action="store_true", help="fetch official archives first")
     p.add_argument("--val-size", type=int, help="rows held out of train for tuning")
+    p.add_argument(
+        "--train-subset", type=int, help="train on a class-stratified subset of N rows (0 = all)"
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -154,7 +158,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.download:
             download(cfg.dataset, cfg.data_dir)
-        from .engine import BEST_CKPT, Trainer, evaluate_test_split, init_distributed
+        from .engine import (
+            BEST_CKPT,
+            Trainer,
+            evaluate_test_split,
+            init_distributed,
+            write_test_predictions,
+        )
 
         dist_env = init_distributed()
         trainer = Trainer(cfg, out, dist_env=dist_env)
@@ -166,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = trainer.fit(max_steps=args.max_steps, progress=not args.no_progress)
     if dist_env.is_main and cfg.eval_test and trainer.epoch >= cfg.epochs:
         result = {"final": evaluate_test_split(trainer)}
+        # Before best.pt is loaded into the model below: the final weights' rows, for paired
+        # tests between runs (earlyexit-compare).
+        write_test_predictions(trainer, out / "test_predictions.npz")
         best = out / BEST_CKPT
         if best.is_file():
             result["best"] = evaluate_test_split(trainer, best)

@@ -24,6 +24,7 @@ class TrainConfig:
     data_dir: str = "data"
     val_size: int = 5000
     split_seed: int = 0
+    train_subset: int = 0  # train on a class-stratified subset of N rows (0 = all)
     crop_padding: int = 4
     flip: bool = True
     cutout: int = 0
@@ -106,6 +107,8 @@ class TrainConfig:
             raise ValueError("width must be positive")
         if self.exits < 1:
             raise ValueError("exits must be ≥ 1")
+        if self.train_subset < 0:
+            raise ValueError(f"train_subset must be ≥ 0, got {self.train_subset}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.warmup_epochs < 0 or (self.warmup_epochs > 0 and self.warmup_epochs >= self.epochs):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from serving.bundle import atomic_write_bytes, atomic_write_json
-from serving.datasets import ImageArrays, load_split, normalization
+from serving.datasets import ImageArrays, load_split, normalization, val_indices
 
 from .config import TrainConfig, write_config
 from .costs import measure_costs
@@ -186,6 +186,11 @@ class Trainer:
         if train_data is None:
             train_data = load_split(
                 cfg.dataset, cfg.data_dir, "train", cfg.val_size, cfg.split_seed
+            )
+        if cfg.train_subset:
+            # The controlled small-data regime: same classes, fewer rows, fixed by split_seed.
+            train_data = train_data.subset(
+                val_indices(train_data.labels, cfg.train_subset, cfg.split_seed)
             )
         if val_data is None and cfg.val_size > 0:
             val_data = load_split(cfg.dataset, cfg.data_dir, "val", cfg.val_size, cfg.split_seed)
@@ -488,6 +493,32 @@ def evaluate_test_split(trainer: Trainer, checkpoint: str | Path | None = None) 
         flip = evaluate(model, loader, trainer.device, amp=amp, tta_flip=True)
         result.update({f"tta_flip_{k}": v for k, v in flip.items()})
     return result
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: BatchLoader, device: torch.device) -> np.ndarray:
+    """Every exit's predicted class per row: int16 array K×N in the loader's order."""
+    was_training = model.training
+    model.eval()
+    chunks: list[np.ndarray] = []
+    for x, _ in loader.epoch(0):
+        out = model(x.to(device))
+        chunks.append(torch.stack([z.argmax(1) for z in out.logits]).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(chunks, axis=1).astype(np.int16)
+
+
+def write_test_predictions(trainer: Trainer, path: str | Path) -> dict[str, Any]:
+    """Per-row predictions of every exit on the test split (for paired tests), written
+    atomically as .npz with `predictions` (K×N) and `labels` (N)."""
+    cfg = trainer.cfg
+    test = load_split(cfg.dataset, cfg.data_dir, "test", cfg.val_size, cfg.split_seed)
+    loader = BatchLoader(test, 500, trainer.mean, trainer.std, train=False)
+    preds = predict(trainer.eval_model, loader, trainer.device)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, predictions=preds, labels=test.labels.astype(np.int16))
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return {"rows": int(preds.shape[1]), "exits": int(preds.shape[0])}
 
 
 def exported_weights(state: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,136 @@
+"""earlyexit-compare: the exact McNemar test by hand, the protocol check, and a real two-arm,
+two-seed comparison of tiny runs on tiny CIFAR-10 files."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.data_fixtures import write_tiny_cifar10
+from training.stats import mcnemar
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mcnemar_exact_by_hand():
+    # 3 rows only A gets right, 1 row only B: two-sided exact p = 2·P(X ≤ 1 | n=4, ½) = 10/16.
+    a = np.array([1, 1, 1, 0, 1, 0], bool)
+    b = np.array([0, 0, 0, 1, 1, 0], bool)
+    got = mcnemar(a, b)
+    assert (got.only_a, got.only_b, got.rows) == (3, 1, 6)
+    assert math.isclose(got.p_value, 10 / 16)
+    assert math.isclose(got.difference_points, 100 * (1 - 3) / 6)
+    assert mcnemar(a, a).p_value == 1.0  # no discordant rows
+
+
+def test_mcnemar_large_n_matches_normal_approximation():
+    # 60 rows only A gets right, 100 only B, 9 000 both, 840 neither.
+    a = np.array([1] * 60 + [0] * 100 + [1] * 9000 + [0] * 840, bool)
+    b = np.array([0] * 60 + [1] * 100 + [1] * 9000 + [0] * 840, bool)
+    got = mcnemar(a, b)
+    assert (got.only_a, got.only_b) == (60, 100)
+    n = got.only_a + got.only_b
+    z = (abs(got.only_a - got.only_b) - 1) / math.sqrt(n)
+    approx = math.erfc(z / math.sqrt(2))  # two-sided, continuity-corrected
+    assert 0.001 < got.p_value < 0.005
+    assert got.p_value == pytest.approx(approx, rel=0.15)
+    with pytest.raises(ValueError):
+        mcnemar(a, b[:10])
+
+
+def _arm(path: Path, body: str, data: Path) -> Path:
+    path.write_text(
+        body + "arch: resnet18\nwidth: 0.125\ndataset: cifar10\n"
+        f"data_dir: {data}\nval_size: 20\nepochs: 1\nbatch_size: 16\nschedule: linear\n"
+        "nesterov: true\n"
+    )
+    return path
+
+
+def _compare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training.compare_cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_arms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    data = write_tiny_cifar10(root / "data", per_batch=24)
+    base = _arm(root / "baseline.yaml", "loss: baseline\nexits: 1\n", data)
+    sd = _arm(root / "sd_code.yaml", "loss: self_distillation\nexits: 2\nhead: lite\n", data)
+    return root, base, sd
+
+
+def test_two_arms_two_seeds_train_resume_and_report(tiny_arms):
+    root, base, sd = tiny_arms
+    out, runs = root / "report", root / "runs"
+    args = ["--arms", str(base), str(sd), "--reference", "baseline", "--seeds", "0,1"]
+    args += ["--runs", str(runs), "--out", str(out), "--step-steps", "2", "--parallel", "2"]
+    proc = _compare(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "compare.json").read_text())
+    assert report["reference"] == "baseline" and report["seeds"] == [0, 1]
+    sd_arm = report["arms"]["sd_code"]
+    assert len(sd_arm["mean_exit_accuracy"]) == 2
+    for seed in ("0", "1"):
+        entry = sd_arm["per_seed"][seed]
+        preds = np.load(runs / f"sd_code_s{seed}" / "test_predictions.npz")
+        labels = preds["labels"]
+        # The reported accuracy is the predictions' own, and McNemar counts agree with them.
+        want = 100.0 * float((preds["predictions"][-1] == labels).mean())
+        assert entry["exit_accuracy"][-1] == pytest.approx(want)
+        ref = np.load(runs / f"baseline_s{seed}" / "test_predictions.npz")
+        ref_ok = ref["predictions"][-1] == labels
+        sd_ok = preds["predictions"][-1] == labels
+        mc = entry["deepest_vs_reference"]
+        assert mc["only_a"] == int((ref_ok & ~sd_ok).sum())
+        assert mc["only_b"] == int((~ref_ok & sd_ok).sum())
+    assert sd_arm["step_time_ratio"] > 0
+    md = (out / "README.md").read_text()
+    assert "`sd_code`" in md and "p=" in md and (out / "compare.png").stat().st_size > 1000
+    # Finished runs are not retrained: a second call only reports.
+    mtime = (runs / "sd_code_s0" / "last.pt").stat().st_mtime
+    again = _compare(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (runs / "sd_code_s0" / "last.pt").stat().st_mtime == mtime
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--reference", "nope"], "is not an arm"),
+        (["--reference", "baseline", "--seeds", "0,x"], "--seeds"),
+        (["--reference", "baseline", "--parallel", "0"], "must be ≥ 1"),
+    ],
+)
+def test_bad_usage_is_one_line_exit_2(tiny_arms, tmp_path, extra, needle):
+    root, base, sd = tiny_arms
+    proc = _compare(
+        "--arms", str(base), str(sd), "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o"),
+        *extra,
+    )  # fmt: skip
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "o").exists()
+
+
+def test_arms_must_share_one_protocol(tiny_arms, tmp_path):
+    root, base, sd = tiny_arms
+    other = tmp_path / "sd_fast.yaml"
+    other.write_text(sd.read_text().replace("epochs: 1", "epochs: 3"))
+    proc = _compare(
+        "--arms", str(base), str(other), "--reference", "baseline",
+        "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o"),
+    )  # fmt: skip
+    assert proc.returncode == 2 and "differs from 'baseline' in epochs" in proc.stderr

@@ -1,0 +1,264 @@
+"""Compare training recipes ("arms") trained with the same seed, schedule, steps and data:
+per-exit test accuracy, the deepest exit's difference from a reference arm with an exact
+McNemar test on the same test rows, and training step time measured side by side.
+
+An arm is a YAML recipe (`configs/compare/*.yaml`); its run directory is `RUNS/ARM_sSEED`.
+Runs are ordinary `earlyexit-train` runs, so they checkpoint every epoch and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import TrainConfig
+from .stats import mcnemar
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS = "test_predictions.npz"
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    config: TrainConfig  # the recipe with the comparison's overrides applied (seed excluded)
+
+
+def run_dir(runs: Path, arm: str, seed: int) -> Path:
+    return runs / f"{arm}_s{seed}"
+
+
+def read_predictions(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions K×N, labels N) a finished run wrote."""
+    with np.load(run / PREDICTIONS) as data:
+        return data["predictions"].astype(np.int64), data["labels"].astype(np.int64)
+
+
+def run_finished(run: Path, epochs: int) -> bool:
+    metrics = run / "metrics.jsonl"
+    if not (run / PREDICTIONS).is_file() or not metrics.is_file():
+        return False
+    lines = [x for x in metrics.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return bool(lines) and json.loads(lines[-1]).get("epoch") == epochs
+
+
+def epochs_done(run: Path) -> int:
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return 0
+    lines = [x for x in metrics.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return int(json.loads(lines[-1]).get("epoch", 0)) if lines else 0
+
+
+def measure_step_times(
+    arms: list[Arm],
+    steps: int = 10,
+    threads: int = 1,
+    input_shape: tuple[int, int, int] = (3, 32, 32),
+    num_classes: int = 10,
+) -> dict[str, dict[str, float]]:
+    """Median seconds of one SGD step per arm, the arms' steps interleaved round by round in
+    one process (the same batch, the same threads), so machine noise hits them alike."""
+    import torch
+
+    from .losses import create_loss
+    from .models import create_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    variants = {}
+    for arm in arms:
+        cfg = arm.config.resolved()
+        model = create_model(
+            cfg.arch, num_classes, exits=cfg.exits, head=cfg.head, width=cfg.width, stem=cfg.stem
+        ).train()
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        loss = create_loss(
+            cfg.loss,
+            path=cfg.distill_path,
+            alpha=cfg.alpha,
+            lam=cfg.lam,
+            temperature=cfg.temperature,
+            reduction=cfg.loss_reduction,
+            distill=cfg.distill,
+            feature=cfg.feature_hint,
+            feature_exits=cfg.feature_exits,
+            label_smoothing=cfg.label_smoothing,
+            num_exits=model.num_exits,
+            feature_dim=model.feature_dim,
+        )
+        opt = torch.optim.SGD(
+            [*model.parameters(), *loss.parameters()], lr=0.01, momentum=0.9, nesterov=True
+        )
+        x = torch.randn(cfg.batch_size, *input_shape)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, num_classes, (cfg.batch_size,))
+        variants[arm.name] = (model, opt, loss, x, y)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for step in range(steps + 2):  # two warm-up rounds
+        for name, (model, opt, loss_fn, x, y) in variants.items():
+            t0 = time.perf_counter()
+            out = model(x)
+            loss_fn(out.logits, out.features, y).total.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step >= 2:
+                times[name].append(time.perf_counter() - t0)
+    return {
+        name: {"step_s": statistics.median(t), "steps": len(t), "threads": threads}
+        for name, t in times.items()
+    }
+
+
+def summarize(
+    arms: list[Arm],
+    seeds: list[int],
+    runs: Path,
+    reference: str,
+    step_times: dict[str, dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """The comparison report (JSON-ready) from finished runs' per-row test predictions."""
+    table: dict[str, Any] = {}
+    ref_correct: dict[int, np.ndarray] = {}
+    for seed in seeds:
+        preds, labels = read_predictions(run_dir(runs, reference, seed))
+        ref_correct[seed] = preds[-1] == labels
+    for arm in arms:
+        per_seed = {}
+        for seed in seeds:
+            run = run_dir(runs, arm.name, seed)
+            preds, labels = read_predictions(run)
+            correct = preds == labels[None, :]
+            entry: dict[str, Any] = {
+                "exit_accuracy": [100.0 * float(c.mean()) for c in correct],
+                "rows": int(labels.size),
+            }
+            if arm.name != reference:
+                entry["deepest_vs_reference"] = mcnemar(ref_correct[seed], correct[-1]).to_dict()
+            test = run / "test_metrics.json"
+            if test.is_file():
+                final = json.loads(test.read_text(encoding="utf-8")).get("final", {})
+                if "tta_flip_acc_last" in final:
+                    entry["tta_flip_deepest"] = final["tta_flip_acc_last"]
+            metrics = [
+                json.loads(x)
+                for x in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+                if x.strip()
+            ]
+            entry["epoch_seconds_median"] = statistics.median(m["epoch_seconds"] for m in metrics)
+            entry["train_last_accuracy"] = metrics[-1].get("train_acc_last")
+            per_seed[str(seed)] = entry
+        exits = len(next(iter(per_seed.values()))["exit_accuracy"])
+        mean_acc = [
+            statistics.fmean(per_seed[str(s)]["exit_accuracy"][k] for s in seeds)
+            for k in range(exits)
+        ]
+        summary: dict[str, Any] = {"per_seed": per_seed, "mean_exit_accuracy": mean_acc}
+        if arm.name != reference:
+            diffs = [per_seed[str(s)]["deepest_vs_reference"]["difference_points"] for s in seeds]
+            summary["deepest_difference_points"] = {
+                "mean": statistics.fmean(diffs),
+                "per_seed": diffs,
+                "max_p_value": max(
+                    per_seed[str(s)]["deepest_vs_reference"]["p_value"] for s in seeds
+                ),
+            }
+        if step_times and reference in step_times and arm.name in step_times:
+            summary["step_time_ratio"] = (
+                step_times[arm.name]["step_s"] / step_times[reference]["step_s"]
+            )
+        table[arm.name] = summary
+    first = arms[0].config
+    return {
+        "reference": reference,
+        "seeds": seeds,
+        "budget": {
+            "epochs": first.epochs,
+            "batch_size": first.batch_size,
+            "train_subset": first.train_subset,
+            "schedule": first.schedule,
+        },
+        "arms": table,
+        "recipes": {arm.name: arm.config.to_dict() for arm in arms},
+        "step_times": step_times,
+    }
+
+
+def with_overrides(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
+    """The recipe with the comparison's shared settings (None = keep the recipe's)."""
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def render_markdown(report: dict[str, Any], command: str) -> str:
+    ref = report["reference"]
+    seeds = report["seeds"]
+    budget = report["budget"]
+    lines = [
+        "# Training recipes compared on the CIFAR-10 test split",
+        "",
+        f"Produced by: `{command}`",
+        "",
+        f"Budget: {budget['epochs']} epochs, batch {budget['batch_size']}, "
+        f"schedule {budget['schedule']}"
+        + (f", {budget['train_subset']} training rows" if budget["train_subset"] else "")
+        + f"; seeds {', '.join(map(str, seeds))}; reference arm `{ref}`.",
+        "",
+        "Accuracy (%) per exit, mean over seeds; the deepest exit's difference from the "
+        "reference per seed with the exact McNemar p-value on the same 10 000 test rows.",
+        "",
+    ]
+    width = max(len(a["mean_exit_accuracy"]) for a in report["arms"].values())
+    head = ["arm", *[f"exit {k + 1}" for k in range(width)], "deepest − ref (per seed, p)"]
+    head.append("step time ÷ ref")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, arm in report["arms"].items():
+        accs = arm["mean_exit_accuracy"]
+        cells = [""] * (width - len(accs)) + [f"{a:.2f}" for a in accs]
+        if name == ref:
+            diff = "reference"
+        else:
+            parts = []
+            for s in seeds:
+                mc = arm["per_seed"][str(s)]["deepest_vs_reference"]
+                parts.append(f"{mc['difference_points']:+.2f} (p={mc['p_value']:.3g})")
+            diff = f"**{arm['deepest_difference_points']['mean']:+.2f}**: " + "; ".join(parts)
+        ratio = arm.get("step_time_ratio")
+        lines.append(
+            "| "
+            + " | ".join([f"`{name}`", *cells, diff, f"{ratio:.2f}" if ratio else "–"])
+            + " |"
+        )
+    lines += ["", "![per-exit accuracy](compare.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    from serving.plots import pyplot, save_png
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, arm in report["arms"].items():
+        accs = arm["mean_exit_accuracy"]
+        xs = list(range(1, len(accs) + 1))
+        if len(accs) == 1:  # a single-exit arm sits at the deepest exit's position
+            width = max(len(a["mean_exit_accuracy"]) for a in report["arms"].values())
+            xs = [width]
+        (line,) = ax.plot(xs, accs, "o-", label=name)
+        for seed_entry in arm["per_seed"].values():
+            ax.plot(xs, seed_entry["exit_accuracy"], ".", color=line.get_color(), alpha=0.5)
+    ax.set_xlabel("exit")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_png(fig, path, tight=False)

@@ -1,0 +1,241 @@
+"""`earlyexit-compare`: train N recipes ("arms") under one protocol and several seeds, then
+compare per-exit test accuracy with a paired McNemar test against a reference arm.
+
+    earlyexit-compare --arms configs/compare/*.yaml --reference baseline --seeds 0,1 \\
+        --runs runs/compare --out docs/results/compare --epochs 10 --parallel 2
+
+Each arm × seed is an `earlyexit-train` run in RUNS/ARM_sSEED, started in the background
+(PARALLEL at a time, log in the run directory) and resumed from its checkpoint when the
+command is run again; finished runs are not retrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from serving.bundle import atomic_write_bytes, atomic_write_json
+from serving.cli_common import OneLineParser, UsageError, setup_cli_logging
+
+log = logging.getLogger("earlyexit.compare")
+
+# Everything that makes two arms' training budgets and data the same; arms may differ only in
+# the loss, its options and the exits.
+PROTOCOL_FIELDS = (
+    "arch",
+    "width",
+    "stem",
+    "dataset",
+    "val_size",
+    "split_seed",
+    "train_subset",
+    "crop_padding",
+    "flip",
+    "cutout",
+    "autoaugment",
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "nesterov",
+    "schedule",
+    "milestones",
+    "gamma",
+    "warmup_epochs",
+    "ema_decay",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="earlyexit-compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arms", nargs="+", required=True, help="YAML recipes, one per arm")
+    p.add_argument("--reference", required=True, help="arm the others are tested against")
+    p.add_argument("--seeds", default="0,1", help="comma-separated training seeds (default 0,1)")
+    p.add_argument("--runs", required=True, help="directory for the arms' run directories")
+    p.add_argument("--out", required=True, help="report directory (JSON, Markdown, PNG)")
+    p.add_argument("--epochs", type=int, help="override every arm's epochs")
+    p.add_argument("--train-subset", type=int, help="override: train on N stratified rows")
+    p.add_argument("--data-dir", help="override every arm's data directory")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    p.add_argument("--parallel", type=int, default=2, help="runs at once (default 2)")
+    p.add_argument("--step-steps", type=int, default=10, help="steps per arm for step time")
+    p.add_argument("--report-only", action="store_true", help="do not train; report finished runs")
+    return p
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UsageError(f"--seeds must name distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def load_arms(args: argparse.Namespace):
+    from .compare import Arm, with_overrides
+    from .config import TrainConfig, load_yaml_config
+
+    arms = []
+    for path in args.arms:
+        if not Path(path).is_file():
+            raise UsageError(f"arm recipe not found: {path}")
+        try:
+            cfg = TrainConfig.from_dict(load_yaml_config(path))
+            cfg = with_overrides(
+                cfg,
+                epochs=args.epochs,
+                train_subset=args.train_subset,
+                data_dir=args.data_dir,
+                num_threads=args.threads,
+            ).resolved()
+            cfg.validate()
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"{path}: {exc}") from exc
+        arms.append(Arm(Path(path).stem, cfg))
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise UsageError(f"arm names (file stems) must be distinct: {', '.join(names)}")
+    if args.reference not in names:
+        raise UsageError(f"--reference {args.reference!r} is not an arm: {', '.join(names)}")
+    first = arms[0]
+    for arm in arms[1:]:
+        differ = [
+            f for f in PROTOCOL_FIELDS if getattr(arm.config, f) != getattr(first.config, f)
+        ]
+        if differ:
+            raise UsageError(
+                f"arm {arm.name!r} differs from {first.name!r} in {', '.join(differ)}: "
+                "arms must share one protocol"
+            )
+    return arms
+
+
+def train_all(arms, seeds: list[int], runs: Path, parallel: int) -> None:
+    """Start every unfinished arm × seed as a background `earlyexit-train` (PARALLEL at a
+    time), with one progress bar per run (epochs done)."""
+    import dataclasses
+
+    from tqdm.auto import tqdm
+
+    from .compare import epochs_done, run_dir, run_finished
+
+    todo = []
+    for arm in arms:
+        for seed in seeds:
+            run = run_dir(runs, arm.name, seed)
+            if not run_finished(run, arm.config.epochs):
+                todo.append((arm, seed, run))
+    if not todo:
+        return
+    bars = {
+        str(run): tqdm(
+            total=arm.config.epochs,
+            initial=epochs_done(run),
+            desc=run.name,
+            position=i,
+            unit="epoch",
+            file=sys.stderr,
+        )
+        for i, (arm, seed, run) in enumerate(todo)
+    }
+    waiting = list(todo)
+    active: list[tuple[subprocess.Popen[bytes], Path]] = []
+    failed: list[str] = []
+    while waiting or active:
+        while waiting and len(active) < parallel:
+            arm, seed, run = waiting.pop(0)
+            run.mkdir(parents=True, exist_ok=True)
+            recipe = dataclasses.replace(arm.config, seed=seed).to_dict()
+            atomic_write_json(run / "recipe.json", recipe)  # JSON is YAML: --config reads it
+            logfile = open(run / "train.log", "ab")  # noqa: SIM115 (closed when the run ends)
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "training.cli",
+                    "--config",
+                    str(run / "recipe.json"),
+                    "--out",
+                    str(run),
+                    "--no-progress",
+                ],
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+            )
+            logfile.close()
+            active.append((proc, run))
+        time.sleep(2.0)
+        for proc, run in list(active):
+            bar = bars[str(run)]
+            bar.update(epochs_done(run) - bar.n)
+            if proc.poll() is not None:
+                active.remove((proc, run))
+                if proc.returncode != 0:
+                    failed.append(f"{run.name} (exit {proc.returncode}, see {run / 'train.log'})")
+    for bar in bars.values():
+        bar.close()
+    if failed:
+        raise RuntimeError("runs failed: " + "; ".join(failed))
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_cli_logging(timestamps=True)
+    try:
+        args = build_parser().parse_args(argv)
+        seeds = _parse_seeds(args.seeds)
+        if args.threads < 1 or args.parallel < 1 or args.step_steps < 1:
+            raise UsageError("--threads, --parallel and --step-steps must be ≥ 1")
+        arms = load_arms(args)
+    except UsageError as exc:
+        print(f"earlyexit-compare: error: {exc}", file=sys.stderr)
+        return 2
+    from .compare import measure_step_times, plot, render_markdown, run_dir, run_finished
+    from .compare import summarize
+
+    runs, out = Path(args.runs), Path(args.out)
+    try:
+        if not args.report_only:
+            train_all(arms, seeds, runs, args.parallel)
+        missing = [
+            run_dir(runs, a.name, s).name
+            for a in arms
+            for s in seeds
+            if not run_finished(run_dir(runs, a.name, s), a.config.epochs)
+        ]
+        if missing:
+            print(f"earlyexit-compare: error: unfinished runs: {', '.join(missing)}", file=sys.stderr)
+            return 2
+        log.info("measuring step time: %d interleaved steps per arm", args.step_steps)
+        steps = measure_step_times(arms, steps=args.step_steps, threads=args.threads)
+        report = summarize(arms, seeds, runs, args.reference, steps)
+    except RuntimeError as exc:
+        print(f"earlyexit-compare: error: {exc}", file=sys.stderr)
+        return 1
+    command = "earlyexit-compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    report["command"] = command
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "compare.json", report)
+    atomic_write_bytes(out / "README.md", render_markdown(report, command).encode())
+    plot(report, out / "compare.png")
+    for name, arm in report["arms"].items():
+        diff = arm.get("deepest_difference_points")
+        log.info(
+            "%s: exits %s%s",
+            name,
+            " / ".join(f"{a:.2f}" for a in arm["mean_exit_accuracy"]),
+            f", deepest {diff['mean']:+.2f} vs {args.reference}" if diff else "",
+        )
+    print(json.dumps({"out": str(out), "arms": list(report["arms"])}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

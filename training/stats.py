@@ -1,0 +1,58 @@
+"""Paired significance for accuracy differences on the same test rows (torch-free)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Exact two-sided McNemar test of model A vs model B on the same rows.
+
+    `only_a` rows A got right and B wrong, `only_b` the reverse; the p-value is the exact
+    binomial probability, under "both err equally often on discordant rows", of a split at
+    least as uneven as the one observed."""
+
+    rows: int
+    only_a: int
+    only_b: int
+    p_value: float
+
+    @property
+    def difference_points(self) -> float:
+        """Accuracy of B minus accuracy of A, in percentage points."""
+        return 100.0 * (self.only_b - self.only_a) / self.rows
+
+    def to_dict(self) -> dict[str, float | int]:
+        data: dict[str, float | int] = asdict(self)
+        data["difference_points"] = self.difference_points
+        return data
+
+
+def _log_binom_tail(n: int, k: int) -> float:
+    """log P(X ≤ k) for X ~ Binomial(n, 1/2), summed in log space (n up to millions)."""
+    terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+        for i in range(k + 1)
+    ]
+    top = max(terms)
+    return top + math.log(sum(math.exp(t - top) for t in terms))
+
+
+def mcnemar(a_correct: np.ndarray, b_correct: np.ndarray) -> McNemar:
+    """Exact McNemar test on two boolean vectors of per-row correctness (same rows, same order)."""
+    a = np.asarray(a_correct, dtype=bool)
+    b = np.asarray(b_correct, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError("mcnemar needs two non-empty 1-D correctness vectors of one length")
+    only_a = int(np.sum(a & ~b))
+    only_b = int(np.sum(~a & b))
+    n = only_a + only_b
+    if n == 0:
+        p = 1.0
+    else:
+        p = min(1.0, 2.0 * math.exp(_log_binom_tail(n, min(only_a, only_b))))
+    return McNemar(rows=int(a.size), only_a=only_a, only_b=only_b, p_value=p)
