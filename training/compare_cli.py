@@ -107,9 +107,7 @@ def load_arms(args: argparse.Namespace):
         raise UsageError(f"--reference {args.reference!r} is not an arm: {', '.join(names)}")
     first = arms[0]
     for arm in arms[1:]:
-        differ = [
-            f for f in PROTOCOL_FIELDS if getattr(arm.config, f) != getattr(first.config, f)
-        ]
+        differ = [f for f in PROTOCOL_FIELDS if getattr(arm.config, f) != getattr(first.config, f)]
         if differ:
             raise UsageError(
                 f"arm {arm.name!r} differs from {first.name!r} in {', '.join(differ)}: "
@@ -197,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"earlyexit-compare: error: {exc}", file=sys.stderr)
         return 2
-    from .compare import measure_step_times, plot, render_markdown, run_dir, run_finished
-    from .compare import summarize
+    from .compare import measure_step_times, plot, render_markdown, run_dir, run_finished, summarize
 
     runs, out = Path(args.runs), Path(args.out)
     try:
@@ -211,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             if not run_finished(run_dir(runs, a.name, s), a.config.epochs)
         ]
         if missing:
-            print(f"earlyexit-compare: error: unfinished runs: {', '.join(missing)}", file=sys.stderr)
+            print(
+                f"earlyexit-compare: error: unfinished runs: {', '.join(missing)}", file=sys.stderr
+            )
             return 2
         log.info("measuring step time: %d interleaved steps per arm", args.step_steps)
         steps = measure_step_times(arms, steps=args.step_steps, threads=args.threads)
