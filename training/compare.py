@@ -234,9 +234,7 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             diff = f"**{arm['deepest_difference_points']['mean']:+.2f}**: " + "; ".join(parts)
         ratio = arm.get("step_time_ratio")
         lines.append(
-            "| "
-            + " | ".join([f"`{name}`", *cells, diff, f"{ratio:.2f}" if ratio else "–"])
-            + " |"
+            "| " + " | ".join([f"`{name}`", *cells, diff, f"{ratio:.2f}" if ratio else "–"]) + " |"
         )
     lines += ["", "![per-exit accuracy](compare.png)", ""]
     return "\n".join(lines)
