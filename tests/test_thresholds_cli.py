@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -189,6 +190,90 @@ def test_human_summary(setup, capsys):
     assert "val: an oracle that knows the labels reaches" in out
 
 
+def test_limit_tunes_on_the_first_rows_and_records_it(setup, capsys, tmp_path):
+    bundle, val, test = setup
+    argv = ["--bundle", str(bundle), "--test-calibration", str(test)] + FAST
+    limited = _run_json(capsys, argv + ["--calibration", str(val), "--limit", "500"])
+    # The same search on a file holding only those rows picks the same thresholds.
+    probs, labels = synthetic_calibration(rows=3000, seed=0)
+    first = save_calibration(tmp_path / "first500.npz", probs[:500], labels[:500], {"split": "val"})
+    alone = _run_json(capsys, argv + ["--calibration", str(first), "--dry-run"])
+    assert limited["rows"] == 500 and limited["limit"] == 500
+    assert limited["thresholds"] == alone["thresholds"]
+    assert limited["accuracy"] == alone["accuracy"]
+    assert limited["test"]["rows"] == 3000  # the held-out report keeps its whole split
+    tuned = read_thresholds(bundle, EXITS).tuned
+    assert tuned["data"]["limit"] == 500 and tuned["metrics"]["val"]["rows"] == 500
+    # More rows than the split has: the whole split, and the record says what was asked.
+    everything = _run_json(capsys, argv + ["--calibration", str(val), "--limit", "10000"])
+    assert everything["rows"] == 3000 and everything["limit"] == 10000
+    assert alone["limit"] is None and alone["split_rows"] == 500
+    assert tuned["data"]["split_rows"] == 3000
+    assert read_thresholds(bundle, EXITS).tuned["data"]["split_rows"] == 3000
+
+
+def test_limit_is_named_in_the_summary(setup, capsys):
+    bundle, val, _ = setup
+    argv = ["--bundle", str(bundle), "--calibration", str(val), "--limit", "700", "--dry-run"]
+    assert main(argv + FAST) == 0
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert "700 rows of 'val' (the first 700 of 3000: --limit)" in first_line, first_line
+
+
+def test_limit_warns_when_the_first_rows_miss_classes(setup, caplog, tmp_path):
+    bundle, _, _ = setup
+    # Stored class by class, as an image-folder split is: the first rows are all one class.
+    probs, labels = synthetic_calibration(rows=3000, seed=0)
+    order = np.argsort(labels, kind="stable")
+    by_class = save_calibration(tmp_path / "by_class.npz", probs[order], labels[order], {})
+    argv = ["--bundle", str(bundle), "--calibration", str(by_class), "--dry-run", "-q"] + FAST
+    assert main(argv + ["--limit", "50"]) == 0
+    warned = "--limit 50: the first 50 rows hold 1 of the split's 10 classes"
+    assert warned in caplog.text, caplog.text
+    caplog.clear()
+    assert main(argv + ["--limit", "3000"]) == 0
+    assert "classes" not in caplog.text
+
+
+def _phi_percent(z: float) -> float:
+    return 50.0 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+@pytest.mark.parametrize("confidence", [None, "1.645", "1"])
+def test_margin_line_says_what_the_numbers_mean(confidence, setup, capsys):
+    bundle, val, test = setup
+    argv = ["--bundle", str(bundle), "--calibration", str(val), "--test-calibration", str(test)]
+    argv += FAST + ["--max-drop", "0.5", "-q"]
+    if confidence is not None:
+        argv += ["--confidence", confidence]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    metrics = read_thresholds(bundle, EXITS).tuned["metrics"]
+    for split in ("val", "test"):
+        margin = metrics[split]["margin"]
+        (line,) = [x for x in lines if x.startswith(f"{split}: accuracy drop vs the final exit")]
+        drop = margin["drop"]
+        measured = (
+            f"{drop:.2f} points" if round(drop, 2) >= 0 else f"none, {-drop:.2f} points above it"
+        )
+        assert line.startswith(
+            f"{split}: accuracy drop vs the final exit: {measured} (allowed 0.50)"
+        ), line
+        # What the search constrains: the measured drop (no --confidence), else its upper bound.
+        worst = -margin["lower_bound"]
+        verdict = "within the allowance" if worst <= 0.5 + 1e-9 else "over the allowance"
+        if confidence is None:
+            assert f", {verdict}; from 3000 rows, so uncertain by about ±{margin['se']:.2f}" in line
+        else:
+            level = f"{_phi_percent(float(confidence)):.1f}".rstrip("0").rstrip(".")
+            assert level in {"95", "84.1"}
+            assert f"; at {level}% confidence the drop is at most {worst:.2f} points" in line, line
+            assert line.endswith(verdict), line
+    # The search keeps its promise on the split it tuned on.
+    assert -metrics["val"]["margin"]["lower_bound"] <= 0.5 + 1e-9
+    assert "at Z = 0 (floor" not in "\n".join(lines)
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -205,6 +290,9 @@ def test_human_summary(setup, capsys):
         ("test-alone", "--test-calibration goes with --calibration"),
         ("bits", "--bits must be"),
         ("unknown-flag", "unrecognized arguments"),
+        ("limit-zero", "--limit: must be a positive integer, got 0"),
+        ("limit-negative", "--limit: must be a positive integer, got -5"),
+        ("limit-text", "--limit: must be a positive integer, got 'ten'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(case, message, setup, tmp_path, capsys):
@@ -234,6 +322,9 @@ def test_bad_input_exits_2_with_one_line(case, message, setup, tmp_path, capsys)
             "both": ["--beta", "1", "--max-drop", "1"],
             "bits": ["--bits", "1"],
             "unknown-flag": ["--frobnicate"],
+            "limit-zero": ["--limit", "0"],
+            "limit-negative": ["--limit", "-5"],
+            "limit-text": ["--limit", "ten"],
         }[case]
     before = sorted(p.name for p in bundle.iterdir()) if bundle.is_dir() else None
     assert main(argv) == 2

@@ -21,6 +21,16 @@ PROG = "earlyexit-tune"
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog=PROG,
@@ -36,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("val", "test"),
         default="val",
         help="split to tune on (default val; test is then the held-out report)",
+    )
+    data.add_argument(
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        help="tune on only the first N rows of the split (quick runs; the held-out report "
+        "keeps all its rows)",
     )
     data.add_argument(
         "--calibration",
@@ -194,6 +211,7 @@ def _request(args: argparse.Namespace) -> TuneRequest:
         dataset=args.dataset,
         data_dir=args.data_dir,
         split=args.split,
+        limit=args.limit,
         calibration=args.calibration,
         test_calibration=args.test_calibration,
         cost=args.cost,

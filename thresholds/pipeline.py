@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from serving.bundle import (
     Manifest,
     Thresholds,
@@ -48,6 +50,7 @@ class TuneRequest:
     dataset: str | None = None
     data_dir: Path | None = None
     split: str = "val"
+    limit: int | None = None  # tune on the first `limit` rows of the tuning split only
     calibration: Path | None = None
     test_calibration: Path | None = None
     cost: str = "macs"
@@ -65,6 +68,8 @@ class TuneRequest:
             raise TuningError("give --dataset and --data-dir, or --calibration FILE.npz")
         if self.test_calibration is not None and self.calibration is None:
             raise TuningError("--test-calibration goes with --calibration")
+        if self.limit is not None and self.limit < 1:
+            raise TuningError(f"--limit must be a positive integer, got {self.limit}")
         if self.runtime.intra_op_threads < 0:
             raise TuningError(f"--threads must be >= 0, got {self.runtime.intra_op_threads}")
         if self.latency_repeats < 1:
@@ -114,6 +119,36 @@ def _calibrations(
     return tune_cal, get(HELD_OUT_SPLIT), HELD_OUT_SPLIT
 
 
+def first_rows(calibration: Calibration, limit: int | None) -> Calibration:
+    """The first `limit` rows of `calibration` (all of them when `limit` is None or not
+    smaller than the row count)."""
+    if limit is None:
+        return calibration
+    if limit >= calibration.num_rows:
+        logger.info("--limit %d: the split has %d rows; tuning on all", limit, calibration.num_rows)
+        return calibration
+    kept = Calibration(
+        calibration.exit_probs[:limit],
+        calibration.labels[:limit],
+        calibration.meta,
+        calibration.source,
+    )
+    logger.info("tuning on the first %d of %d rows (--limit)", limit, calibration.num_rows)
+    # Image-folder splits are stored class by class, so their first rows can miss whole
+    # classes; thresholds tuned on such rows say little about the rest.
+    classes, kept_classes = np.unique(calibration.labels).size, np.unique(kept.labels).size
+    if kept_classes < classes:
+        logger.warning(
+            "--limit %d: the first %d rows hold %d of the split's %d classes; "
+            "thresholds tuned on them may not transfer",
+            limit,
+            limit,
+            kept_classes,
+            classes,
+        )
+    return kept
+
+
 def _table(calibration: Calibration, manifest: Manifest, what: str) -> ExitTable:
     check_against_manifest(calibration, manifest, what)
     return build_exit_table(calibration.exit_probs, calibration.labels, manifest.fallback)
@@ -128,7 +163,10 @@ def run(request: TuneRequest) -> dict[str, Any]:
     # calibration with MAC costs needs nothing but the manifest.
     needs_runtime = request.calibration is None or request.cost == "latency"
     manifest = load_manifest(request.bundle, verify=needs_runtime)
-    tune_cal, test_cal, test_split = _calibrations(request, manifest)
+    whole_cal, test_cal, test_split = _calibrations(request, manifest)
+    # The whole split is collected and cached; --limit only narrows what is tuned on, so a
+    # later run without it reuses the same cache.
+    tune_cal = first_rows(whole_cal, request.limit)
     split = str(tune_cal.meta.get("split") or request.split)
     table = _table(tune_cal, manifest, "calibration data")
     test_table = None if test_cal is None else _table(test_cal, manifest, "test calibration data")
@@ -150,6 +188,8 @@ def run(request: TuneRequest) -> dict[str, Any]:
         test_split=test_split,
         test_source=None if test_cal is None else test_cal.source,
         bundle_sha256=bundle_sha256(manifest),
+        limit=request.limit,
+        split_rows=whole_cal.num_rows,
     )
     tuned = tuned_provenance(outcome, request.options, costs, data)
     values = validate_threshold_values(list(outcome.thresholds), manifest.num_exits)

@@ -31,6 +31,8 @@ class DataInfo:
     test_split: str | None = None
     test_source: str | None = None
     bundle_sha256: str | None = None
+    limit: int | None = None  # --limit: only the split's first `limit` rows were tuned on
+    split_rows: int | None = None  # rows in the tuning split before --limit
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -38,6 +40,9 @@ class DataInfo:
             "split": self.split,
             "calibration": self.source,
         }
+        if self.limit is not None:
+            out["limit"] = self.limit
+            out["split_rows"] = self.split_rows
         if self.test_split is not None:
             out["test_split"] = self.test_split
             out["test_calibration"] = self.test_source
@@ -159,6 +164,8 @@ def result_json(
         **_objective_fields(outcome),
         "split": data.split,
         "rows": tune.rows,
+        "limit": data.limit,
+        "split_rows": data.split_rows,
         "exit_accuracies": tune.exit_accuracies,
         "margin": tune.margin(),
         "ceiling": tune.ceiling.to_dict(),
@@ -184,20 +191,75 @@ def _pct(x: float) -> str:
     return f"{x:.2f}%"
 
 
-def _margin_text(margin: dict[str, Any], max_drop: float) -> str:
-    kind = "paired" if margin["paired"] else "binomial"
-    return (
-        f"drop {margin['drop']:.2f} ± {margin['se']:.2f} points ({kind} SE), lower bound on "
-        f"the difference {margin['lower_bound']:+.2f} at Z = {margin['confidence']:g} "
-        f"(floor {0.0 - max_drop:+.2f})"
+# Matches thresholds.objectives: a floor met to float rounding is met.
+_ALLOWANCE_TOLERANCE = 1e-9
+
+
+def _points(x: float) -> str:
+    return f"{round(x, 2) + 0.0:.2f}"  # + 0.0: no "-0.00"
+
+
+def _one_sided_level(z: float) -> str:
+    """The confidence a one-sided normal bound at `z` standard errors carries, e.g. "95"."""
+    level = 50.0 * (1.0 + math.erf(z / math.sqrt(2.0)))
+    return ">99.9" if level >= 99.95 else f"{level:.1f}".rstrip("0").rstrip(".")
+
+
+def _margin_lines(split: str, report: dict[str, Any], max_drop: float) -> list[str]:
+    """The max-drop verdict for one split in plain words, then the statistics behind it.
+
+    `margin` holds drop = baseline − accuracy and lower_bound = (accuracy − baseline) − Z·SE,
+    so −lower_bound is the largest drop the data allow at Z standard errors (the measured drop
+    itself at Z = 0); the search keeps it within max_drop on the tuning split.
+    """
+    margin = report["margin"]
+    z, drop, se, worst = margin["confidence"], margin["drop"], margin["se"], -margin["lower_bound"]
+    versus = (
+        "the final exit" if margin["paired"] else f"the baseline {report['baseline_accuracy']:.2f}%"
     )
+    measured = (
+        f"{_points(drop)} points"
+        if round(drop, 2) >= 0
+        else f"none, {_points(-drop)} points above it"
+    )
+    within = worst <= max_drop + _ALLOWANCE_TOLERANCE
+    verdict = "within the allowance" if within else "over the allowance"
+    head = f"{split}: accuracy drop vs {versus}: {measured} (allowed {_points(max_drop)})"
+    if z > 0:
+        bound = (
+            f"the drop is at most {_points(worst)} points"
+            if round(worst, 2) >= 0
+            else f"accuracy is at least {_points(-worst)} points above it"
+        )
+        plain = f"{head}; at {_one_sided_level(z)}% confidence {bound}: {verdict}"
+    else:
+        plain = (
+            f"{head}, {verdict}; from {report['rows']} rows, so uncertain by about "
+            f"±{_points(se)} points (one standard error; --confidence adds a safety margin)"
+        )
+    kind = "paired" if margin["paired"] else "binomial"
+    details = (
+        f"{split}: statistics: {kind} standard error {_points(se)} points; lower bound on the "
+        f"difference (accuracy - baseline) {-worst:+.2f} at Z = {z:g}, floor {0.0 - max_drop:+.2f}"
+    )
+    return [plain, details]
+
+
+def _rows_text(result: dict[str, Any]) -> str:
+    rows, limit, whole = result["rows"], result.get("limit"), result.get("split_rows")
+    text = f"{rows} rows of '{result['split']}'"
+    if limit is None or whole is None:
+        return text
+    if rows < whole:
+        return f"{text} (the first {rows} of {whole}: --limit)"
+    return f"{text} (all of them: --limit {limit} is more)"
 
 
 def summary_text(result: dict[str, Any]) -> str:
     """A few human-readable lines about a `result_json` object."""
     lines = [
-        f"method {result['method']} ({result['mode']}), {result['rows']} rows of "
-        f"'{result['split']}', search {result['seconds']:.2f}s",
+        f"method {result['method']} ({result['mode']}), {_rows_text(result)}, "
+        f"search {result['seconds']:.2f}s",
         "thresholds " + ", ".join(f"{t:.4f}" for t in result["thresholds"]),
         f"accuracy {_pct(result['accuracy'])} (baseline {_pct(result['baseline_accuracy'])}), "
         f"acceleration {result['acceleration']:.3f}x, fitness {result['fitness']:.4f}",
@@ -206,7 +268,7 @@ def summary_text(result: dict[str, Any]) -> str:
         + " (last: fallback)",
     ]
     if result["mode"] == "max_drop":
-        lines.append(f"{result['split']}: {_margin_text(result['margin'], result['max_drop'])}")
+        lines += _margin_lines(result["split"], result, result["max_drop"])
     ceiling = result.get("ceiling")
     if ceiling and ceiling["acceleration"]:
         lines.append(
@@ -221,7 +283,7 @@ def summary_text(result: dict[str, Any]) -> str:
             f"{_pct(test['baseline_accuracy'])}), acceleration {test['acceleration']:.3f}x"
         )
         if result["mode"] == "max_drop":
-            lines.append(f"{test['split']}: {_margin_text(test['margin'], result['max_drop'])}")
+            lines += _margin_lines(test["split"], test, result["max_drop"])
         moved = test["vs_tuning"]
         lines.append(
             f"{test['split']} - {result['split']}: accuracy {moved['accuracy_difference']:+.2f} "
