@@ -1,8 +1,8 @@
 """The bundle format: `manifest.json` + chained ONNX segments + `thresholds.json`.
 
 This module is the only contract between export (`training`), tuning (`thresholds`) and serving.
-It imports neither torch nor onnxruntime: it parses, validates and writes the JSON files and
-checks file hashes. See `../shared/CONTRACT.md` (section "Bundle") for the layout.
+It imports neither torch nor onnxruntime: it parses the JSON files, validates the manifest
+against its schema (`serving.manifest_schema`), writes them atomically and checks file hashes. See `../shared/CONTRACT.md` (section "Bundle") for the layout.
 """
 
 from __future__ import annotations
@@ -12,15 +12,19 @@ import json
 import logging
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from serving.manifest_schema import BUNDLE_FORMAT, ManifestModel, error_line
+
 logger = logging.getLogger(__name__)
 
-BUNDLE_FORMAT = "earlyexit-bundle/1"
 MANIFEST_FILE = "manifest.json"
 THRESHOLDS_FILE = "thresholds.json"
 FALLBACKS = ("ensemble", "last")
@@ -72,6 +76,17 @@ class FullModelSpec:
 
 
 @dataclass(frozen=True)
+class BaselineSpec:
+    """The plain model early exit is compared with: its recipe, accuracy (percent) per split,
+    and its single-graph ONNX when that is not `full_model`."""
+
+    recipe: str
+    accuracy: dict[str, float]
+    file: str | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     version: str
@@ -82,6 +97,8 @@ class Manifest:
     full_model: FullModelSpec
     provenance: dict[str, Any] = field(default_factory=dict)
     format: str = BUNDLE_FORMAT
+    baseline: BaselineSpec | None = None
+    exit_points: tuple[str | int, ...] | None = None  # the backbone block each exit follows
 
     @property
     def num_exits(self) -> int:
@@ -95,7 +112,13 @@ class Manifest:
         return [s.macs for s in self.segments]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for optional in ("baseline", "exit_points"):  # absent, not null, when not given
+            if data[optional] is None:
+                del data[optional]
+        if data.get("baseline") is not None:
+            data["baseline"] = {k: v for k, v in data["baseline"].items() if v is not None}
+        return data
 
 
 @dataclass(frozen=True)
@@ -111,110 +134,115 @@ class Thresholds:
 
 # ----------------------------------------------------------------------------- parsing
 
-
-def _require(mapping: dict[str, Any], key: str, where: str) -> Any:
-    if not isinstance(mapping, dict) or key not in mapping:
-        raise BundleError(f"manifest.json: missing field '{where}{key}'")
-    return mapping[key]
-
-
-def _int_tuple(value: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(value, list | tuple) or not all(isinstance(v, int) and v > 0 for v in value):
-        raise BundleError(f"manifest.json: '{where}' must be a list of positive integers")
-    return tuple(value)
+# manifest.json and thresholds.json are a few KiB; the caps refuse a wrong file quickly instead
+# of reading gigabytes, and the depth cap refuses JSON nested deeper than any real manifest.
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_THRESHOLDS_BYTES = 16 * 1024 * 1024
+MAX_JSON_DEPTH = 64
 
 
-def parse_manifest(data: dict[str, Any]) -> Manifest:
-    """Validate a decoded manifest.json and return it typed; BundleError names the bad field."""
-    fmt = _require(data, "format", "")
-    if fmt != BUNDLE_FORMAT:
-        raise BundleError(f"manifest.json: unsupported format {fmt!r} (expected {BUNDLE_FORMAT!r})")
-    labels = _require(data, "labels", "")
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-        raise BundleError("manifest.json: 'labels' must be a non-empty list of strings")
-    inp = _require(data, "input", "")
-    shape = _int_tuple(_require(inp, "shape", "input."), "input.shape")
-    if len(shape) != 3:
-        raise BundleError("manifest.json: 'input.shape' must be [C, H, W]")
-    mean = tuple(float(v) for v in _require(inp, "mean", "input."))
-    std = tuple(float(v) for v in _require(inp, "std", "input."))
-    if len(mean) != shape[0] or len(std) != shape[0] or any(s <= 0 for s in std):
-        raise BundleError("manifest.json: 'input.mean'/'input.std' must have C entries, std > 0")
-    color_mode = inp.get("color_mode", "RGB" if shape[0] == 3 else "L")
-    if color_mode not in ("RGB", "L"):
-        raise BundleError(f"manifest.json: unsupported input.color_mode {color_mode!r}")
-    input_spec = InputSpec(shape=shape, mean=mean, std=std, color_mode=color_mode)
+def _json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of decoded JSON, counted without recursion; stops once past `limit`."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
-    raw_segments = _require(data, "segments", "")
-    if not isinstance(raw_segments, list) or not raw_segments:
-        raise BundleError("manifest.json: 'segments' must be a non-empty list")
-    segments = []
-    for i, seg in enumerate(raw_segments, start=1):
-        where = f"segments[{i - 1}]."
-        last = i == len(raw_segments)
-        feature_output = seg.get("feature_output")
-        if not last and not feature_output:
-            raise BundleError(f"manifest.json: missing field '{where}feature_output'")
-        feature_shape = seg.get("feature_shape")
-        segments.append(
-            SegmentSpec(
-                index=i,
-                file=str(_require(seg, "file", where)),
-                sha256=str(_require(seg, "sha256", where)),
-                input_name=str(_require(seg, "input_name", where)),
-                input_shape=_int_tuple(_require(seg, "input_shape", where), where + "input_shape"),
-                probs_output=str(_require(seg, "probs_output", where)),
-                feature_output=None if last else str(feature_output),
-                feature_shape=None
-                if last or feature_shape is None
-                else _int_tuple(feature_shape, where + "feature_shape"),
-                macs=int(_require(seg, "macs", where)),
-                params=int(_require(seg, "params", where)),
-                stage_file=seg.get("stage_file"),
-                stage_sha256=seg.get("stage_sha256"),
-                stage_macs=None if seg.get("stage_macs") is None else int(seg["stage_macs"]),
-            )
-        )
-    if segments[0].input_shape != shape:
-        raise BundleError(
-            f"manifest.json: segment 1 input shape {list(segments[0].input_shape)} "
-            f"!= input.shape {list(shape)}"
-        )
-    for prev, nxt in zip(segments, segments[1:], strict=False):
-        if prev.feature_output != nxt.input_name:
-            raise BundleError(
-                f"manifest.json: segment {nxt.index} input '{nxt.input_name}' does not match "
-                f"segment {prev.index} feature output '{prev.feature_output}'"
-            )
-        if prev.feature_shape is not None and prev.feature_shape != nxt.input_shape:
-            raise BundleError(
-                f"manifest.json: segment {nxt.index} input shape {list(nxt.input_shape)} does not "
-                f"match segment {prev.index} feature shape {list(prev.feature_shape)}"
-            )
-    fallback = data.get("fallback", "ensemble")
-    if fallback not in FALLBACKS:
-        raise BundleError(f"manifest.json: 'fallback' must be one of {FALLBACKS}, got {fallback!r}")
-    full = _require(data, "full_model", "")
-    full_spec = FullModelSpec(
-        file=str(_require(full, "file", "full_model.")),
-        sha256=str(_require(full, "sha256", "full_model.")),
-        macs=int(_require(full, "macs", "full_model.")),
-        params=int(full.get("params", 0)),
-        input_name=str(full.get("input_name", "input")),
-        probs_output=str(full.get("probs_output", "probs")),
+
+def _baseline_spec(model: Any) -> BaselineSpec | None:
+    if model is None:
+        return None
+    return BaselineSpec(
+        recipe=model.recipe,
+        accuracy={split: float(value) for split, value in model.accuracy.items()},
+        file=model.file,
+        sha256=model.sha256,
     )
-    if full_spec.macs <= 0 or any(s.macs <= 0 for s in segments):
-        raise BundleError("manifest.json: MAC counts must be positive")
+
+
+def parse_manifest(data: Any) -> Manifest:
+    """Validate a decoded manifest.json against `serving.manifest_schema` and return it typed;
+    BundleError names the first bad field in one line."""
+    if not isinstance(data, dict):
+        raise BundleError("manifest.json: must be a JSON object")
+    if _json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise BundleError(f"manifest.json: nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        model = ManifestModel.model_validate(data)
+    except ValidationError as exc:
+        raise BundleError(f"manifest.json: {error_line(exc.errors())}") from None
+    inp = model.input
+    channels = inp.shape[0]
+    input_spec = InputSpec(
+        shape=(inp.shape[0], inp.shape[1], inp.shape[2]),
+        mean=tuple(float(v) for v in inp.mean),
+        std=tuple(float(v) for v in inp.std),
+        color_mode=inp.color_mode or ("RGB" if channels == 3 else "L"),
+    )
+    last = len(model.segments)
+    segments = tuple(
+        SegmentSpec(
+            index=i,
+            file=seg.file,
+            sha256=seg.sha256,
+            input_name=seg.input_name,
+            input_shape=tuple(seg.input_shape),
+            probs_output=seg.probs_output,
+            feature_output=None if i == last else seg.feature_output,
+            feature_shape=None
+            if i == last or seg.feature_shape is None
+            else tuple(seg.feature_shape),
+            macs=seg.macs,
+            params=seg.params,
+            stage_file=seg.stage_file,
+            stage_sha256=seg.stage_sha256,
+            stage_macs=seg.stage_macs,
+        )
+        for i, seg in enumerate(model.segments, start=1)
+    )
+    full = model.full_model
     return Manifest(
-        name=str(_require(data, "name", "")),
-        version=str(_require(data, "version", "")),
-        labels=tuple(labels),
+        name=model.name,
+        version=str(model.version),
+        labels=tuple(model.labels),
         input=input_spec,
-        segments=tuple(segments),
-        fallback=fallback,
-        full_model=full_spec,
-        provenance=dict(data.get("provenance", {})),
+        segments=segments,
+        fallback=model.fallback,
+        full_model=FullModelSpec(
+            file=full.file,
+            sha256=full.sha256,
+            macs=full.macs,
+            params=full.params,
+            input_name=full.input_name,
+            probs_output=full.probs_output,
+        ),
+        provenance=dict(model.provenance),
+        format=model.format,
+        baseline=_baseline_spec(model.baseline),
+        exit_points=None if model.exit_points is None else tuple(model.exit_points),
     )
+
+
+def _read_json(path: Path, limit: int, what: str) -> Any:
+    """Decode a small JSON file; every way it can fail is a BundleError naming the file."""
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise BundleError(f"{path}: {size} bytes, more than the {limit} a {what} may have")
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text)
+    except RecursionError:
+        raise BundleError(f"{path}: not valid JSON (nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        # ValueError covers JSONDecodeError and integers too long to convert.
+        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -233,19 +261,38 @@ def bundle_files(manifest: Manifest) -> list[tuple[str, str]]:
     return files
 
 
+def named_files(manifest: Manifest) -> list[str]:
+    """Every file name the manifest holds, the optional baseline model's included."""
+    names = [name for name, _ in bundle_files(manifest)]
+    if manifest.baseline is not None and manifest.baseline.file:
+        names.append(manifest.baseline.file)
+    return names
+
+
+def check_paths(bundle_dir: str | os.PathLike[str], manifest: Manifest) -> None:
+    """Refuse a file name that resolves outside the bundle directory, through a symlink too:
+    a manifest must not make the server read files it was not shipped with."""
+    root = Path(bundle_dir).resolve()
+    for name in named_files(manifest):
+        try:
+            target = (root / name).resolve()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+            raise BundleError(f"manifest.json: file {name!r} cannot be resolved ({exc})") from exc
+        if not target.is_relative_to(root):
+            raise BundleError(f"manifest.json: file {name!r} resolves outside the bundle directory")
+
+
 def load_manifest(bundle_dir: str | os.PathLike[str], verify: bool = True) -> Manifest:
-    """Read and validate `manifest.json`; with `verify`, check every named file's sha256."""
+    """Read and validate `manifest.json` (schema, file names inside the bundle); with `verify`,
+    check every named file's sha256. Every problem is a one-line BundleError."""
     bundle = Path(bundle_dir)
     if not bundle.is_dir():
         raise BundleError(f"bundle directory not found: {bundle}")
     path = bundle / MANIFEST_FILE
     if not path.is_file():
         raise BundleError(f"no {MANIFEST_FILE} in bundle {bundle}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
-    manifest = parse_manifest(data)
+    manifest = parse_manifest(_read_json(path, MAX_MANIFEST_BYTES, "manifest"))
+    check_paths(bundle, manifest)
     if verify:
         verify_files(bundle, manifest)
     return manifest
@@ -267,33 +314,81 @@ def verify_files(bundle_dir: str | os.PathLike[str], manifest: Manifest) -> None
 
 # ----------------------------------------------------------------------------- thresholds
 
+# The tuning record is provenance, not a data store: a bound keeps thresholds.json small.
+MAX_TUNED_BYTES = 64 * 1024
+
 
 def validate_threshold_values(values: Sequence[Any], num_exits: int) -> tuple[float, ...]:
-    """Check length and range; returns floats. Raises BundleError with a user-facing message."""
+    """Check length and range; returns floats. Raises BundleError with a user-facing message,
+    also for integers too large for a float (JSON allows them)."""
     if not isinstance(values, list | tuple):
         raise BundleError("thresholds must be a list of numbers")
     if len(values) != num_exits:
         raise BundleError(f"expected {num_exits} thresholds (one per exit), got {len(values)}")
     out = []
     for i, v in enumerate(values, start=1):
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise BundleError(f"threshold {i} is not a finite number: {_short(v)}")
+        # Integers are compared as integers: float() of a 400-digit one raises OverflowError.
+        if isinstance(v, float) and not math.isfinite(v):
             raise BundleError(f"threshold {i} is not a finite number: {v!r}")
-        if not 0.0 <= float(v) <= 1.0:
-            raise BundleError(f"threshold {i} must be in [0, 1], got {v}")
+        if not 0 <= v <= 1:
+            raise BundleError(f"threshold {i} must be in [0, 1], got {_short(v)}")
         out.append(float(v))
     return tuple(out)
 
 
-def read_thresholds(bundle_dir: str | os.PathLike[str], num_exits: int) -> Thresholds:
-    """Read `thresholds.json`; a missing file means full depth (every exit disabled but last)."""
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}…({len(text)} characters)"
+
+
+def standard_json(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None: `json.dumps` writes NaN and
+    Infinity as bare words, which are not JSON and which other parsers refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: standard_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [standard_json(v) for v in value]
+    return value
+
+
+def check_tuned_record(tuned: Any) -> dict[str, Any]:
+    """A `tuned` record a client sent: a JSON object of standard JSON values (no NaN or
+    Infinity), at most MAX_TUNED_BYTES once written. BundleError otherwise."""
+    if not isinstance(tuned, dict):
+        raise BundleError("'tuned' must be a JSON object")
+    try:
+        text = json.dumps(tuned, allow_nan=False)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise BundleError(f"'tuned' must hold standard JSON values only ({exc})") from None
+    if len(text) > MAX_TUNED_BYTES:
+        raise BundleError(f"'tuned' is {len(text)} bytes written; the limit is {MAX_TUNED_BYTES}")
+    return tuned
+
+
+def read_thresholds(
+    bundle_dir: str | os.PathLike[str], num_exits: int, missing_ok: bool = True
+) -> Thresholds:
+    """Read `thresholds.json`. A missing file means full depth (every exit disabled but the
+    last) when `missing_ok` (a bundle before tuning); otherwise, and for anything that is not a
+    regular file (a directory, a FIFO), a BundleError: a re-read never changes what is served
+    because a file went away."""
     path = Path(bundle_dir) / THRESHOLDS_FILE
-    if not path.is_file():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if not missing_ok:
+            raise BundleError(f"{path} not found") from None
         logger.warning("%s not found: running at full depth", path)
         return Thresholds(values=(1.0,) * num_exits, tuned={"method": "default"})
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be read ({exc})") from exc
+    if not stat.S_ISREG(mode):
+        raise BundleError(f"{path} is not a regular file")
+    data = _read_json(path, MAX_THRESHOLDS_BYTES, "thresholds file")
     if not isinstance(data, dict) or "thresholds" not in data:
         raise BundleError(f"{path}: missing field 'thresholds'")
     values = validate_threshold_values(data["thresholds"], num_exits)
@@ -326,6 +421,7 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def write_thresholds(bundle_dir: str | os.PathLike[str], thresholds: Thresholds) -> Path:
+    """Write `thresholds.json` atomically, as standard JSON (a NaN in the record becomes null)."""
     path = Path(bundle_dir) / THRESHOLDS_FILE
-    atomic_write_json(path, thresholds.to_dict())
+    atomic_write_json(path, standard_json(thresholds.to_dict()))
     return path

@@ -283,8 +283,9 @@ class EarlyExitRuntime:
                 self.tuned = dict(tuned)
 
     def reload_thresholds(self) -> tuple[float, ...]:
-        """Re-read thresholds.json from the bundle (after earlyexit-tune rewrote it)."""
-        stored = read_thresholds(self.bundle_dir, self.manifest.num_exits)
+        """Re-read thresholds.json from the bundle (after earlyexit-tune rewrote it). A missing
+        or unreadable file is a BundleError and the current thresholds stay."""
+        stored = read_thresholds(self.bundle_dir, self.manifest.num_exits, missing_ok=False)
         self.set_thresholds(stored.values, stored.tuned)
         return stored.values
 
