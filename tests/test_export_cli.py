@@ -161,3 +161,102 @@ def test_lite_head_checkpoint_exports_with_its_own_heads(tmp_path, capsys):
     torch.save(checkpoint, path)
     assert main([*args, "--force"]) == 2
     assert "do not fit" in _one_error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- baseline block
+
+
+def _plain_run(root, *, seed: int, num_classes_override: int | None = None):
+    """A run directory of a plain (one-exit) model: best.pt + test_metrics.json."""
+    run = root / f"plain_s{seed}"
+    run.mkdir()
+    model = build_tiny_model(exits=1, seed=seed)
+    state = tiny_checkpoint(model, exits=1)
+    state["val_metrics"] = {"acc_exit1": 61.5, "acc_last": 61.5}
+    if num_classes_override:
+        state["num_classes"] = num_classes_override
+        state["classes"] = [f"c{i}" for i in range(num_classes_override)]
+    torch.save(state, run / "best.pt")
+    (run / "test_metrics.json").write_text(
+        json.dumps({"final": {"acc_last": 59.0}, "best": {"acc_last": 60.25}})
+    )
+    return run, model
+
+
+def test_baseline_run_is_recorded_and_exported_as_its_own_graph(checkpoint_file, tmp_path, capsys):
+    import onnxruntime as ort
+
+    from tests.conftest import normalise, tiny_uint8_images
+
+    run, plain = _plain_run(tmp_path, seed=7)
+    out = tmp_path / "deeper" / "still" / "bundle"  # parents are created
+    args = ["--checkpoint", str(checkpoint_file), "--out", str(out), "--exporter", "torchscript"]
+    assert main([*args, "--baseline-run", str(run), "--baseline-recipe", "plain_fast"]) == 0
+    manifest = load_manifest(out)
+    assert manifest.baseline is not None
+    assert manifest.baseline.recipe == "plain_fast"
+    assert manifest.baseline.accuracy == {"val": 61.5, "test": 60.25}
+    assert manifest.baseline.file == "baseline.onnx"
+    # baseline.onnx is the plain model: its probabilities equal torch's.
+    x = normalise(tiny_uint8_images(8, seed=3))
+    session = ort.InferenceSession(str(out / "baseline.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = torch.softmax(plain.forward_backbone(torch.from_numpy(x)), dim=-1).numpy()
+    assert np.abs(got - want).max() < 1e-4
+    # No artifact carries an absolute path of the machine that made it.
+    for name in ("manifest.json", "thresholds.json"):
+        text = (out / name).read_text()
+        assert str(tmp_path) not in text, name
+    assert json.loads((out / "manifest.json").read_text())["provenance"]["checkpoint"] == "last.pt"
+
+
+def test_baseline_of_the_bundles_own_backbone_needs_no_extra_graph(tmp_path, capsys):
+    """Exits trained on a frozen backbone: full_model.onnx already is the plain model."""
+    plain = build_tiny_model(exits=1, seed=3)
+    multi = build_tiny_model(exits=2, seed=4)
+    own = {k: v for k, v in plain.state_dict().items() if k.startswith("backbone.")}
+    multi.load_state_dict({**multi.state_dict(), **own})
+    ckpt = tmp_path / "exits.pt"
+    torch.save(tiny_checkpoint(multi, exits=2), ckpt)
+    run = tmp_path / "plain"
+    run.mkdir()
+    state = tiny_checkpoint(plain, exits=1)
+    state["val_metrics"] = {"acc_last": 50.0}
+    torch.save(state, run / "best.pt")
+    (run / "test_metrics.json").write_text(json.dumps({"best": {"acc_last": 48.5}}))
+    out = tmp_path / "bundle"
+    assert main(["--checkpoint", str(ckpt), "--out", str(out), "--exporter", "torchscript",
+                 "--baseline-run", str(run), "--quiet"]) == 0  # fmt: skip
+    manifest = load_manifest(out)
+    assert manifest.baseline.file is None
+    assert manifest.baseline.accuracy == {"val": 50.0, "test": 48.5}
+    assert manifest.baseline.recipe == "plain"
+    assert not (out / "baseline.onnx").exists()
+
+
+def test_baseline_run_with_other_classes_exits_2(checkpoint_file, tmp_path, capsys):
+    run, _ = _plain_run(tmp_path, seed=1, num_classes_override=4)
+    out = tmp_path / "bundle"
+    code = main(["--checkpoint", str(checkpoint_file), "--out", str(out), "--quiet",
+                 "--baseline-run", str(run)])  # fmt: skip
+    assert code == 2 and "differs from the checkpoint" in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_unfinished_baseline_run_exits_2(checkpoint_file, tmp_path, capsys):
+    run, _ = _plain_run(tmp_path, seed=2)
+    (run / "test_metrics.json").unlink()
+    out = tmp_path / "bundle"
+    code = main(["--checkpoint", str(checkpoint_file), "--out", str(out), "--quiet",
+                 "--baseline-run", str(run)])  # fmt: skip
+    assert code == 2 and "records no test accuracy" in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_baseline_run_without_best_pt_exits_2(checkpoint_file, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    code = main(["--checkpoint", str(checkpoint_file), "--out", str(out), "--quiet",
+                 "--baseline-run", str(tmp_path)])  # fmt: skip
+    assert code == 2 and "no best.pt" in _one_error_line(capsys)
+    assert not out.exists()

@@ -129,7 +129,9 @@ def test_json_result_and_thresholds_file(setup, capsys, tmp_path):
     assert list(stored.values) == result["thresholds"]
     tuned = stored.tuned
     assert tuned["method"] == "ga" and tuned["beta"] == 1.0
-    assert tuned["data"]["calibration"] == str(val)
+    # A file outside the bundle is recorded by name: no machine paths in artifacts.
+    assert tuned["data"]["calibration"] == "val.npz"
+    assert str(tmp_path) not in (bundle / "thresholds.json").read_text()
     assert set(tuned["metrics"]) == {"val", "test"}
     assert tuned["metrics"]["val"]["accuracy"] == result["accuracy"]
     assert tuned["metrics"]["test"]["vs_tuning"] == moved

@@ -112,8 +112,10 @@ def test_full_epochs_write_metrics_checkpoints_and_config(tmp_path):
 def test_resume_refuses_a_different_config(tmp_path):
     _trainer(tmp_path).fit(max_steps=1, progress=False)
     other = _trainer(tmp_path, lr=0.01)
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match=r"different config \(lr\)"):
         other.resume()
+    # Threads and the data's location do not change what is learnt: those resume.
+    assert _trainer(tmp_path, num_threads=2, data_dir="elsewhere").resume()
 
 
 def test_schedules_and_distillation_switch_off():

@@ -9,6 +9,11 @@ enabled exits is tried with its own costs (disabled exits run as stage files whe
 model has them), and with all exits enabled the fallback may answer too. No rule over these
 exits, however it scores confidence, accelerates more at that accuracy on these rows; the gap
 to the tuned thresholds is what a better confidence signal could still win.
+
+The consistency ceiling asks less of its oracle: it stops each row at the first enabled exit that
+predicts what the final exit would, so every answer, and the accuracy, is the final exit's. It
+is the most a rule can accelerate without ever changing an answer of the full model, the fair
+target for "no accuracy loss".
 """
 
 from __future__ import annotations
@@ -92,4 +97,40 @@ def oracle_ceiling(table: ExitTable, costs: CostModel, accuracy: float) -> Ceili
         acceleration=costs.full_model / min(at_floor) if at_floor else None,
         max_accuracy=100.0 * int(np.count_nonzero(answered)) / rows,
         acceleration_at_max_accuracy=costs.full_model / float(costs.exit_costs()[earliest].mean()),
+    )
+
+
+@dataclass(frozen=True)
+class ConsistencyCeiling:
+    accuracy: float  # percent: the final exit's, which this router never changes
+    acceleration: float
+    enabled_exits: tuple[int, ...]  # 1-based exits of the best configuration
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "acceleration": self.acceleration,
+            "enabled_exits": list(self.enabled_exits),
+        }
+
+
+def consistency_ceiling(table: ExitTable, costs: CostModel) -> ConsistencyCeiling | None:
+    """Acceleration of the router that stops each row at the first enabled exit agreeing with
+    the final exit's prediction, for the best set of enabled exits (None without predictions)."""
+    if table.agrees_final is None:
+        return None
+    k = table.num_exits
+    best_cost, best_enabled = math.inf, (k,)
+    for allowed, exit_costs in _configurations(table, costs):
+        if allowed[k]:  # the configuration that also lets the fallback answer: not this router
+            continue
+        usable = table.agrees_final & allowed[:k]  # exit K always agrees with itself
+        mean_cost = float(exit_costs[usable.argmax(axis=1)].mean())
+        if mean_cost < best_cost:
+            best_cost = mean_cost
+            best_enabled = tuple(int(i) + 1 for i in np.flatnonzero(allowed[:k]))
+    return ConsistencyCeiling(
+        accuracy=table.final_accuracy,
+        acceleration=costs.full_model / best_cost,
+        enabled_exits=best_enabled,
     )

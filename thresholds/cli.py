@@ -124,9 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode.add_argument(
         "--baseline",
+        "--baseline-accuracy",
+        dest="baseline",
         type=float,
         metavar="PCT",
-        help="baseline accuracy in percent (default: the final exit's)",
+        help="the plain model's accuracy in percent that --max-drop and --beta are measured "
+        "against (default: the manifest's baseline block for each split, else the final exit)",
+    )
+    mode.add_argument(
+        "--baseline-bundle",
+        type=Path,
+        metavar="DIR",
+        help="bundle of the plain model: its accuracy on the same splits is the baseline",
+    )
+    mode.add_argument(
+        "--against-final-exit",
+        action="store_true",
+        help="measure against this bundle's own final exit even when the manifest names a "
+        "plain-model baseline",
     )
     mode.add_argument(
         "--cost",
@@ -222,6 +237,8 @@ def _request(args: argparse.Namespace) -> TuneRequest:
         plots=args.plots,
         dry_run=args.dry_run,
         notify=args.notify,
+        baseline_bundle=args.baseline_bundle,
+        against_final_exit=args.against_final_exit,
     )
 
 

@@ -46,6 +46,9 @@ class ExitTable:
     correct: np.ndarray  # N×(K+1) bool: exit k right (k < K), fallback right (column K)
     fallback: str
     num_classes: int
+    # N×K bool: exit k predicts the final exit's class (None when built without predictions);
+    # what a label-free "stop once the answer will not change" router needs.
+    agrees_final: np.ndarray | None = None
     # Derived layouts for the hot loop: exit-major float64 max probs, packed correctness bits,
     # and the final exit's correctness in the same dtype (to count discordant rows).
     _max_probs_t: np.ndarray = field(init=False, repr=False)
@@ -115,7 +118,8 @@ def build_exit_table(
         correct[:, k] = probs.mean(axis=1).argmax(axis=1) == labels
     else:
         correct[:, k] = correct[:, k - 1]
-    return ExitTable(probs.max(axis=2), correct, fallback, c)
+    agrees = predictions == predictions[:, k - 1 : k]
+    return ExitTable(probs.max(axis=2), correct, fallback, c, agrees)
 
 
 @dataclass(frozen=True)

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from serving.bundle import (
+    BundleError,
     Manifest,
     Thresholds,
     load_manifest,
     validate_threshold_values,
     write_thresholds,
 )
+from serving.paths import portable_path
 from thresholds.calibrate import (
     Calibration,
     bundle_sha256,
@@ -61,6 +63,11 @@ class TuneRequest:
     plots: Path | None = None
     dry_run: bool = False
     notify: str | None = None
+    # What --max-drop and β are measured against, by precedence: options.baseline (a number),
+    # a bundle of the plain model (its final exit on the same splits), the manifest's
+    # `baseline` block (the plain model's recorded accuracy per split), the final exit.
+    baseline_bundle: Path | None = None
+    against_final_exit: bool = False
 
     def check(self) -> None:
         """Everything that can be rejected before reading data; TuningError names the problem."""
@@ -83,6 +90,19 @@ class TuneRequest:
         for path in (self.calibration, self.test_calibration):
             if path is not None and not path.is_file():
                 raise TuningError(f"calibration file not found: {path}")
+        given = [
+            name
+            for name, on in (
+                ("--baseline", self.options.baseline is not None),
+                ("--baseline-bundle", self.baseline_bundle is not None),
+                ("--against-final-exit", self.against_final_exit),
+            )
+            if on
+        ]
+        if len(given) > 1:
+            raise TuningError(f"give one of {', '.join(given)}")
+        if self.baseline_bundle is not None and self.calibration is not None:
+            raise TuningError("--baseline-bundle needs --dataset/--data-dir, not --calibration")
 
 
 def _calibrations(
@@ -149,6 +169,72 @@ def first_rows(calibration: Calibration, limit: int | None) -> Calibration:
     return kept
 
 
+@dataclass(frozen=True)
+class BaselineChoice:
+    """The accuracy each split is measured against, and where it came from."""
+
+    source: str  # "given", "bundle", "manifest" or "final_exit"
+    tune: float | None  # None: the final exit on the same rows (paired)
+    test: float | None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "tune": self.tune, "test": self.test, **self.detail}
+
+
+def resolve_baseline(
+    request: TuneRequest, manifest: Manifest, split: str, test_split: str | None
+) -> BaselineChoice:
+    """What 'no accuracy loss' means for this run: the plain model a user would otherwise
+    deploy when the bundle or the user names one, else the bundle's own final exit."""
+    given = request.options.baseline
+    if given is not None:
+        return BaselineChoice("given", given, given)
+    if request.baseline_bundle is not None:
+        plain = load_manifest(request.baseline_bundle)
+        if list(plain.labels) != list(manifest.labels):
+            raise TuningError(
+                f"--baseline-bundle {request.baseline_bundle}: its labels differ from the bundle's"
+            )
+        accuracy = {}
+        for name in [split] + ([test_split] if test_split else []):
+            cal = load_or_collect(
+                request.baseline_bundle,
+                plain,
+                request.dataset or "",
+                request.data_dir or Path("."),
+                name,
+                batch_size=request.batch_size,
+                cache_dir=request.cache_dir,
+                options=request.runtime,
+                write_cache=not request.dry_run,
+            )
+            accuracy[name] = _table(cal, plain, "baseline bundle data").final_accuracy
+        return BaselineChoice(
+            "bundle",
+            accuracy[split],
+            accuracy.get(test_split) if test_split else None,
+            {"name": plain.name, "version": plain.version, "accuracy": accuracy},
+        )
+    block = manifest.baseline
+    if block is not None and not request.against_final_exit:
+        missing = [
+            s for s in [split] + ([test_split] if test_split else []) if s not in block.accuracy
+        ]
+        if missing:
+            raise TuningError(
+                f"the manifest's baseline block has no accuracy for split {', '.join(missing)}; "
+                "give --baseline PCT or --against-final-exit"
+            )
+        return BaselineChoice(
+            "manifest",
+            block.accuracy[split],
+            block.accuracy[test_split] if test_split else None,
+            {"recipe": block.recipe, "accuracy": dict(block.accuracy)},
+        )
+    return BaselineChoice("final_exit", None, None)
+
+
 def _table(calibration: Calibration, manifest: Manifest, what: str) -> ExitTable:
     check_against_manifest(calibration, manifest, what)
     return build_exit_table(calibration.exit_probs, calibration.labels, manifest.fallback)
@@ -179,19 +265,39 @@ def run(request: TuneRequest) -> dict[str, Any]:
         request.latency_repeats,
         write=not request.dry_run,
     )
-    outcome = tune(table, costs, request.options, test_table)
+    try:
+        baseline = resolve_baseline(request, manifest, split, test_split)
+    except BundleError as exc:
+        raise TuningError(f"--baseline-bundle: {exc}") from exc
+    if baseline.source != "final_exit":
+        logger.info(
+            "measuring against the %s baseline: %s%% on %s%s",
+            baseline.source,
+            baseline.tune,
+            split,
+            f", {baseline.test}% on {test_split}" if test_split else "",
+        )
+    outcome = tune(
+        table,
+        costs,
+        replace(request.options, baseline=baseline.tune),
+        test_table,
+        replace(request.options, baseline=baseline.test),
+    )
 
     data = DataInfo(
         dataset=request.dataset or tune_cal.meta.get("dataset"),
         split=split,
-        source=tune_cal.source,
+        # Names relative to the bundle (or bare file names): no machine paths in artifacts.
+        source=portable_path(tune_cal.source, request.bundle),
         test_split=test_split,
-        test_source=None if test_cal is None else test_cal.source,
+        test_source=None if test_cal is None else portable_path(test_cal.source, request.bundle),
         bundle_sha256=bundle_sha256(manifest),
         limit=request.limit,
         split_rows=whole_cal.num_rows,
     )
     tuned = tuned_provenance(outcome, request.options, costs, data)
+    tuned["baseline"] = baseline.to_dict()
     values = validate_threshold_values(list(outcome.thresholds), manifest.num_exits)
     files: dict[str, Any] = {
         "thresholds_file": None,
@@ -218,6 +324,7 @@ def run(request: TuneRequest) -> dict[str, Any]:
             str(p) for p in write_plots(request.plots, outcome, costs, split, test_split)
         ]
     result = result_json(outcome, request.options, costs, data, **files)
+    result["baseline"] = baseline.to_dict()
     if request.notify is not None and not request.dry_run:
         token = admin_token()
         if token is None:  # checked in check(); the environment may have changed meanwhile

@@ -169,6 +169,7 @@ def result_json(
         "exit_accuracies": tune.exit_accuracies,
         "margin": tune.margin(),
         "ceiling": tune.ceiling.to_dict(),
+        "consistency_ceiling": None if tune.consistency is None else tune.consistency.to_dict(),
         "cost": costs.to_dict(),
         "search": _search_fields(outcome, options),
         "test": None if outcome.test is None else {"split": data.test_split, **_held_out(outcome)},
@@ -275,6 +276,14 @@ def summary_text(result: dict[str, Any]) -> str:
             f"{result['split']}: an oracle that knows the labels reaches "
             f"{ceiling['acceleration']:.3f}x at this accuracy over the same exits; these "
             f"thresholds reach {100 * result['acceleration'] / ceiling['acceleration']:.0f}% of it"
+        )
+    consistency = result.get("consistency_ceiling")
+    if consistency:
+        lines.append(
+            f"{result['split']}: stopping at the first exit that agrees with the final one "
+            f"reaches {consistency['acceleration']:.3f}x at the final exit's accuracy "
+            f"({_pct(consistency['accuracy'])}); these thresholds reach "
+            f"{100 * result['acceleration'] / consistency['acceleration']:.0f}% of it"
         )
     test = result.get("test")
     if test:

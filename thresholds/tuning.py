@@ -18,7 +18,7 @@ from thresholds.baselines import (
     global_threshold_search,
     grid_search,
 )
-from thresholds.ceiling import Ceiling, oracle_ceiling
+from thresholds.ceiling import Ceiling, ConsistencyCeiling, consistency_ceiling, oracle_ceiling
 from thresholds.costs import CostModel
 from thresholds.errors import TuningError
 from thresholds.evaluate import ExitTable, Metrics, evaluate
@@ -88,6 +88,9 @@ class SplitReport:
     paired: bool  # `bound` is on the paired difference to the final exit on these rows
     bound: AccuracyBound  # accuracy − baseline, its SE and its lower bound (points)
     ceiling: Ceiling  # what an oracle over the same exits reaches at the same accuracy
+    # What stopping at the first exit that agrees with the final one reaches (None without
+    # per-exit predictions): acceleration at exactly the final exit's accuracy.
+    consistency: ConsistencyCeiling | None = None
 
     @property
     def drop(self) -> float:
@@ -121,6 +124,7 @@ class SplitReport:
             "feasible": self.feasible,
             "margin": self.margin(),
             "ceiling": self.ceiling.to_dict(),
+            "consistency_ceiling": None if self.consistency is None else self.consistency.to_dict(),
         }
 
 
@@ -148,6 +152,7 @@ def split_report(
         paired=objective.paired,
         bound=bound,
         ceiling=oracle_ceiling(table, costs, metrics.accuracy),
+        consistency=consistency_ceiling(table, costs),
     )
 
 
@@ -185,8 +190,10 @@ def tune(
     costs: CostModel,
     options: TuneOptions | None = None,
     test_table: ExitTable | None = None,
+    test_options: TuneOptions | None = None,
 ) -> TuneOutcome:
-    """Search thresholds on `table`, compare with the baselines, score on `test_table` too."""
+    """Search thresholds on `table`, compare with the baselines, score on `test_table` too
+    (with `test_options`, e.g. the plain model's accuracy on that split, when given)."""
     options = options or TuneOptions()
     objective = options.objective(table)
     logger.info(
@@ -225,7 +232,9 @@ def tune(
         pareto=pareto,
         grid=grid,
         global_threshold=global_best,
-        test=None if test_table is None else split_report(test_table, thresholds, costs, options),
+        test=None
+        if test_table is None
+        else split_report(test_table, thresholds, costs, test_options or options),
     )
     ratio = outcome.ratio_to(grid)
     if ratio is not None:

@@ -31,6 +31,10 @@ from .models import MultiExitNetwork, create_model
 
 logger = logging.getLogger(__name__)
 
+# Fields that say where and how fast a run executes, not what it learns: a run may resume
+# with other threads or with its data moved (the checkpoint keeps the first values).
+RUN_ENVIRONMENT_FIELDS = frozenset({"num_threads", "data_dir"})
+
 LAST_CKPT = "last.pt"
 BEST_CKPT = "best.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -380,8 +384,15 @@ class Trainer:
             return False
         state = torch.load(path, map_location=self.device, weights_only=False)
         saved = TrainConfig.from_dict(state["config"])
-        if saved != self.cfg:
-            raise ValueError(f"{path} was trained with a different config; use a new --out")
+        differ = [
+            f
+            for f in saved.to_dict()
+            if f not in RUN_ENVIRONMENT_FIELDS and getattr(saved, f) != getattr(self.cfg, f)
+        ]
+        if differ:
+            raise ValueError(
+                f"{path} was trained with a different config ({', '.join(differ)}); use a new --out"
+            )
         self.load_state_dict(state)
         logger.info("resumed from %s at epoch %d step %d", path, self.epoch, self.step_in_epoch)
         return True

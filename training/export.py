@@ -38,6 +38,7 @@ from serving.bundle import (
     BUNDLE_FORMAT,
     FALLBACKS,
     MANIFEST_FILE,
+    BaselineSpec,
     FullModelSpec,
     InputSpec,
     Manifest,
@@ -48,6 +49,7 @@ from serving.bundle import (
     sha256_file,
     write_thresholds,
 )
+from serving.paths import portable_path
 
 from .costs import ModelCosts, measure_costs
 from .models import MultiExitNetwork, create_model
@@ -59,6 +61,7 @@ REQUIRED_KEYS = ("model", "config", "num_classes", "classes", "input_shape", "me
 REQUIRED_CONFIG = ("arch", "exits")
 EXPORTERS = ("auto", "dynamo", "torchscript")
 FULL_MODEL_FILE = "full_model.onnx"
+BASELINE_FILE = "baseline.onnx"
 THRESHOLD_GRID = tuple(round(0.01 * i, 2) for i in range(100))  # candidates for export-greedy
 
 
@@ -86,6 +89,20 @@ class ExportOptions:
     parity_atol: float = 1e-4
     macs_rtol: float = 0.01
     progress: bool = True
+    # The plain model early exit is compared with: a run directory of `earlyexit-train --loss
+    # baseline` (its best.pt, test_metrics.json); recorded as the manifest's `baseline` block
+    # and exported as baseline.onnx when it is not this bundle's own backbone.
+    baseline_run: str | None = None
+    baseline_recipe: str | None = None  # default: the run directory's name
+
+
+@dataclass(frozen=True)
+class PlainBaseline:
+    """A loaded plain model for the manifest's `baseline` block."""
+
+    model: MultiExitNetwork | None  # None: this bundle's full_model is the plain model
+    recipe: str
+    accuracy: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -426,6 +443,24 @@ def _verify_parity(
     return {f: (None if p < 0 else p, None if r < 0 else r) for f, (p, r) in worst.items()}
 
 
+def _verify_single_graph(
+    path: Path, model: MultiExitNetwork, inputs: list[np.ndarray], atol: float
+) -> float:
+    """Worst |onnxruntime − torch| probability of a plain single graph over `inputs`."""
+    session = _ort_session(path)
+    worst = 0.0
+    for batch in inputs:
+        with torch.no_grad():
+            probs = torch.softmax(model.forward_backbone(torch.from_numpy(batch)), dim=-1).numpy()
+        ort_probs = session.run(None, {session.get_inputs()[0].name: batch})[0]
+        worst = max(worst, float(np.abs(ort_probs - probs).max()))
+    if worst > atol:
+        raise ExportError(
+            f"{path.name}: onnxruntime probabilities differ from torch by {worst:.2e} (> {atol:.0e})"
+        )
+    return worst
+
+
 def _verify_macs(path: Path, job: _GraphJob, rtol: float) -> int:
     onnx_macs = count_onnx_macs(path)
     if relative_difference(onnx_macs, job.torch_macs) > rtol:
@@ -539,8 +574,13 @@ def _jsonable(value: Any) -> Any:
 
 def _prepare_target(out: Path, force: bool) -> None:
     if not out.exists():
-        if not out.parent.is_dir():
-            raise CheckpointError(f"output parent directory does not exist: {out.parent}")
+        # Missing parents are created once the export has succeeded this far (export_bundle);
+        # here only refuse a path whose nearest existing ancestor is not a directory.
+        ancestor = out.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise CheckpointError(f"cannot create {out}: {ancestor} is not a directory")
         return
     if not force:
         raise CheckpointError(f"{out} already exists (use --force to replace it)")
@@ -596,8 +636,12 @@ def export_bundle(
     options: ExportOptions = ExportOptions(),
     calibration: Any = None,
     costs: ModelCosts | None = None,
+    baseline: PlainBaseline | None = None,
 ) -> ExportResult:
     """Export `model` as a verified bundle at `out`.
+
+    `baseline` (optional) is the plain model early exit is compared with: recorded in the
+    manifest, and exported as baseline.onnx (parity-checked) when it is another network.
 
     `calibration` is an `ImageArrays` (uint8 images + labels) from which export-greedy thresholds
     are chosen and a few real images are drawn for parity; without it thresholds are all 1.0.
@@ -664,7 +708,20 @@ def export_bundle(
             examples[0],
         )
     )
+    if baseline is not None and baseline.model is not None:
+        baseline_model = baseline.model.eval()
+        jobs.append(
+            _GraphJob(
+                BASELINE_FILE,
+                _FullGraph(baseline_model).eval(),
+                "input",
+                ("probs",),
+                measure_costs(baseline_model, shape).backbone_macs,
+                examples[0],
+            )
+        )
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         used: set[str] = set()
@@ -683,6 +740,16 @@ def export_bundle(
         parity = _verify_parity(
             tmp, model, _sample_inputs(shape, real), options.stage_files, options.parity_atol
         )
+        if baseline is not None and baseline.model is not None:
+            parity[BASELINE_FILE] = (
+                _verify_single_graph(
+                    tmp / BASELINE_FILE,
+                    baseline.model,
+                    _sample_inputs(shape, real),
+                    options.parity_atol,
+                ),
+                None,
+            )
         exporter = "+".join(sorted(used))
 
         segments = []
@@ -740,6 +807,14 @@ def export_bundle(
             ),
             provenance=_jsonable(prov),
             format=BUNDLE_FORMAT,
+            baseline=None
+            if baseline is None
+            else BaselineSpec(
+                recipe=baseline.recipe,
+                accuracy=dict(baseline.accuracy),
+                file=BASELINE_FILE if baseline.model is not None else None,
+                sha256=sha256_file(tmp / BASELINE_FILE) if baseline.model is not None else None,
+            ),
         )
         data = _jsonable(manifest.to_dict())
         if parse_manifest(data) != manifest:
@@ -842,9 +917,12 @@ def export_checkpoint(
         "epoch": checkpoint.get("epoch"),
         "val_metrics": checkpoint.get("val_metrics"),
         "exit_val_accuracy": _exit_accuracies(checkpoint.get("val_metrics")),
-        "checkpoint": str(source) if source else None,
+        # Names and hashes only: no artifact carries a path of the machine that made it.
+        "checkpoint": source.name if source else None,
         "checkpoint_sha256": sha256_file(source) if source else None,
     }
+    config["data_dir"] = portable_path(config.get("data_dir"))
+    baseline = load_plain_baseline(options, checkpoint) if options.baseline_run else None
     if options.name is None:
         options = replace(options, name=f"{config['arch']}-{dataset or 'model'}")
     return export_bundle(
@@ -858,7 +936,67 @@ def export_checkpoint(
         options=options,
         calibration=calibration,
         costs=measured,
+        baseline=baseline,
     )
+
+
+def load_plain_baseline(options: ExportOptions, checkpoint: dict[str, Any]) -> PlainBaseline:
+    """The plain model of `options.baseline_run` (best.pt) with its validation and test accuracy,
+    checked against the bundle's classes and input shape."""
+    run = Path(str(options.baseline_run))
+    ckpt_path = run / "best.pt"
+    if not ckpt_path.is_file():
+        raise CheckpointError(f"--baseline-run {run}: no best.pt there")
+    state = load_for_export(ckpt_path)
+    for key in ("num_classes", "input_shape", "mean", "std"):
+        if list(np.atleast_1d(state[key])) != list(np.atleast_1d(checkpoint[key])):
+            raise CheckpointError(
+                f"--baseline-run {run}: its {key} {state[key]} differs from the checkpoint's "
+                f"{checkpoint[key]}"
+            )
+    accuracy: dict[str, float] = {}
+    val = state.get("val_metrics") or {}
+    if isinstance(val.get("acc_last"), int | float):
+        accuracy["val"] = float(val["acc_last"])
+    test_file = run / "test_metrics.json"
+    if test_file.is_file():
+        try:
+            test = json.loads(test_file.read_text(encoding="utf-8"))
+            best = test.get("best") or test.get("final") or {}
+            if isinstance(best.get("acc_last"), int | float):
+                accuracy["test"] = float(best["acc_last"])
+        except (ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{test_file}: not a test report ({exc})") from exc
+    missing = [split for split in ("val", "test") if split not in accuracy]
+    if missing:
+        raise CheckpointError(
+            f"--baseline-run {run}: records no {' or '.join(missing)} accuracy "
+            "(best.pt val_metrics, test_metrics.json): let its training finish first"
+        )
+    plain = build_model(state)
+    if plain.num_exits != 1:
+        logger.warning(
+            "--baseline-run %s has %d exits; its backbone is the plain model", run, plain.num_exits
+        )
+    same = _same_backbone(plain, checkpoint)
+    return PlainBaseline(
+        model=None if same else plain,
+        recipe=options.baseline_recipe or run.name,
+        accuracy=accuracy,
+    )
+
+
+def _same_backbone(plain: MultiExitNetwork, checkpoint: dict[str, Any]) -> bool:
+    """True when the checkpoint's backbone weights are the plain model's, bit for bit (exits
+    trained on a frozen backbone): then full_model.onnx already is the plain model."""
+    weights = checkpoint.get("ema_model") or checkpoint["model"]
+    mine = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
+    theirs = {
+        k.removeprefix("backbone."): v
+        for k, v in plain.state_dict().items()
+        if k.startswith("backbone.")
+    }
+    return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def _exit_accuracies(val_metrics: Any) -> list[float] | None:

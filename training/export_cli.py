@@ -53,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not write stage_k.onnx (disabled exits then still run their heads)",
     )
+    parser.add_argument(
+        "--baseline-run",
+        help="run directory of the plain model (earlyexit-train --loss baseline) this bundle is "
+        "compared with: its accuracy goes into the manifest's baseline block, its graph into "
+        "baseline.onnx unless it is this bundle's own backbone",
+    )
+    parser.add_argument(
+        "--baseline-recipe", help="recipe name recorded for the baseline (default: run dir name)"
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     parser.add_argument("--quiet", action="store_true", help="warnings and errors only")
@@ -83,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset=args.dataset,
         calibration_split=args.calibration_split,
         calibration_limit=args.calibration_limit,
+        baseline_run=args.baseline_run,
+        baseline_recipe=args.baseline_recipe,
         progress=not args.quiet and sys.stderr.isatty(),
     )
     try:

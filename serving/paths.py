@@ -1,0 +1,24 @@
+"""Paths written into artifacts (manifests, thresholds.json, reports) carry no trace of the
+machine that made them: relative to the artifact's own directory when inside it, otherwise
+just the file's name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def portable_path(path: str | os.PathLike[str] | None, base: str | os.PathLike[str] | None = None):
+    """`path` as an artifact may record it: unchanged when relative, relative to `base` when
+    it lies inside it, else its last name. None and "" pass through."""
+    if path is None or str(path) == "":
+        return path
+    p = Path(path)
+    if not p.is_absolute():
+        return os.fspath(path)
+    if base is not None:
+        try:
+            return p.resolve().relative_to(Path(base).resolve()).as_posix()
+        except ValueError:
+            pass
+    return p.name
