@@ -311,3 +311,141 @@ def test_smoke_30_steps_on_real_cifar10(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert state["global_step"] == 30 and state["classes"][0] == "airplane"
+
+
+# ----------------------------------------------------------------------------- --init, frozen
+
+
+def _plain_checkpoint(tmp: Path) -> Path:
+    plain = _trainer(tmp / "plain", loss="baseline", exits=1, cutout=0, epochs=1)
+    plain.fit(progress=False)  # one whole epoch: validated, so best.pt records val accuracy
+    return tmp / "plain" / "last.pt"
+
+
+def test_frozen_backbone_trains_only_heads_and_keeps_the_plain_model(tmp_path):
+    ckpt = _plain_checkpoint(tmp_path)
+    plain_state = torch.load(ckpt, weights_only=False)["model"]
+    frozen = _trainer(tmp_path / "exits", init=str(ckpt), freeze_backbone=True)
+    trainable = {id(p) for g in frozen.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) not in trainable for p in frozen.model.backbone.parameters())
+    heads_before = {k: v.clone() for k, v in frozen.model.heads[0].state_dict().items()}
+    frozen.fit(max_steps=3, progress=False)
+    after = frozen.model.state_dict()
+    backbone = {k: v for k, v in plain_state.items() if k.startswith("backbone.")}
+    assert backbone
+    for key, value in backbone.items():  # weights *and* BN statistics, bit for bit
+        assert torch.equal(after[key], value), key
+    assert any(
+        not torch.equal(heads_before[k], v) for k, v in frozen.model.heads[0].state_dict().items()
+    )
+    # The final exit answers exactly as the plain model does.
+    x = torch.randn(4, 3, 16, 16)
+    plain = create_model("resnet18", 4, exits=1, width=0.125).eval()
+    plain.load_state_dict(plain_state)
+    frozen.model.eval().to(memory_format=torch.contiguous_format)  # trained channels-last
+    with torch.no_grad():
+        assert torch.equal(frozen.model(x).logits[-1], plain(x).logits[-1])
+
+
+def test_init_without_freezing_fine_tunes_everything(tmp_path):
+    ckpt = _plain_checkpoint(tmp_path)
+    plain_state = torch.load(ckpt, weights_only=False)["model"]
+    tuned = _trainer(tmp_path / "ft", init=str(ckpt))
+    start = tuned.model.backbone.state_dict()
+    assert all(torch.equal(start[k.removeprefix("backbone.")], v)
+               for k, v in plain_state.items() if k.startswith("backbone."))  # fmt: skip
+    tuned.fit(max_steps=2, progress=False)
+    after = tuned.model.state_dict()
+    weights = [k for k in plain_state if k.startswith("backbone.") and k.endswith(".weight")]
+    assert all(not torch.equal(after[k], plain_state[k]) for k in weights[:3])
+
+
+def test_init_from_a_plain_state_dict(tmp_path):
+    net = create_model("resnet18", 4, exits=1, width=0.125)
+    path = tmp_path / "weights.pt"
+    torch.save(net.backbone.state_dict(), path)
+    trainer = _trainer(tmp_path / "run", init=str(path), freeze_backbone=True)
+    mine = trainer.model.backbone.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in net.backbone.state_dict().items())
+
+
+def test_frozen_step_skips_the_backbone_backward():
+    """What --freeze-backbone buys: no gradient is ever computed for a backbone weight."""
+    model = create_model("resnet18", 4, exits=3, width=0.125).train()
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    out = model(torch.randn(2, 3, 16, 16))
+    sum(z.sum() for z in out.logits[:-1]).backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.heads[0].parameters())
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda t: _cfg_init(t, width=0.25), "its width is 0.125, this run's is 0.25"),
+        (lambda t: _cfg_init(t, arch="resnet34"), "its arch is 'resnet18'"),
+        (lambda t: _cfg_init(t, num_classes=3), "classes, this run has 4"),
+        (lambda t: _cfg_init(t, missing=True), "not found"),
+        (lambda t: _cfg_init(t, garbage=True), "weights do not fit"),
+    ],
+)
+def test_init_that_does_not_fit_is_refused(tmp_path, make, needle):
+    from training.engine import InitError
+
+    with pytest.raises(InitError, match=needle):
+        make(tmp_path)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def _cfg_init(tmp: Path, **kw) -> Trainer:
+    ckpt = _plain_checkpoint(tmp)
+    init = str(ckpt)
+    if kw.pop("missing", False):
+        init = str(tmp / "nope.pt")
+    if kw.pop("garbage", False):
+        torch.save({"conv1.weight": torch.zeros(3)}, tmp / "g.pt")
+        init = str(tmp / "g.pt")
+    classes = kw.pop("num_classes", None)
+    if classes:
+        state = torch.load(ckpt, weights_only=False)
+        state["num_classes"] = classes
+        torch.save(state, ckpt)
+    return _trainer(tmp / "run", init=init, **kw)
+
+
+def test_cli_freeze_without_init_exit_2(tmp_path):
+    proc = _cli("--out", str(tmp_path / "run"), "--data-dir", str(tmp_path), "--freeze-backbone")
+    assert proc.returncode == 2 and "needs --init" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_frozen_exits_export_the_plain_model_bit_for_bit(tmp_path):
+    """The exported final exit (full_model.onnx) of exits trained on a frozen backbone gives
+    exactly the plain model's exported probabilities, and its manifest names that plain run."""
+    import onnxruntime as ort
+
+    from serving.bundle import load_manifest
+    from training.export import ExportOptions, export_checkpoint
+
+    ckpt = _plain_checkpoint(tmp_path)
+    (tmp_path / "plain" / "test_metrics.json").write_text(json.dumps({"best": {"acc_last": 30.0}}))
+    frozen = _trainer(tmp_path / "exits", init=str(ckpt), freeze_backbone=True)
+    frozen.fit(max_steps=2, progress=False)
+    opts = ExportOptions(exporter="torchscript", progress=False)
+    export_checkpoint(tmp_path / "plain" / "best.pt", tmp_path / "b_plain", opts)
+    export_checkpoint(
+        tmp_path / "exits" / "best.pt",
+        tmp_path / "b_exits",
+        ExportOptions(exporter="torchscript", progress=False, baseline_run=str(tmp_path / "plain")),
+    )
+    x = np.random.default_rng(0).normal(size=(8, 3, 16, 16)).astype(np.float32)
+    outs = []
+    for bundle in ("b_plain", "b_exits"):
+        sess = ort.InferenceSession(
+            str(tmp_path / bundle / "full_model.onnx"), providers=["CPUExecutionProvider"]
+        )
+        outs.append(sess.run(None, {sess.get_inputs()[0].name: x})[0])
+    assert np.array_equal(outs[0], outs[1])
+    manifest = load_manifest(tmp_path / "b_exits")
+    assert manifest.baseline.recipe == "plain" and manifest.baseline.file is None

@@ -51,6 +51,8 @@ _FLAG_FIELDS = {
     "nesterov": "nesterov",
     "report_tta_flip": "report_tta_flip",
     "train_subset": "train_subset",
+    "init": "init",
+    "freeze_backbone": "freeze_backbone",
 }
 
 
@@ -96,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="test report also gives flip-averaged accuracy (reporting only, never exported)",
+    )
+    p.add_argument(
+        "--init",
+        help="start from trained weights: a checkpoint of this project (e.g. a plain baseline's "
+        "best.pt) or a plain state_dict of the registry backbone",
+    )
+    p.add_argument(
+        "--freeze-backbone",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --init: train only the exit heads (backbone weights and BN statistics "
+        "frozen), so the final exit stays the plain model",
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="torch intra-op threads")
@@ -169,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         dist_env = init_distributed()
         trainer = Trainer(cfg, out, dist_env=dist_env)
         trainer.resume()
-    except (UsageError, DatasetError, ValueError) as exc:
+    except (UsageError, DatasetError, ValueError) as exc:  # InitError is a ValueError
         print(f"earlyexit-train: error: {exc}", file=sys.stderr)
         return 2
 

@@ -55,6 +55,11 @@ class TrainConfig:
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     ema_decay: float = 0.0  # EMA of weights (0 = off); evaluated and exported when on
+    # start from trained weights (a checkpoint of this project, or a plain state_dict of a
+    # registry backbone); with freeze_backbone only the exit heads train and the final exit
+    # stays the plain model bit for bit
+    init: str | None = None
+    freeze_backbone: bool = False
     # run
     seed: int = 0
     best_metric: str = "val_acc_last"
@@ -107,6 +112,10 @@ class TrainConfig:
             raise ValueError("width must be positive")
         if self.exits < 1:
             raise ValueError("exits must be ≥ 1")
+        if self.freeze_backbone and not self.init:
+            raise ValueError("--freeze-backbone needs --init CKPT (the trained backbone to keep)")
+        if self.freeze_backbone and self.loss == "baseline":
+            raise ValueError("--freeze-backbone with the baseline loss leaves nothing to train")
         if self.train_subset < 0:
             raise ValueError(f"train_subset must be ≥ 0, got {self.train_subset}")
         if not 0.0 <= self.ema_decay < 1.0:

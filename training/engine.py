@@ -110,6 +110,61 @@ def distill_weights(cfg: TrainConfig, epoch: int) -> tuple[float, float]:
     return cfg.alpha, cfg.lam
 
 
+class InitError(ValueError):
+    """--init names weights that do not fit the model being trained (bad input, exit 2)."""
+
+
+def load_backbone(model: MultiExitNetwork, cfg: TrainConfig) -> None:
+    """Load trained backbone weights from `cfg.init` into `model.backbone`.
+
+    Accepts a checkpoint of this project (its architecture, width, stem and classes must
+    match; its EMA weights when it has them) or a plain state_dict of the registry backbone
+    (keys with or without a "backbone." prefix). Exit heads keep their fresh initialisation.
+    """
+    path = Path(str(cfg.init))
+    if not path.is_file():
+        raise InitError(f"--init checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch.load raises many types on a corrupt or foreign file
+        raise InitError(f"--init {path}: not a readable torch checkpoint ({exc})") from exc
+    if not isinstance(state, dict):
+        raise InitError(f"--init {path}: expected a dict, got {type(state).__name__}")
+    if "config" in state and "model" in state:  # this project's checkpoint
+        theirs = state["config"] if isinstance(state["config"], dict) else {}
+        for key in ("arch", "width", "stem"):
+            if key in theirs and theirs[key] != getattr(cfg, key):
+                raise InitError(
+                    f"--init {path}: its {key} is {theirs[key]!r}, this run's is "
+                    f"{getattr(cfg, key)!r}"
+                )
+        if state.get("num_classes") not in (None, model.num_classes):
+            raise InitError(
+                f"--init {path}: {state['num_classes']} classes, this run has {model.num_classes}"
+            )
+        ema = state.get("ema_model")
+        state = ema if ema is not None else state["model"]
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    prefixed = any(k.startswith("backbone.") for k in tensors)
+    weights = (
+        {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+        if prefixed
+        else tensors
+    )
+    mine = model.backbone.state_dict()
+    missing = sorted(set(mine) - set(weights))
+    unexpected = sorted(set(weights) - set(mine))
+    wrong = sorted(k for k in set(mine) & set(weights) if mine[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        detail = (
+            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:2]}), {len(wrong)} of another shape (e.g. {wrong[:2]})"
+        )
+        raise InitError(f"--init {path}: weights do not fit {cfg.arch} x{cfg.width}: {detail}")
+    model.backbone.load_state_dict(weights)
+    logger.info("backbone initialised from %s", path.name)
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -231,6 +286,13 @@ class Trainer:
             in_chans=c,
         )
         self.costs = measure_costs(self.model, self.input_shape)
+        if cfg.init and not (self.out_dir / LAST_CKPT).is_file():  # a resume loads its own
+            load_backbone(self.model, cfg)
+        if cfg.freeze_backbone:
+            # No gradient reaches the backbone, so autograd records nothing through it: the
+            # backward pass covers the exit heads alone.
+            for param in self.model.backbone.parameters():
+                param.requires_grad_(False)
         self.model.to(device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -257,7 +319,7 @@ class Trainer:
         ).to(device)
         # Loss parameters (feature adapters) train with the model and live in the checkpoint.
         self.optimizer = torch.optim.SGD(
-            [*self.model.parameters(), *self.loss_fn.parameters()],
+            [p for p in (*self.model.parameters(), *self.loss_fn.parameters()) if p.requires_grad],
             lr=cfg.lr,
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
@@ -291,6 +353,8 @@ class Trainer:
     # -- one optimisation step ---------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         self.net.train()
+        if self.cfg.freeze_backbone:
+            self.model.backbone.eval()  # BN statistics stay the trained model's
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if self.cfg.channels_last:

@@ -922,6 +922,7 @@ def export_checkpoint(
         "checkpoint_sha256": sha256_file(source) if source else None,
     }
     config["data_dir"] = portable_path(config.get("data_dir"))
+    config["init"] = portable_path(config.get("init"))
     baseline = load_plain_baseline(options, checkpoint) if options.baseline_run else None
     if options.name is None:
         options = replace(options, name=f"{config['arch']}-{dataset or 'model'}")
