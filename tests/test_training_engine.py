@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -449,3 +450,29 @@ def test_frozen_exits_export_the_plain_model_bit_for_bit(tmp_path):
     assert np.array_equal(outs[0], outs[1])
     manifest = load_manifest(tmp_path / "b_exits")
     assert manifest.baseline.recipe == "plain" and manifest.baseline.file is None
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--exit-blocks", "3,2"], "strictly increasing"),
+        (["--exit-blocks", "0,4"], "outside resnet18's blocks 1..8"),
+        (["--exit-blocks", "layer7.0"], "no block of resnet18"),
+    ],
+)
+def test_cli_bad_exit_blocks_exit_2(tmp_path, args, needle):
+    proc = _cli("--out", str(tmp_path / "run"), "--data-dir", str(tmp_path), *args)
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_exit_blocks_fix_the_exit_count_and_train():
+    cfg = _cfg(exit_blocks=(1, 3, 5, 7)).resolved()
+    assert cfg.exits == 5
+    assert TrainConfig.from_dict(
+        {**cfg.to_dict(), "exit_blocks": "layer1.0,layer2.0"}
+    ).exit_blocks == (1, 3)
+    trainer = Trainer(cfg, "unused", train_data=_arrays(16, 0), val_data=None)
+    stats = trainer.train_step(*next(iter(trainer.train_loader.epoch(0))))
+    assert math.isfinite(stats["total"]) and trainer.model.num_exits == 5

@@ -131,3 +131,105 @@ def test_attention_mask_is_a_sigmoid_gate():
     assert y.shape == x.shape
     ratio = y / x
     assert bool(((ratio > 0) & (ratio < 1)).all())
+
+
+# ----------------------------------------------------------------------------- exits at any block
+
+
+def test_resnet18_block_names_and_parsing():
+    from training.models import block_names, parse_exit_blocks
+
+    names = block_names("resnet18")
+    assert names == [f"layer{s}.{j}" for s in range(1, 5) for j in range(2)]
+    assert parse_exit_blocks("1,2,3,5,7", "resnet18") == (1, 2, 3, 5, 7)
+    assert parse_exit_blocks("layer1.0,layer2.1,8", "resnet18") == (1, 4)  # last block implied
+    for spec, needle in [
+        ("0,3", "outside"),
+        ("3,9", "outside"),
+        ("3,2", "strictly increasing"),
+        ("2,2", "strictly increasing"),
+        ("layer9.0", "no block of resnet18"),
+        ("", "no block"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            parse_exit_blocks(spec, "resnet18")
+
+
+@pytest.mark.parametrize(
+    ("arch", "blocks"),
+    [("resnet18", (1, 2, 3, 5, 7)), ("wide_resnet16_4", (1, 3, 5)), ("mobilenetv2", (2, 6, 11))],
+)
+@pytest.mark.parametrize("head", ["lite", "attention", "pool"])
+def test_exits_at_any_block_build_and_staged_equals_full(arch, blocks, head):
+    from training.models import block_names
+
+    torch.manual_seed(0)
+    model = create_model(arch, 5, exits=len(blocks) + 1, exit_blocks=blocks, head=head, width=0.125)
+    model.eval()
+    names = block_names(arch)
+    assert model.exit_points == tuple(names[b - 1] for b in blocks) + (names[-1],)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        assert len(out.logits) == len(blocks) + 1
+        assert {tuple(f.shape) for f in out.features} == {(2, model.backbone.feature_dim)}
+        feats = x
+        for k in range(1, model.num_exits + 1):
+            feats, logits = model.forward_stage(k, feats)
+            assert torch.equal(logits, out.logits[k - 1])
+        assert torch.equal(model.forward_backbone(x), out.logits[-1])
+    # Every backbone module runs in exactly one segment.
+    seen = [id(m) for k in range(1, model.num_exits + 1) for m in model.segment_modules(k)]
+    assert len(seen) == len(set(seen))
+
+
+def test_stage_end_exits_are_the_same_network_as_before():
+    """exit_blocks at the stage ends build the very same state dict as the default."""
+    torch.manual_seed(0)
+    default = create_model("resnet18", 10, exits=4, width=0.125, head="lite")
+    torch.manual_seed(0)
+    blocks = create_model("resnet18", 10, exits=4, width=0.125, head="lite", exit_blocks=(2, 4, 6))
+    a, b = default.state_dict(), blocks.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert default.exit_points == ("layer1.1", "layer2.1", "layer3.1", "layer4.1")
+
+
+def test_block_exit_costs_add_up():
+    from training.costs import measure_costs
+
+    model = create_model(
+        "resnet18", 10, exits=6, width=0.25, head="lite", exit_blocks=(1, 2, 3, 5, 7)
+    )
+    costs = measure_costs(model, (3, 32, 32))
+    assert sum(costs.stage_macs) + costs.head_macs[-1] == costs.backbone_macs
+    assert costs.exit_path_macs == sorted(costs.exit_path_macs)
+    assert costs.exit_path_params[-1] == sum(p.numel() for p in model.backbone.parameters())
+
+
+def test_block_exits_export_with_parity_and_serve(tmp_path):
+    """One segment per stretch between exits; the runtime answers with K = 4 exits."""
+    import numpy as np
+
+    from serving.bundle import load_manifest
+    from serving.runtime import EarlyExitRuntime
+    from training.export import ExportOptions, export_bundle
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", 10, exits=4, width=0.125, head="lite", exit_blocks=(1, 3, 6))
+    model.eval()
+    result = export_bundle(
+        model, tmp_path / "b", classes=[str(i) for i in range(10)], input_shape=(3, 32, 32),
+        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+        options=ExportOptions(exporter="torchscript", progress=False),
+    )  # fmt: skip
+    assert all(c.probs_max_abs_diff is None or c.probs_max_abs_diff < 1e-4 for c in result.checks)
+    manifest = load_manifest(tmp_path / "b")
+    assert manifest.exit_points == ("layer1.0", "layer2.0", "layer3.1", "layer4.1")
+    assert manifest.num_exits == 4
+    runtime = EarlyExitRuntime(tmp_path / "b", intra_op_threads=1)
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    batch = runtime.preprocess(images)
+    full = runtime.classify(batch, thresholds=[1.0, 1.0, 1.0, 0.0])
+    with torch.no_grad():
+        want = model(torch.from_numpy(batch)).logits[-1].argmax(1).numpy()
+    assert np.array_equal(full.labels, want) and set(full.exits.tolist()) == {4}

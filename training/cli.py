@@ -52,6 +52,7 @@ _FLAG_FIELDS = {
     "report_tta_flip": "report_tta_flip",
     "train_subset": "train_subset",
     "init": "init",
+    "exit_blocks": "exit_blocks",
     "freeze_backbone": "freeze_backbone",
 }
 
@@ -65,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stem", choices=["cifar", "imagenet"])
     p.add_argument("--exits", type=int, help="number of exits K (≤ backbone stages)")
     p.add_argument("--head", help="exit-head variant: attention (seed 004), lite or pool")
+    p.add_argument(
+        "--exit-blocks",
+        help="put the shallow exits after these backbone blocks (1-based indices or names, "
+        "e.g. 1,2,3,5,7 or layer1.0,layer2.1; training.models.block_names(ARCH) lists them; "
+        "resnet18 has 8); the final exit always follows the last block",
+    )
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-dir")
     p.add_argument("--download", action="store_true", help="fetch official archives first")
@@ -155,7 +162,7 @@ def check_inputs(cfg) -> None:
     if cfg.dataset not in DATASETS:
         raise UsageError(f"unknown dataset {cfg.dataset!r}; valid: {', '.join(DATASETS)}")
     stages = create_backbone(cfg.arch, 10, width=0.125).num_stages
-    if not 1 <= cfg.exits <= stages:
+    if cfg.exit_blocks is None and not 1 <= cfg.exits <= stages:
         raise UsageError(f"--exits {cfg.exits} is invalid: {cfg.arch} has {stages} stages")
 
 

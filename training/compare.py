@@ -78,7 +78,13 @@ def measure_step_times(
     for arm in arms:
         cfg = arm.config.resolved()
         model = create_model(
-            cfg.arch, num_classes, exits=cfg.exits, head=cfg.head, width=cfg.width, stem=cfg.stem
+            cfg.arch,
+            num_classes,
+            exits=cfg.exits,
+            head=cfg.head,
+            exit_blocks=cfg.exit_blocks,
+            width=cfg.width,
+            stem=cfg.stem,
         ).train()
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -19,6 +19,9 @@ class TrainConfig:
     stem: str = "cifar"
     exits: int = 4
     head: str = "attention"  # exit-head variant: "attention" (seed 004), "lite" or "pool"
+    # 1-based backbone blocks the shallow exits follow (training.models.block_names(arch));
+    # None = stage ends. Sets exits to len(exit_blocks) + 1.
+    exit_blocks: tuple[int, ...] | None = None
     # data
     dataset: str = "cifar10"
     data_dir: str = "data"
@@ -71,9 +74,12 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> TrainConfig:
-        """The config actually trained: the baseline is the backbone alone (one exit)."""
-        if self.loss == "baseline" and self.exits != 1:
-            return dataclasses.replace(self, exits=1)
+        """The config actually trained: the baseline is the backbone alone (one exit); exit
+        blocks fix the exit count."""
+        if self.loss == "baseline" and (self.exits != 1 or self.exit_blocks):
+            return dataclasses.replace(self, exits=1, exit_blocks=None)
+        if self.exit_blocks and self.exits != len(self.exit_blocks) + 1:
+            return dataclasses.replace(self, exits=len(self.exit_blocks) + 1)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,6 +87,8 @@ class TrainConfig:
         data["milestones"] = list(self.milestones)
         if self.feature_exits is not None:
             data["feature_exits"] = list(self.feature_exits)
+        if self.exit_blocks is not None:
+            data["exit_blocks"] = list(self.exit_blocks)
         return data
 
     @classmethod
@@ -92,6 +100,12 @@ class TrainConfig:
         values = dict(data)
         if "milestones" in values:
             values["milestones"] = tuple(float(m) for m in values["milestones"])
+        if values.get("exit_blocks") is not None:
+            from .models import parse_exit_blocks
+
+            values["exit_blocks"] = parse_exit_blocks(
+                values["exit_blocks"], str(values.get("arch", cls.arch))
+            )
         if values.get("feature_exits") is not None:
             exits = values["feature_exits"]
             if isinstance(exits, str):

@@ -63,18 +63,13 @@ def measure_costs(model: MultiExitNetwork, input_shape: tuple[int, int, int]) ->
         stage_macs.append(count_macs(lambda t, k=k: model.run_stage(k, t), feats))
         nxt = model.run_stage(k, feats)
         head_macs.append(count_macs(model.heads[k - 1], nxt))
-        stage_mods = [model.backbone.stages[s] for s in model.groups[k - 1]]
-        if k == 1:
-            stage_mods.insert(0, model.backbone.stem)
-        seg_params.append(count_params(*stage_mods, model.heads[k - 1]))
+        seg_params.append(count_params(*model.segment_modules(k), model.heads[k - 1]))
         feats = nxt
     segment_macs = [s + h for s, h in zip(stage_macs, head_macs, strict=True)]
     path_macs = [sum(stage_macs[: k + 1]) + head_macs[k] for k in range(model.num_exits)]
     path_params = []
     for k in range(model.num_exits):
-        mods = [model.backbone.stem] + [
-            model.backbone.stages[s] for g in model.groups[: k + 1] for s in g
-        ]
+        mods = [m for j in range(1, k + 2) for m in model.segment_modules(j)]
         path_params.append(count_params(*mods, model.heads[k]))
     costs = ModelCosts(
         segment_macs=segment_macs,

@@ -281,6 +281,7 @@ class Trainer:
             self.num_classes,
             exits=cfg.exits,
             head=cfg.head,
+            exit_blocks=cfg.exit_blocks,
             width=cfg.width,
             stem=cfg.stem,
             in_chans=c,

@@ -193,6 +193,8 @@ def build_model(checkpoint: dict[str, Any]) -> MultiExitNetwork:
     for key in ("width", "stem", "head"):
         if config.get(key) is not None:
             kwargs[key] = config[key]
+    if config.get("exit_blocks"):
+        kwargs["exit_blocks"] = tuple(int(b) for b in config["exit_blocks"])
     try:
         model = create_model(
             config["arch"], int(checkpoint["num_classes"]), exits=int(config["exits"]), **kwargs
@@ -807,6 +809,7 @@ def export_bundle(
             ),
             provenance=_jsonable(prov),
             format=BUNDLE_FORMAT,
+            exit_points=tuple(model.exit_points),
             baseline=None
             if baseline is None
             else BaselineSpec(

@@ -38,18 +38,30 @@ def create_backbone(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 
 
 def create_model(
-    name: str, num_classes: int, exits: int = 4, head: str = "attention", **kwargs: Any
+    name: str,
+    num_classes: int,
+    exits: int = 4,
+    head: str = "attention",
+    exit_blocks: tuple[int, ...] | None = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """A multi-exit network over backbone `name` with `exits` classifiers (1 = backbone only).
 
     `head` names the exit-head variant ("attention" = seed 004, "lite", "pool"; see
-    `training.models.exits`). kwargs go to the backbone (`width`, `stem`, `in_chans`, ...).
+    `training.models.exits`). `exit_blocks` (1-based block indices, `block_names(name)`) puts
+    the shallow exits after any residual block instead of at stage ends; exits is then
+    len(exit_blocks) + 1. kwargs go to the backbone (`width`, `stem`, `in_chans`, ...).
     Raises UnknownModelError for an unknown name and ValueError for an unknown head or when
     `exits` exceeds the backbone's number of stages.
     """
     from .multi_exit import MultiExitNetwork
 
-    return MultiExitNetwork(create_backbone(name, num_classes, **kwargs), exits=exits, head=head)
+    return MultiExitNetwork(
+        create_backbone(name, num_classes, **kwargs),
+        exits=exits,
+        head=head,
+        exit_blocks=exit_blocks,
+    )
 
 
 def _ensure_registered() -> None:
