@@ -88,6 +88,10 @@ def measure_step_times(
         ).train()
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if cfg.freeze_backbone:  # as the engine does: no backbone gradient, BN statistics kept
+            for param in model.backbone.parameters():
+                param.requires_grad_(False)
+            model.backbone.eval()
         loss = create_loss(
             cfg.loss,
             path=cfg.distill_path,
@@ -103,7 +107,10 @@ def measure_step_times(
             feature_dim=model.feature_dim,
         )
         opt = torch.optim.SGD(
-            [*model.parameters(), *loss.parameters()], lr=0.01, momentum=0.9, nesterov=True
+            [p for p in (*model.parameters(), *loss.parameters()) if p.requires_grad],
+            lr=0.01,
+            momentum=0.9,
+            nesterov=True,
         )
         x = torch.randn(cfg.batch_size, *input_shape)
         if cfg.channels_last:
