@@ -10,7 +10,6 @@ Writes step_time.json and step_time.png under --out.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
