@@ -13,9 +13,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from serving.middleware import AccessLogMiddleware, BodyLimitMiddleware, BodyTooLargeError
 from serving.routes import admin_router, classify_router, ops_router
@@ -25,6 +26,9 @@ from serving.settings import Settings
 
 logger = logging.getLogger(__name__)
 CLASSIFY_PATHS = ("/classify", "/classify/batch")
+# nginx's "client closed request": the status a request is counted under (metrics, access log)
+# when its client went away before the body was read. Nobody receives it.
+CLIENT_CLOSED_REQUEST = 499
 
 
 def _install_sighup(state: ServingState) -> bool:
@@ -58,6 +62,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if sighup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        state.begin_stopping()
         await load_task  # a thread cannot be cancelled; let the load finish
         await state.shutdown()
         logger.info("server stopped", extra={"fields": {"batches": _batches(state)}})
@@ -92,6 +97,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def body_too_large(request: Request, exc: BodyTooLargeError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=413, headers={"Connection": "close"})
 
+    async def client_disconnected(request: Request, exc: ClientDisconnect) -> Response:
+        # Not a server error: one line, no traceback, and a status code of its own.
+        logger.info(
+            "client disconnected before its request was read",
+            extra={"fields": {"method": request.method, "path": request.url.path}},
+        )
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"detail": "internal server error"}, status_code=500)
@@ -99,6 +112,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(BodyTooLargeError, body_too_large)
+    app.add_exception_handler(ClientDisconnect, client_disconnected)
     app.add_exception_handler(Exception, server_error)
 
 

@@ -2,9 +2,10 @@
 
 A batch closes when it holds `max_batch_size` images, when its oldest image has waited
 `max_batch_wait_s`, or (with `adaptive_wait`, the default) at once when no other request is on
-its way: routes wrap reading and decoding in `arriving()`, so the batcher knows whether waiting
-can fill the batch. A lone request (concurrency 1) therefore never pays the batching wait,
-while under load the images being decoded join the batch. Batches run on a dedicated inference
+its way: routes wrap decoding on a worker thread in `arriving()`, so the batcher knows whether
+waiting can fill the batch. Reading a body is not "arriving": a client that stalls its upload
+must not make other requests wait for it. A lone request (concurrency 1) therefore never pays
+the batching wait, while under load the images being decoded join the batch. Batches run on a dedicated inference
 thread so the event loop keeps answering health checks and scrapes. One exception, for small
 models: a lone image (nothing else queued or arriving) whose mode's measured batch-1 run time is
 at most `inline_max_s` runs on the event loop itself. The two thread hops it saves cost
@@ -52,6 +53,10 @@ class QueueFullError(RuntimeError):
 
 class BatcherClosedError(RuntimeError):
     """The server is shutting down and takes no new work (503)."""
+
+
+class BatchTooLargeError(ValueError):
+    """More images in one request than the queue can ever hold: retrying cannot help (413)."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,8 @@ class DynamicBatcher:
 
     @contextmanager
     def arriving(self) -> Iterator[None]:
-        """Mark one request as on its way to the queue while its body is read and decoded.
+        """Mark one request as on its way to the queue while its image, fully received, is
+        decoded.
 
         Leave the block before `classify`/`enqueue`: a request counted here makes a partly
         filled batch wait (up to `max_batch_wait_s`) for it.
@@ -156,6 +162,11 @@ class DynamicBatcher:
             raise BatcherClosedError("server is shutting down")
         if self._worker is None or self._worker.done():
             raise BatcherClosedError("batch worker is not running")
+        if len(images) > self.queue_size:
+            raise BatchTooLargeError(
+                f"{len(images)} images in one request exceed the queue size ({self.queue_size}); "
+                f"send at most {self.queue_size} per request"
+            )
         if self.depth + len(images) > self.queue_size:
             raise QueueFullError(
                 f"queue full ({self.depth} images waiting, limit {self.queue_size})"

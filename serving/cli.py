@@ -50,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-body-bytes", type=int, help="request body limit (default 10 MiB)")
     parser.add_argument("--queue-size", type=int, help="images waiting before 503 (default 256)")
     parser.add_argument(
+        "--max-connections",
+        type=int,
+        help="open connections; the longest idle one is closed to admit more (default 2048)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        help="where the packaged default bundle is copied to be served writable "
+        "(EARLYEXIT_STATE_DIR, default ~/.local/state/earlyexit)",
+    )
+    parser.add_argument(
         "--log-level", choices=("critical", "error", "warning", "info", "debug"), default=None
     )
     parser.add_argument(
@@ -67,14 +77,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = (
         "bundle", "host", "port", "providers", "strict_providers", "intra_op_threads",
         "max_batch_size", "max_batch_wait_ms", "batch_wait", "inline_max_ms", "max_body_bytes",
-        "queue_size", "warmup",
+        "queue_size", "max_connections", "state_dir", "warmup",
         "log_level", "access_log",
     )  # fmt: skip
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
 def check_bundle(bundle_dir: Any) -> str:
-    """Validate the bundle as the server will load it; returns a one-line summary."""
+    """Validate the bundle as the server will load it; returns a one-line summary. Every
+    problem is a BundleError (a one-line message)."""
     from serving.bundle import load_manifest, read_thresholds
 
     manifest = load_manifest(bundle_dir, verify=True)
@@ -106,32 +117,58 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from serving.app import create_app
+    from serving.connections import ConnectionLimits, bind_listener, guarded_protocol
     from serving.logs import configure_logging
+    from serving.process_limits import (
+        connection_capacity,
+        raise_open_file_limit,
+        return_large_allocations,
+    )
 
     configure_logging(settings.log_level)
+    # Bound first: a port in use is reported before anything is loaded or announced.
+    try:
+        listener = bind_listener(settings.host, settings.port)
+    except OSError as exc:
+        print(
+            f"earlyexit-serve: cannot start server: cannot listen on "
+            f"{settings.host}:{settings.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    return_large_allocations()
+    limits = ConnectionLimits(
+        max_connections=connection_capacity(settings.max_connections, raise_open_file_limit()),
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_header_bytes=settings.max_header_bytes,
+    )
     logger.info(
         "starting",
         extra={"fields": {"bundle": str(settings.bundle), "model": summary,
-                          "url": f"http://{settings.host}:{settings.port}"}},
+                          "url": f"http://{settings.host}:{settings.port}",
+                          "max_connections": limits.max_connections}},
     )  # fmt: skip
-    try:
-        uvicorn.run(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            log_config=None,
-            log_level=settings.log_level,
-            access_log=False,
-            timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-            # Longer than the idle timeout of common load balancers and HTTP client pools
-            # (nginx 60 s): with uvicorn's default 5 s the server closes pooled connections
-            # while a client reuses them, which surfaces as sporadic connection errors.
-            timeout_keep_alive=75,
-            server_header=False,
-        )
-    except OSError as exc:  # e.g. the port is taken
-        print(f"earlyexit-serve: cannot start server: {exc}", file=sys.stderr)
-        return 1
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=guarded_protocol(limits, app.state.serving.metrics),
+        log_config=None,
+        log_level=settings.log_level,
+        access_log=False,
+        # A float: int() would turn 0.5 s into 0, which cancels every in-flight request.
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,  # type: ignore[arg-type]
+        # Longer than the idle timeout of common load balancers and HTTP client pools
+        # (nginx 60 s): with uvicorn's default 5 s the server closes pooled connections
+        # while a client reuses them, which surfaces as sporadic connection errors.
+        timeout_keep_alive=settings.keep_alive_s,
+        # Only used when httptools is missing and uvicorn parses with h11.
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        server_header=False,
+    )
+    uvicorn.Server(config).run(sockets=[listener])
     return 0
 
 

@@ -29,6 +29,7 @@ CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 FALLBACK = "fallback"
+CONNECTION_CLOSE_REASONS = ("limit", "header_timeout", "body_timeout", "header_too_large")
 
 
 def exit_label(exit_index: int) -> str:
@@ -43,12 +44,16 @@ class ServingMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "earlyexit_requests", "Classification HTTP requests by status code.", ["code"],
+            "earlyexit_requests",
+            "Classification requests (POST /classify and /classify/batch; no other endpoint) by "
+            "HTTP status code; 499 = the client went away before its request was read.",
+            ["code"],
             registry=r,
-        )  # fmt: skip
+        )
         self.request_duration = Histogram(
             "earlyexit_request_duration_seconds",
-            "Wall time of classification requests, body read to response.",
+            "Wall time of classification requests (those earlyexit_requests_total counts), "
+            "body read to response.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -83,9 +88,25 @@ class ServingMetrics:
         )
         self.ready = Gauge("earlyexit_ready", "1 once the bundle is loaded.", registry=r)
         self.threshold_updates = Counter(
-            "earlyexit_threshold_updates", "Threshold swaps by source (api, reload).", ["source"],
+            "earlyexit_threshold_updates",
+            "Threshold swaps by source: api (PUT /v1/thresholds), api-reload "
+            "(POST /v1/thresholds/reload), sighup (kill -HUP).",
+            ["source"],
             registry=r,
-        )  # fmt: skip
+        )
+        self.open_connections = Gauge(
+            "earlyexit_open_connections", "HTTP connections open now.", registry=r
+        )
+        self.connections_closed = Counter(
+            "earlyexit_connections_closed",
+            "Connections the server closed to protect itself, by reason: limit (the oldest idle "
+            "one, to admit a new one at EARLYEXIT_MAX_CONNECTIONS), header_timeout, "
+            "body_timeout, header_too_large.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in CONNECTION_CLOSE_REASONS:
+            self.connections_closed.labels(reason=reason)
 
         # Labelled children looked up once: `.labels()` costs microseconds per call, several
         # calls per request, on the event loop that bounds throughput.

@@ -18,14 +18,20 @@ from serving.bundle import (
     BundleError,
     Manifest,
     Thresholds,
+    check_tuned_record,
     read_thresholds,
     validate_threshold_values,
     write_thresholds,
 )
+from serving.decode_pool import DecodePool
 from serving.metrics import ServingMetrics
 from serving.settings import Settings
+from serving.state_dir import serving_dir
 
 logger = logging.getLogger(__name__)
+# Earlier tuning records kept in `tuned.history`, newest first, each with the thresholds it
+# described: enough to see and undo recent manual changes, small enough to stay in the file.
+HISTORY_LIMIT = 10
 
 
 class NotReadyError(RuntimeError):
@@ -47,11 +53,17 @@ class ServingState:
         self.load_error: str | None = None
         self.tuned: dict[str, Any] = {}
         self.started_at = time.time()
+        self.decoder = DecodePool(
+            workers=settings.decode_workers,
+            memory_budget_bytes=settings.decode_memory_mb * 1024 * 1024,
+            max_pixels=settings.max_image_pixels,
+        )
+        # The directory served from: the bundle itself, or a writable copy of the packaged
+        # default one (serving.state_dir), decided when loading.
+        self.bundle_dir = Path(settings.bundle)
+        self.read_only_reason: str | None = None
         self._threshold_lock = asyncio.Lock()
-
-    @property
-    def bundle_dir(self) -> Path:
-        return Path(self.settings.bundle)
+        self._stopping = False
 
     @property
     def ready(self) -> bool:
@@ -88,6 +100,9 @@ class ServingState:
         # Imported here: onnxruntime is heavy and must not load when the app module is imported.
         from serving.runtime import EarlyExitRuntime
 
+        self.bundle_dir, self.read_only_reason = serving_dir(
+            Path(self.settings.bundle), self.settings.state_dir
+        )
         return EarlyExitRuntime(
             self.bundle_dir,
             providers=list(self.settings.providers),
@@ -106,6 +121,9 @@ class ServingState:
             return
         manifest = runtime.manifest
         warmed: list[int] = []
+        if self._stopping:  # e.g. the port could not be bound: nothing will be served
+            logger.info("bundle load abandoned: the server is stopping")
+            return
         if self.settings.warmup:
             try:
                 warmed = await asyncio.to_thread(runtime.warm_up, self.settings.max_batch_size)
@@ -113,6 +131,9 @@ class ServingState:
                 self.load_error = f"warm-up failed: {exc}"
                 logger.error("bundle failed to warm up: %s", exc)
                 return
+        if self._stopping:
+            logger.info("bundle load abandoned: the server is stopping")
+            return
         batcher = DynamicBatcher(
             runtime,
             max_batch_size=self.settings.max_batch_size,
@@ -143,27 +164,47 @@ class ServingState:
             },
         )
 
+    def begin_stopping(self) -> None:
+        """No batcher is started and nothing is announced from now on (a load still running in
+        its thread finishes quietly)."""
+        self._stopping = True
+
     async def shutdown(self) -> None:
-        """Answer everything already queued, then release the inference thread."""
+        """Answer everything already queued, then release the inference and decode threads."""
+        self._stopping = True
         if self.batcher is not None:
             await self.batcher.stop(timeout_s=self.settings.shutdown_timeout_s)
+        self.decoder.close()
 
     # ------------------------------------------------------------------ thresholds
+
+    def _record(self, tuned: dict[str, Any] | None, previous: tuple[float, ...]) -> dict[str, Any]:
+        """The tuning record to store with new thresholds: the client's (checked) or a manual
+        one, with the record it replaces pushed onto a bounded `history`."""
+        record = dict(check_tuned_record(tuned)) if tuned else {}
+        record.setdefault("method", "manual")
+        record.setdefault("source", "PUT /v1/thresholds")
+        record.setdefault("updated_at", dt.datetime.now(dt.timezone.utc).isoformat())
+        before = dict(self.tuned)
+        older = before.pop("history", [])
+        entry = {**before, "thresholds": list(previous)}
+        kept = [h for h in older if isinstance(h, dict)] if isinstance(older, list) else []
+        record["history"] = [entry, *kept][:HISTORY_LIMIT]
+        return record
 
     async def update_thresholds(
         self, values: Sequence[Any], tuned: dict[str, Any] | None, source: str = "api"
     ) -> tuple[tuple[float, ...], tuple[float, ...], dict[str, Any], Path]:
         """Validate, persist atomically, then swap between batches. Returns (new, old, tuned,
-        path). BundleError on invalid values, PersistError when the file cannot be written;
-        either way the old thresholds stay in force."""
+        path). BundleError on invalid values or tuning record, PersistError when the file cannot
+        be written; either way the old thresholds stay in force."""
         runtime, batcher = self.require_ready()
         checked = validate_threshold_values(values, runtime.manifest.num_exits)
-        record = dict(tuned) if tuned else {}
-        record.setdefault("method", "manual")
-        record.setdefault("source", "PUT /v1/thresholds")
-        record.setdefault("updated_at", dt.datetime.now(dt.timezone.utc).isoformat())
+        if self.read_only_reason:
+            raise PersistError(f"thresholds not changed: {self.read_only_reason}")
         async with self._threshold_lock:
             previous = tuple(float(t) for t in runtime.thresholds)
+            record = self._record(tuned, previous)
             try:
                 path = await asyncio.to_thread(
                     write_thresholds, self.bundle_dir, Thresholds(values=checked, tuned=record)
@@ -187,11 +228,13 @@ class ServingState:
         return checked, previous, record, path
 
     async def reload_thresholds(self, source: str = "reload") -> tuple[float, ...]:
-        """Re-read thresholds.json (SIGHUP, reload endpoint); BundleError keeps the old ones."""
+        """Re-read thresholds.json (SIGHUP, reload endpoint). A missing, unreadable or invalid
+        file is a BundleError and the thresholds in force stay: full depth is only ever set by
+        asking for it (all 1.0)."""
         runtime, batcher = self.require_ready()
         async with self._threshold_lock:
             loaded = await asyncio.to_thread(
-                read_thresholds, self.bundle_dir, runtime.manifest.num_exits
+                read_thresholds, self.bundle_dir, runtime.manifest.num_exits, False
             )
             await batcher.run_exclusive(lambda: runtime.set_thresholds(loaded.values, loaded.tuned))
             self.tuned = dict(loaded.tuned)
@@ -208,3 +251,5 @@ class ServingState:
             await self.reload_thresholds(source="sighup")
         except (BundleError, NotReadyError, OSError) as exc:
             logger.error("SIGHUP: thresholds not reloaded, old ones stay: %s", exc)
+        except Exception:  # a signal's task has no caller to report to: log, keep serving
+            logger.exception("SIGHUP: thresholds not reloaded, old ones stay")

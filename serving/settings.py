@@ -57,10 +57,26 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=1, le=89_478_485)
     max_batch_files: int = Field(64, ge=1, le=4096, description="images per /classify/batch")
     queue_size: int = Field(256, ge=1, le=1_000_000)
+    # Images too big or too odd to decode on the event loop go to these threads, and at most
+    # this much memory (estimated from each header before decoding) is spent on them at once.
+    # The default takes one image at the pixel limit in any format.
+    decode_workers: int = Field(2, ge=1, le=64)
+    decode_memory_mb: int = Field(512, ge=16, le=1_048_576)
+    # Connection guard (serving.connections): open connections (the oldest idle one is closed
+    # to admit a new one), time to send a request's headers, longest pause inside a body, and
+    # the size of the request line plus headers (431 above).
+    max_connections: int = Field(2048, ge=8, le=1_000_000)
+    header_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
+    body_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+    keep_alive_s: int = Field(75, ge=1, le=3600)
+    # Where server state lives when the bundle itself must stay read-only: the packaged default
+    # bundle is served from a copy here, so admin updates never rewrite installed files.
+    state_dir: Path | None = None
     admin_token: SecretStr | None = None
     log_level: str = "info"
     access_log: bool = True
-    shutdown_timeout_s: float = Field(30.0, gt=0.0)
+    shutdown_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
 
     @field_validator("providers", mode="before")
     @classmethod
@@ -72,10 +88,15 @@ class Settings(BaseSettings):
 
     @field_validator("admin_token", mode="before")
     @classmethod
-    def _empty_token_is_none(cls, value: Any) -> Any:
+    def _stripped_token(cls, value: Any) -> Any:
+        # Clients send the token without the spaces or newline an env file or `$(cat file)`
+        # leaves around it, and the header value is stripped: a padded token could never match.
         # EARLYEXIT_ADMIN_TOKEN="" must mean "no admin endpoints", not "empty password".
-        if value is None or (isinstance(value, str) and not value.strip()):
-            return None
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str):
+            value = value.strip()
+            return value or None
         return value
 
     @field_validator("log_level", mode="before")

@@ -202,23 +202,54 @@ def test_swap_during_a_burst_loses_no_request(admin_server, client, bundle, pngs
 
 
 def test_no_token_means_403_and_full_queue_means_503(bundle_copy, pngs, tmp_path) -> None:
-    env = {"EARLYEXIT_QUEUE_SIZE": "2"}
+    # A long fixed batch window keeps two requests queued while a third arrives.
+    env = {"EARLYEXIT_QUEUE_SIZE": "2", "EARLYEXIT_BATCH_WAIT": "fixed",
+           "EARLYEXIT_MAX_BATCH_WAIT_MS": "3000", "EARLYEXIT_MAX_BATCH_SIZE": "64"}  # fmt: skip
     with server_process(bundle_copy, env=env, log_dir=tmp_path) as server:
         with httpx.Client(base_url=server.url, timeout=300.0) as http:
             body = {"thresholds": [0.5, 0.5, 0.5]}
             assert http.put("/v1/thresholds", json=body).status_code == 403
             assert http.put("/v1/thresholds", json=body, headers=AUTH).status_code == 403
             assert http.post("/v1/thresholds/reload", headers=AUTH).status_code == 403
+
+        async def overload() -> tuple[list[httpx.Response], httpx.Response, float]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=300) as http:
+                queued = [
+                    asyncio.ensure_future(
+                        http.post("/classify", content=p, headers={"Content-Type": "image/png"})
+                    )
+                    for p in pngs[:2]
+                ]
+                depth = 0.0
+                deadline = time.monotonic() + 60
+                while depth < 2 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                    depth = metric_value((await http.get("/metrics")).text, "earlyexit_queue_depth")
+                started = time.monotonic()
+                third = await http.post(
+                    "/classify", content=pngs[2], headers={"Content-Type": "image/png"}
+                )
+                seconds = time.monotonic() - started
+                return list(await asyncio.gather(*queued)), third, seconds
+
+        queued, third, seconds = asyncio.run(overload())
+        assert third.status_code == 503 and third.headers["retry-after"]
+        assert "queue full" in third.json()["detail"] and seconds < 2.5
+        assert [r.status_code for r in queued] == [200, 200]
+        metrics = httpx.get(server.url + "/metrics", timeout=60).text
+        assert 'earlyexit_requests_total{code="503"} 1.0' in metrics
+
+
+def test_a_batch_larger_than_the_queue_is_413_not_a_permanent_503(bundle_copy, pngs, tmp_path):
+    """Regression: on an idle server a batch of more images than the queue holds got 503 "queue
+    full" with Retry-After, and every retry would get it again."""
+    with server_process(bundle_copy, env={"EARLYEXIT_QUEUE_SIZE": "2"}, log_dir=tmp_path) as server:
+        with httpx.Client(base_url=server.url, timeout=300.0) as http:
             files = [("files", (f"{i}.png", pngs[i], "image/png")) for i in range(3)]
-            started = time.monotonic()
             response = http.post("/classify/batch", files=files)
-            assert response.status_code == 503 and response.headers["retry-after"]
-            assert "queue full" in response.json()["detail"]
-            assert time.monotonic() - started < 5
-            files = files[:2]
-            assert http.post("/classify/batch", files=files).status_code == 200
-            metrics = http.get("/metrics").text
-            assert 'earlyexit_requests_total{code="503"} 1.0' in metrics
+            assert response.status_code == 413 and "retry-after" not in response.headers
+            assert "exceed the queue size (2)" in response.json()["detail"]
+            assert http.post("/classify/batch", files=files[:2]).status_code == 200
 
 
 def test_graceful_shutdown_answers_queued_requests(tiny_bundle, pngs, tmp_path) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from serving.batching import BatcherClosedError, DynamicBatcher, QueueFullError
+from serving.batching import BatcherClosedError, BatchTooLargeError, DynamicBatcher, QueueFullError
 from serving.metrics import ServingMetrics
 
 
@@ -79,10 +79,11 @@ def test_queue_limit_is_all_or_nothing(runtime, tiny_images):
     async def scenario():
         batcher = DynamicBatcher(runtime, max_batch_size=4, max_batch_wait_s=10.0, queue_size=3)
         batcher.start()
+        first = batcher.enqueue(list(tiny_images.images[:2]), full=False)
         with pytest.raises(QueueFullError):
-            batcher.enqueue(list(tiny_images.images[:4]), full=False)
-        assert batcher.depth == 0
-        futures = batcher.enqueue(list(tiny_images.images[:3]), full=False)
+            batcher.enqueue(list(tiny_images.images[2:4]), full=False)
+        assert batcher.depth == 2
+        futures = first + batcher.enqueue([tiny_images.images[2]], full=False)
         with pytest.raises(QueueFullError):
             batcher.enqueue([tiny_images.images[3]], full=False)
         # stop() drains: the queued images are answered although their window is 10 s.
@@ -93,6 +94,22 @@ def test_queue_limit_is_all_or_nothing(runtime, tiny_images):
 
     rows = run(scenario())
     assert len(rows) == 3 and all(r.batch_size == 3 for r in rows)
+
+
+def test_a_batch_larger_than_the_queue_is_refused_as_too_large(runtime, tiny_images):
+    """Not QueueFullError (503, "retry later"): on an idle server it could never fit."""
+
+    async def scenario():
+        batcher = DynamicBatcher(runtime, max_batch_size=4, max_batch_wait_s=0.0, queue_size=3)
+        batcher.start()
+        with pytest.raises(BatchTooLargeError, match=r"4 images .* exceed the queue size \(3\)"):
+            batcher.enqueue(list(tiny_images.images[:4]), full=False)
+        assert batcher.depth == 0
+        rows = await batcher.classify(list(tiny_images.images[:3]))
+        await batcher.stop()
+        return rows
+
+    assert len(run(scenario())) == 3
 
 
 def test_threshold_swaps_wait_for_the_running_batch(runtime, tiny_images):

@@ -51,6 +51,26 @@ def test_environment_is_read(monkeypatch, tmp_path) -> None:
     assert Settings(port=9002).port == 9002
 
 
+def test_admin_token_whitespace_is_stripped(monkeypatch) -> None:
+    """Regression: a token configured with surrounding spaces could never match a request."""
+    monkeypatch.setenv("EARLYEXIT_ADMIN_TOKEN", "  s3cret \n")
+    assert Settings().admin_token.get_secret_value() == "s3cret"
+    monkeypatch.setenv("EARLYEXIT_ADMIN_TOKEN", " \t ")
+    assert Settings().admin_token is None
+    assert Settings(admin_token=" t ").admin_token.get_secret_value() == "t"
+
+
+def test_hardening_settings(monkeypatch, tmp_path) -> None:
+    settings = Settings()
+    assert settings.decode_workers == 2 and settings.decode_memory_mb == 512
+    assert settings.max_connections == 2048 and settings.max_header_bytes == 16 * 1024
+    assert settings.header_timeout_s == 10.0 and settings.body_timeout_s == 30.0
+    assert settings.state_dir is None
+    monkeypatch.setenv("EARLYEXIT_SHUTDOWN_TIMEOUT_S", "0.5")
+    monkeypatch.setenv("EARLYEXIT_STATE_DIR", str(tmp_path))
+    assert Settings().shutdown_timeout_s == 0.5 and Settings().state_dir == tmp_path
+
+
 def test_provider_lists() -> None:
     assert Settings(providers="cuda, CPU").providers == [
         "CUDAExecutionProvider", "CPUExecutionProvider",
@@ -73,6 +93,13 @@ def test_provider_lists() -> None:
         ("EARLYEXIT_PROVIDERS", ","),
         ("EARLYEXIT_PROVIDERS", "tensorrt"),
         ("EARLYEXIT_LOG_LEVEL", "loud"),
+        ("EARLYEXIT_DECODE_WORKERS", "0"),
+        ("EARLYEXIT_DECODE_MEMORY_MB", "1"),
+        ("EARLYEXIT_MAX_CONNECTIONS", "2"),
+        ("EARLYEXIT_HEADER_TIMEOUT_S", "0"),
+        ("EARLYEXIT_BODY_TIMEOUT_S", "-1"),
+        ("EARLYEXIT_MAX_HEADER_BYTES", "100"),
+        ("EARLYEXIT_SHUTDOWN_TIMEOUT_S", "0"),
     ],
 )
 def test_bad_values_fail_at_start(monkeypatch, key: str, value: str) -> None:

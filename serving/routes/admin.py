@@ -23,11 +23,11 @@ router = APIRouter(prefix="/v1")
 _ADMIN_ERRORS = {
     code: {"model": ErrorResponse, "description": why}
     for code, why in (
-        (400, "invalid threshold values (wrong count or outside [0, 1])"),
+        (400, "invalid thresholds (wrong count, outside [0, 1]), tuned record or file"),
         (401, "missing or wrong bearer token"),
         (403, "admin endpoints disabled: no EARLYEXIT_ADMIN_TOKEN configured"),
         (422, "malformed JSON body"),
-        (500, "thresholds.json could not be written; old thresholds stay"),
+        (500, "thresholds.json could not be written (or the bundle is read-only); old stay"),
         (503, "model loading"),
     )
 }

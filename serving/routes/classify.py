@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
-from serving.batching import BatcherClosedError, QueueFullError, RowResult
+from serving.batching import (
+    BatcherClosedError,
+    BatchTooLargeError,
+    DynamicBatcher,
+    QueueFullError,
+    RowResult,
+)
 from serving.bundle import Manifest
 from serving.imaging import (
     ImageError,
     ImageTooLargeError,
     UnsupportedImageError,
-    decode_image,
-    open_image,
+    structure_check,
 )
 from serving.routes.deps import RETRY_AFTER_S, require_ready
 from serving.schemas import (
@@ -30,6 +33,7 @@ from serving.schemas import (
     ExitAnswer,
     ModelRef,
 )
+from serving.service import ServingState
 from serving.settings import Settings
 
 router = APIRouter(tags=["classify"])
@@ -39,7 +43,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": why}
     for code, why in (
         (400, "undecodable image or bad parameter"),
-        (413, "body or image too large"),
+        (413, "body or image too large, or more images than the queue holds"),
         (415, "unsupported media type"),
         (422, "malformed request (e.g. missing multipart field)"),
         (503, "queue full, model loading or shutting down (see Retry-After)"),
@@ -97,19 +101,41 @@ async def _upload_bytes(value: Any, field: str) -> bytes:
     return await value.read()
 
 
+async def _read_raw(request: Request) -> bytes:
+    """A raw image body, refused as soon as its structure breaks a decoding limit (too many
+    PNG chunks or JPEG scans): a 10 MB file of empty chunks costs the first 120 KB, not the
+    whole upload. The connection is closed then, the rest of the body is never read."""
+    check = structure_check()
+    chunks = []
+    async for chunk in request.stream():
+        problem = check.feed(chunk)
+        if problem is not None:
+            raise HTTPException(400, f"could not decode image: {problem}",
+                                headers={"Connection": "close"})  # fmt: skip
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _read_single(request: Request, settings: Settings) -> bytes:
     """The image bytes of `/classify`: multipart field `file`, or a raw image/* body."""
     media = _media_type(request.headers.get("content-type"))
     if media == "multipart/form-data":
         form = await _read_form(request, settings)
         try:
-            if "file" not in form:
+            parts = form.getlist("file")
+            if not parts:
                 raise HTTPException(422, "missing multipart field 'file'")
-            return await _upload_bytes(form["file"], "file")
+            if len(parts) > 1:
+                raise HTTPException(
+                    422,
+                    f"multipart field 'file' appears {len(parts)} times; /classify takes one "
+                    "image (send several as field 'files' to /classify/batch)",
+                )
+            return await _upload_bytes(parts[0], "file")
         finally:
             await form.close()
     if media.startswith("image/") or media in _RAW_TYPES:
-        return await request.body()
+        return await _read_raw(request)
     shown = media or "none"
     raise HTTPException(
         415,
@@ -118,33 +144,13 @@ async def _read_single(request: Request, settings: Settings) -> bytes:
     )
 
 
-# Decoding a small image costs less than the round trip to a worker thread, so requests whose
-# images total at most this many pixels (a few 32×32 or one 128×128) are decoded on the event
-# loop; larger ones go to the thread pool so that one big image cannot stall other requests.
-INLINE_DECODE_PIXELS = 128 * 128
-
-
-def _each(payloads: Sequence[Any], fn: Any) -> list[Any]:
-    """`fn` over every image; errors name the failing file when there are many."""
-    out = []
-    for i, item in enumerate(payloads):
-        try:
-            out.append(fn(item))
-        except ImageError as exc:
-            if len(payloads) > 1:
-                raise type(exc)(f"files[{i}]: {exc}") from exc
-            raise
-    return out
-
-
-async def _decode(payloads: Sequence[bytes], manifest: Manifest, settings: Settings) -> list:
+async def _decode(
+    payloads: Sequence[bytes], manifest: Manifest, state: ServingState, batcher: DynamicBatcher
+) -> list[np.ndarray]:
+    """Decode on the event loop or the decode pool (serving.decode_pool); the batcher counts
+    a request as arriving only while a worker decodes its fully received image."""
     try:
-        # Headers only: sizes are known (and bombs refused) before any pixel is decoded.
-        opened = _each(payloads, lambda data: open_image(data, settings.max_image_pixels))
-        decode = partial(_each, opened, lambda image: decode_image(image, manifest.input))
-        if sum(image.width * image.height for image in opened) <= INLINE_DECODE_PIXELS:
-            return decode()
-        return await run_in_threadpool(decode)
+        return await state.decoder.decode(payloads, manifest.input, batcher.arriving)
     except ImageTooLargeError as exc:
         raise HTTPException(413, str(exc)) from exc
     except UnsupportedImageError as exc:
@@ -153,9 +159,11 @@ async def _decode(payloads: Sequence[bytes], manifest: Manifest, settings: Setti
         raise HTTPException(400, str(exc)) from exc
 
 
-async def _run(batcher: Any, images: list[np.ndarray], full: bool) -> list[RowResult]:
+async def _run(batcher: DynamicBatcher, images: list[np.ndarray], full: bool) -> list[RowResult]:
     try:
         return await batcher.classify(images, full=full)
+    except BatchTooLargeError as exc:
+        raise HTTPException(413, str(exc)) from exc
     except QueueFullError as exc:
         raise HTTPException(503, str(exc), headers={"Retry-After": RETRY_AFTER_S}) from exc
     except BatcherClosedError as exc:
@@ -267,9 +275,8 @@ async def classify(request: Request) -> ClassifyResponse:
     full, top_k = query_options(request)
     state, runtime, batcher = require_ready(request)
     manifest = runtime.manifest
-    with batcher.arriving():
-        payload = await _read_single(request, state.settings)
-        images = await _decode([payload], manifest, state.settings)
+    payload = await _read_single(request, state.settings)
+    images = await _decode([payload], manifest, state, batcher)
     (row,) = await _run(batcher, images, full)
     answer = build_answer(row, manifest, (time.perf_counter() - started) * 1000.0, full, top_k)
     request.state.exit = answer.exit
@@ -293,21 +300,20 @@ async def classify_batch(request: Request) -> BatchClassifyResponse:
     if media != "multipart/form-data":
         raise HTTPException(415, "send the images as multipart/form-data, field 'files'")
     manifest = runtime.manifest
-    with batcher.arriving():
-        form = await _read_form(request, settings)
-        try:
-            uploads = form.getlist("files")
-            if not uploads:
-                raise HTTPException(422, "missing multipart field 'files'")
-            if len(uploads) > settings.max_batch_files:
-                raise HTTPException(
-                    413,
-                    f"{len(uploads)} files; the limit is {settings.max_batch_files} per request",
-                )
-            payloads = [await _upload_bytes(u, f"files[{i}]") for i, u in enumerate(uploads)]
-        finally:
-            await form.close()
-        images = await _decode(payloads, manifest, settings)
+    form = await _read_form(request, settings)
+    try:
+        uploads = form.getlist("files")
+        if not uploads:
+            raise HTTPException(422, "missing multipart field 'files'")
+        if len(uploads) > settings.max_batch_files:
+            raise HTTPException(
+                413,
+                f"{len(uploads)} files; the limit is {settings.max_batch_files} per request",
+            )
+        payloads = [await _upload_bytes(u, f"files[{i}]") for i, u in enumerate(uploads)]
+    finally:
+        await form.close()
+    images = await _decode(payloads, manifest, state, batcher)
     rows = await _run(batcher, images, full)
     latency_ms = (time.perf_counter() - started) * 1000.0
     results = [build_answer(row, manifest, latency_ms, full, top_k) for row in rows]

@@ -15,16 +15,22 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 router = APIRouter()
 
 
-@router.get(
-    "/healthz", response_model=HealthResponse, response_model_exclude_none=True, tags=["ops"]
+# HEAD too: load balancers and uptime checkers probe with it, and a 405 reads as "down".
+@router.api_route(
+    "/healthz",
+    methods=["GET", "HEAD"],
+    response_model=HealthResponse,
+    response_model_exclude_none=True,
+    tags=["ops"],
 )
 async def healthz() -> HealthResponse:
     """200 while the process lives (liveness)."""
     return HealthResponse(status="ok")
 
 
-@router.get(
+@router.api_route(
     "/readyz",
+    methods=["GET", "HEAD"],
     response_model=HealthResponse,
     responses={503: {"description": "bundle loading or failed to load"}},
     tags=["ops"],
