@@ -439,8 +439,10 @@ def _status_kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-def memory_phase(pid: int, port: int, settle_s: float, concurrency: int = 16) -> dict[str, Any]:
-    payload = png16_gray()
+def memory_phase(
+    pid: int, port: int, settle_s: float, concurrency: int = 16, side: int = 4096
+) -> dict[str, Any]:
+    payload = png16_gray(side)
     baseline = _status_kib(pid, "VmRSS")
     hwm_reset = True
     try:
@@ -485,6 +487,7 @@ def memory_phase(pid: int, port: int, settle_s: float, concurrency: int = 16) ->
     after = _status_kib(pid, "VmRSS")
     return {
         "uploads": concurrency,
+        "image": f"{side}x{side} 16-bit greyscale PNG",
         "payload_bytes": len(payload),
         "answers": {str(s): statuses.count(s) for s in sorted(set(statuses), key=str)},
         "burst_seconds": round(burst_s, 2),
@@ -539,6 +542,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     state_dir = tempfile.mkdtemp(prefix="earlyexit-attack-state-")
     env = {"EARLYEXIT_DECODE_MEMORY_MB": str(args.decode_memory_mb), "EARLYEXIT_STATE_DIR": state_dir,
            "EARLYEXIT_ACCESS_LOG": "false"}  # fmt: skip
+    env.update(dict(item.split("=", 1) for item in args.server_env))
     log = out_dir / "server.log"
     process, port = start_server(args.bundle, env, log)
     report: dict[str, Any] = {
@@ -548,7 +552,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(),
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         },  # fmt: skip
-        "server": {"decode_memory_mb": args.decode_memory_mb, "defaults": "all other settings"},
+        "server": {
+            "decode_memory_mb": args.decode_memory_mb,
+            "environment": args.server_env,
+            "other settings": "defaults",
+        },  # fmt: skip
     }
     try:
         prober = Prober(port, small_png())
@@ -562,7 +570,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ctx, port, prober, args, reopen=True
             )
         time.sleep(1.0)
-        report["memory"] = memory_phase(process.pid, port, args.settle_seconds)
+        report["memory"] = memory_phase(
+            process.pid, port, args.settle_seconds, args.memory_uploads, args.memory_side
+        )
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("GET", "/metrics")
         metrics = conn.getresponse().read().decode()
@@ -621,6 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attack-seconds", type=float, default=15.0)
     parser.add_argument("--settle-seconds", type=float, default=5.0)
     parser.add_argument("--decode-memory-mb", type=int, default=512)
+    parser.add_argument("--memory-uploads", type=int, default=16)
+    parser.add_argument("--memory-side", type=int, default=4096)
+    parser.add_argument(
+        "--server-env", action="append", default=[], metavar="EARLYEXIT_X=V",
+        help="extra server setting (repeatable)",
+    )  # fmt: skip
     return parser
 
 
