@@ -22,6 +22,7 @@ _FLAG_FIELDS = {
     "stem": "stem",
     "exits": "exits",
     "head": "head",
+    "act": "act",
     "dataset": "dataset",
     "data_dir": "data_dir",
     "val_size": "val_size",
@@ -66,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stem", choices=["cifar", "imagenet"])
     p.add_argument("--exits", type=int, help="number of exits K (≤ backbone stages)")
     p.add_argument("--head", help="exit-head variant: attention (seed 004), lite or pool")
+    p.add_argument(
+        "--act",
+        help="activation of the backbone and every exit head: relu | trelu (seed 000's "
+        "T-ReLU: x for x > 0, tanh(x) otherwise); default: the architecture's own",
+    )
     p.add_argument(
         "--exit-blocks",
         help="put the shallow exits after these backbone blocks (1-based indices or names, "

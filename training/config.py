@@ -22,6 +22,9 @@ class TrainConfig:
     # 1-based backbone blocks the shallow exits follow (training.models.block_names(arch));
     # None = stage ends. Sets exits to len(exit_blocks) + 1.
     exit_blocks: tuple[int, ...] | None = None
+    # activation of the backbone and every exit head: "relu" | "trelu" (seed 000's T-ReLU);
+    # None keeps the architecture's own (ReLU; ReLU6 in MobileNetV2; T-ReLU in resnet*_kl)
+    act: str | None = None
     # data
     dataset: str = "cifar10"
     data_dir: str = "data"
@@ -126,6 +129,10 @@ class TrainConfig:
             raise ValueError("width must be positive")
         if self.exits < 1:
             raise ValueError("exits must be ≥ 1")
+        if self.act is not None:
+            from .models.activations import check_activation
+
+            check_activation(self.act)
         if self.freeze_backbone and not self.init:
             raise ValueError("--freeze-backbone needs --init CKPT (the trained backbone to keep)")
         if self.freeze_backbone and self.loss == "baseline":

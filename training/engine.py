@@ -282,6 +282,7 @@ class Trainer:
             exits=cfg.exits,
             head=cfg.head,
             exit_blocks=cfg.exit_blocks,
+            act=cfg.act,
             width=cfg.width,
             stem=cfg.stem,
             in_chans=c,

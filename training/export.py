@@ -190,7 +190,7 @@ def build_model(checkpoint: dict[str, Any]) -> MultiExitNetwork:
     validate_checkpoint(checkpoint)
     config = checkpoint["config"]
     kwargs: dict[str, Any] = {"in_chans": int(checkpoint["input_shape"][0])}
-    for key in ("width", "stem", "head"):
+    for key in ("width", "stem", "head", "act"):
         if config.get(key) is not None:
             kwargs[key] = config[key]
     if config.get("exit_blocks"):

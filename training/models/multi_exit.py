@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .activations import TReLU
 from .backbone import StagedBackbone
 from .exits import FinalExit, create_exit_head
 
@@ -18,7 +19,7 @@ class MultiExitOutput(NamedTuple):
 
 # Units that finish the block before them (a pre-activation net's closing BN-ReLU): never an
 # exit point of their own, they travel with the preceding block.
-_TRAILING = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Identity)
+_TRAILING = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, TReLU, nn.Identity)
 
 
 def backbone_blocks(backbone: StagedBackbone) -> list[tuple[str, list[tuple[int, int]]]]:

@@ -2,25 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 
 _BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+# Construction options a backbone takes beyond width/stem/in_chans: "groups" (grouped 3×3
+# convolutions) and "widths" (per-site channel counts, what structured pruning rebuilds).
+_OPTIONS: dict[str, frozenset[str]] = {}
+MODEL_OPTIONS = ("groups", "widths")
 
 
 class UnknownModelError(ValueError):
     """Raised for a name that is not registered; the message lists the valid ones."""
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a backbone constructor under its function name; duplicates are an error."""
-    name = fn.__name__
-    if name in _BACKBONES:
-        raise ValueError(f"model {name!r} registered twice")
-    _BACKBONES[name] = fn
-    return fn
+def register_model(
+    fn: Callable[..., nn.Module] | None = None, *, options: Sequence[str] = ()
+) -> Any:
+    """Register a backbone constructor under its function name; duplicates are an error.
+
+    Used bare (`@register_model`) or with the construction options the backbone takes
+    (`@register_model(options=("groups", "widths"))`, see `MODEL_OPTIONS`).
+    """
+    unknown = sorted(set(options) - set(MODEL_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown}; valid: {list(MODEL_OPTIONS)}")
+
+    def wrap(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = f.__name__
+        if name in _BACKBONES:
+            raise ValueError(f"model {name!r} registered twice")
+        _BACKBONES[name] = f
+        _OPTIONS[name] = frozenset(options)
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def model_options(name: str) -> frozenset[str]:
+    """The construction options (`MODEL_OPTIONS`) registry backbone `name` takes."""
+    _ensure_registered()
+    if name not in _BACKBONES:
+        raise UnknownModelError(f"unknown model {name!r}; valid: {', '.join(sorted(_BACKBONES))}")
+    return _OPTIONS[name]
 
 
 def list_models() -> list[str]:
@@ -29,12 +55,47 @@ def list_models() -> list[str]:
     return sorted(_BACKBONES)
 
 
-def create_backbone(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """The plain single-exit backbone (what users would deploy without early exits)."""
-    _ensure_registered()
-    if name not in _BACKBONES:
-        raise UnknownModelError(f"unknown model {name!r}; valid: {', '.join(sorted(_BACKBONES))}")
-    return _BACKBONES[name](num_classes=num_classes, **kwargs)
+def create_backbone(
+    name: str,
+    num_classes: int,
+    act: str | None = None,
+    groups: int = 1,
+    widths: dict[str, int] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """The plain single-exit backbone (what users would deploy without early exits).
+
+    `act` replaces every activation ("relu", "trelu"; None keeps the architecture's own:
+    ReLU, ReLU6 in MobileNetV2, T-ReLU in the ResNet-KL family). `groups` sets the groups of
+    the residual / VGG 3×3 convolutions where the backbone has the "groups" option; `widths`
+    (site → channels, `training.prune`) rebuilds a pruned backbone where it has "widths".
+    ValueError for an option the backbone does not take or groups that do not divide a width.
+    """
+    from .activations import check_activation, set_activation
+
+    options = model_options(name)
+    if act is not None:
+        check_activation(act)
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive integer, got {groups!r}")
+    if groups != 1:
+        if "groups" not in options:
+            raise ValueError(
+                f"{name} takes no groups (grouped convolutions); use {_with('groups')}"
+            )
+        kwargs["groups"] = groups
+    if widths:
+        if "widths" not in options:
+            raise ValueError(f"{name} cannot be rebuilt pruned; prunable: {_with('widths')}")
+        kwargs["widths"] = dict(widths)
+    backbone = _BACKBONES[name](num_classes=num_classes, **kwargs)
+    if act is not None:
+        set_activation(backbone, act)
+    return backbone
+
+
+def _with(option: str) -> str:
+    return ", ".join(sorted(n for n, opts in _OPTIONS.items() if option in opts)) or "none"
 
 
 def create_model(
@@ -43,6 +104,7 @@ def create_model(
     exits: int = 4,
     head: str = "attention",
     exit_blocks: tuple[int, ...] | None = None,
+    act: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """A multi-exit network over backbone `name` with `exits` classifiers (1 = backbone only).
@@ -50,18 +112,24 @@ def create_model(
     `head` names the exit-head variant ("attention" = seed 004, "lite", "pool"; see
     `training.models.exits`). `exit_blocks` (1-based block indices, `block_names(name)`) puts
     the shallow exits after any residual block instead of at stage ends; exits is then
-    len(exit_blocks) + 1. kwargs go to the backbone (`width`, `stem`, `in_chans`, ...).
+    len(exit_blocks) + 1. `act` sets the activation of the backbone and of every exit head
+    (None: the backbone's own, ReLU in the heads). kwargs go to the backbone (`width`,
+    `stem`, `in_chans`, `groups`, `widths`, ...; see `create_backbone`).
     Raises UnknownModelError for an unknown name and ValueError for an unknown head or when
     `exits` exceeds the backbone's number of stages.
     """
+    from .activations import set_activation
     from .multi_exit import MultiExitNetwork
 
-    return MultiExitNetwork(
-        create_backbone(name, num_classes, **kwargs),
+    network = MultiExitNetwork(
+        create_backbone(name, num_classes, act=act, **kwargs),
         exits=exits,
         head=head,
         exit_blocks=exit_blocks,
     )
+    if act is not None:
+        set_activation(network.heads, act)
+    return network
 
 
 def _ensure_registered() -> None:
