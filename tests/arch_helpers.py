@@ -55,3 +55,32 @@ def staged_equals_full(model: MultiExitNetwork, x: torch.Tensor) -> None:
             feats, logits = model.forward_stage(k, feats)
             assert torch.equal(logits, out.logits[k - 1])
         assert torch.equal(model.forward_backbone(x), out.logits[-1])
+
+
+def tiny_arrays(n: int, seed: int, size: int = 16, classes: int = 4):
+    """Random uint8 images with labels, as `serving.datasets.load_split` returns them."""
+    import numpy as np
+
+    from serving.datasets import ImageArrays
+
+    rng = np.random.default_rng(seed)
+    return ImageArrays(
+        rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        rng.integers(0, classes, n).astype(np.int64),
+        tuple("abcdefghij"[:classes]),
+    )
+
+
+def tiny_trainer(out: Path, **overrides: Any):
+    """A Trainer on 32 random 16×16 images (batch 8, width 0.125, one thread)."""
+    from training.config import TrainConfig
+    from training.engine import Trainer
+
+    cfg = dict(
+        arch="resnet18", width=0.125, exits=3, epochs=3, batch_size=8, lr=0.05, val_size=0,
+        num_threads=1, head="lite",
+    )  # fmt: skip
+    cfg.update(overrides)
+    return Trainer(
+        TrainConfig(**cfg), out, train_data=tiny_arrays(32, 0), val_data=tiny_arrays(16, 1)
+    )

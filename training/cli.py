@@ -23,6 +23,7 @@ _FLAG_FIELDS = {
     "exits": "exits",
     "head": "head",
     "act": "act",
+    "groups": "groups",
     "dataset": "dataset",
     "data_dir": "data_dir",
     "val_size": "val_size",
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--act",
         help="activation of the backbone and every exit head: relu | trelu (seed 000's "
         "T-ReLU: x for x > 0, tanh(x) otherwise); default: the architecture's own",
+    )
+    p.add_argument(
+        "--groups",
+        type=int,
+        help="group convolutions (seed 001 §3.4): groups of every residual 3×3 conv (ResNet) or "
+        "of the last two modules' convs (VGG-BN); must divide the channel widths",
     )
     p.add_argument(
         "--exit-blocks",
@@ -168,6 +175,16 @@ def check_inputs(cfg) -> None:
     if cfg.dataset not in DATASETS:
         raise UsageError(f"unknown dataset {cfg.dataset!r}; valid: {', '.join(DATASETS)}")
     stages = create_backbone(cfg.arch, 10, width=0.125).num_stages
+    if cfg.groups != 1 or cfg.act is not None:
+        import torch
+
+        # Built at the run's width on the meta device (no memory, no init cost): groups that do
+        # not divide a width, or an option this backbone lacks, fail here in one line.
+        try:
+            with torch.device("meta"):
+                create_backbone(cfg.arch, 10, width=cfg.width, groups=cfg.groups, act=cfg.act)
+        except ValueError as exc:
+            raise UsageError(f"--arch {cfg.arch}: {exc}") from exc
     if cfg.exit_blocks is None and not 1 <= cfg.exits <= stages:
         raise UsageError(f"--exits {cfg.exits} is invalid: {cfg.arch} has {stages} stages")
 

@@ -25,6 +25,8 @@ class TrainConfig:
     # activation of the backbone and every exit head: "relu" | "trelu" (seed 000's T-ReLU);
     # None keeps the architecture's own (ReLU; ReLU6 in MobileNetV2; T-ReLU in resnet*_kl)
     act: str | None = None
+    # groups of the residual 3×3 / VGG last-two-module convolutions (seed 001 §3.4); 1 = none
+    groups: int = 1
     # data
     dataset: str = "cifar10"
     data_dir: str = "data"
@@ -129,6 +131,8 @@ class TrainConfig:
             raise ValueError("width must be positive")
         if self.exits < 1:
             raise ValueError("exits must be ≥ 1")
+        if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
+            raise ValueError(f"groups must be a positive integer, got {self.groups!r}")
         if self.act is not None:
             from .models.activations import check_activation
 

@@ -283,6 +283,7 @@ class Trainer:
             head=cfg.head,
             exit_blocks=cfg.exit_blocks,
             act=cfg.act,
+            groups=cfg.groups,
             width=cfg.width,
             stem=cfg.stem,
             in_chans=c,

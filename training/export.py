@@ -195,6 +195,8 @@ def build_model(checkpoint: dict[str, Any]) -> MultiExitNetwork:
             kwargs[key] = config[key]
     if config.get("exit_blocks"):
         kwargs["exit_blocks"] = tuple(int(b) for b in config["exit_blocks"])
+    if config.get("groups", 1) != 1:
+        kwargs["groups"] = int(config["groups"])
     try:
         model = create_model(
             config["arch"], int(checkpoint["num_classes"]), exits=int(config["exits"]), **kwargs

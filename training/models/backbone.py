@@ -46,6 +46,16 @@ def scaled(channels: int, width: float) -> int:
     return max(4, int(round(channels * width)))
 
 
+def check_groups(groups: int, *channels: int) -> None:
+    """ValueError unless `groups` divides every one of `channels` (a grouped conv's in/out)."""
+    bad = [c for c in channels if c % groups]
+    if bad:
+        raise ValueError(
+            f"groups {groups} do not divide {bad[0]} channels; choose groups dividing every "
+            "width (a power of two at the usual widths)"
+        )
+
+
 def init_weights(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
