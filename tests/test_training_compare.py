@@ -125,6 +125,30 @@ def test_bad_usage_is_one_line_exit_2(tiny_arms, tmp_path, extra, needle):
     assert not (tmp_path / "r").exists() and not (tmp_path / "o").exists()
 
 
+def test_a_run_of_another_recipe_is_not_reported_under_an_arm(tiny_arms, tmp_path):
+    """A finished-looking run directory whose config.json is another recipe is refused."""
+    from training.config import TrainConfig
+
+    root, base, sd = tiny_arms
+    runs = tmp_path / "runs"
+    for arm, cfg in [
+        ("baseline", TrainConfig(loss="baseline", exits=1, epochs=1, alpha=0.3)),
+        ("sd_code", TrainConfig(exits=2, epochs=1, alpha=0.5)),
+    ]:
+        run = runs / f"{arm}_s0"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+        (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "epoch_seconds": 1.0}) + "\n")
+        np.savez(run / "test_predictions.npz", predictions=np.zeros((1, 4), np.int16),
+                 labels=np.zeros(4, np.int16))  # fmt: skip
+    proc = _compare(
+        "--arms", str(base), str(sd), "--reference", "baseline", "--seeds", "0",
+        "--runs", str(runs), "--out", str(tmp_path / "o"), "--report-only",
+    )  # fmt: skip
+    assert proc.returncode == 1 and "trained with another recipe" in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_arms_must_share_one_protocol(tiny_arms, tmp_path):
     root, base, sd = tiny_arms
     other = tmp_path / "sd_fast.yaml"

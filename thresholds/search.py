@@ -196,7 +196,7 @@ def run_ga(
     toolbox.register("select", tools.selTournament, tournsize=config.tournament_size)
     hall = tools.HallOfFame(max(1, config.elite), similar=lambda a, b: a == b)
     logbook = tools.Logbook()
-    logbook.header = ["gen", "nevals", "best", "mean", "best_accuracy", "best_acceleration"]
+    logbook.header = ["gen", "nevals", "best", "mean", "best_accuracy"]  # the record's keys
     rng = random.Random(config.seed)
     history: list[dict[str, Any]] = []
     generation = 0

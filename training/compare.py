@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import TrainConfig
+from .config import TrainConfig, read_config
 from .stats import mcnemar
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,25 @@ def epochs_done(run: Path) -> int:
         return 0
     lines = [x for x in metrics.read_text(encoding="utf-8").splitlines() if x.strip()]
     return int(json.loads(lines[-1]).get("epoch", 0)) if lines else 0
+
+
+def check_recipe(run: Path, arm: Arm, seed: int) -> None:
+    """RuntimeError when the run's config.json is not this arm's recipe at this seed (a stale
+    run directory from another recipe would otherwise be reported under this arm's name)."""
+    from .engine import RUN_ENVIRONMENT_FIELDS
+
+    saved = read_config(run / "config.json")
+    wanted = replace(arm.config, seed=seed)
+    differ = [
+        f
+        for f in saved.to_dict()
+        if f not in RUN_ENVIRONMENT_FIELDS and getattr(saved, f) != getattr(wanted, f)
+    ]
+    if differ:
+        raise RuntimeError(
+            f"{run.name} was trained with another recipe ({', '.join(differ)} differ from "
+            f"{arm.name}'s); move it away or use another --runs"
+        )
 
 
 def measure_step_times(
@@ -150,6 +169,7 @@ def summarize(
         per_seed = {}
         for seed in seeds:
             run = run_dir(runs, arm.name, seed)
+            check_recipe(run, arm, seed)
             preds, labels = read_predictions(run)
             correct = preds == labels[None, :]
             entry: dict[str, Any] = {
