@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from serving.logs import configure_logging
     from serving.process_limits import (
         connection_capacity,
+        freeze_startup_objects,
         raise_open_file_limit,
         return_large_allocations,
     )
@@ -168,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         h11_max_incomplete_event_size=settings.max_header_bytes,
         server_header=False,
     )
-    uvicorn.Server(config).run(sockets=[listener])
+    server = uvicorn.Server(config)
+    config.load()  # imports the protocol classes now, so they are frozen with the rest
+    freeze_startup_objects()
+    server.run(sockets=[listener])
     return 0
 
 

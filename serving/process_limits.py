@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 
 logger = logging.getLogger(__name__)
@@ -65,3 +66,11 @@ def return_large_allocations() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive now (modules, the app, settings: tens of thousands, none of them
+    garbage) out of the cyclic collector's reach. A full collection otherwise walks them all,
+    which measured about 100 ms on a loaded 2-core host: a pause every request waits out."""
+    gc.collect()
+    gc.freeze()
