@@ -4,23 +4,29 @@
     python scripts/hardening_attack.py --sockets 2000 --attack-seconds 5 --out /tmp/h  # quick
 
 The script starts its own server on 127.0.0.1 (a free port; the packaged default bundle unless
---bundle), then:
+--bundle; default settings but --decode-memory-mb and --server-env), then:
 1. idle: a client probes GET /healthz (a new connection each time, like a health checker) and
    POST /classify (one keep-alive connection, a 32×32 PNG) for --idle-seconds;
-2. attack: the same probes for --attack-seconds while, in other processes,
-   - up to --sockets connections are opened and held idle (each one the server closes is
-     reopened, at most --reopen-per-s a second; source addresses 127.0.0.2-9 so the attack
-     does not run out of ephemeral ports),
+2. attack: the same probes for --attack-seconds while, in other processes at the lowest CPU
+   priority,
+   - --sockets connections (20 000, or what the open-file limit allows) have been opened, at
+     most --open-per-s a second, each sending a header it never finishes (source addresses
+     127.0.0.2-9 so the attack does not run out of ephemeral ports); probing starts once all
+     are open,
    - one client sends an endless header line (reconnecting whenever the server cuts it off),
    - two clients upload, back to back, a 10 MB PNG of ~870 000 empty chunks and a 10 MB
-     progressive 128×128 JPEG of thousands of scans;
-3. memory: the server's resident memory before, at the peak of, and --settle-seconds after 16
+     progressive 128×128 JPEG of ~4 800 scans;
+3. flood (unless --flood-per-s 0): the same, but every socket the server closes is reopened at
+   up to --flood-per-s a second, a connection flood; probing starts after --ramp-seconds;
+4. memory: the server's resident memory before, at the peak of, and --settle-seconds after 16
    concurrent uploads of a 32 KB 16-bit 4096×4096 PNG (the decompression ratio is ~1000:1).
 
-Everything is loopback, bounded in time (about idle + attack + settle + 30 s) and uses only the
-standard library, numpy and Pillow. It writes `hardening.json` to --out; exit code 0 when every
+Everything is loopback, bounded in time (each attacker stops after 180 s whatever happens; a
+default run takes about 90 s) and uses only the
+standard library, numpy and Pillow. It writes `hardening.json` to --out (the server's log stays
+in a temporary directory; its warnings are counted in the report); exit code 0 when every
 target below holds, 1 otherwise:
-- /healthz answers within 50 ms throughout the attack (max latency);
+- /healthz answers within 50 ms throughout the attack phase (max latency);
 - /classify's p99 under attack ≤ 3 × its idle p99;
 - peak memory above the idle baseline ≤ the decode memory budget, and ≤ 64 MiB above it again
   after idle.
@@ -36,6 +42,7 @@ import multiprocessing as mp
 import os
 import platform
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -499,11 +506,28 @@ def memory_phase(
     }
 
 
+def log_warnings(log: Path) -> dict[str, int]:
+    """How often the server logged each distinct warning or error message."""
+    counts: dict[str, int] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            counts["(not a JSON line)"] = counts.get("(not a JSON line)", 0) + 1
+            continue
+        if entry.get("level") in ("warning", "error", "critical"):
+            key = f"{entry['level']}: {entry.get('msg')}"
+            if entry.get("reason"):
+                key += f" ({entry['reason']})"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def attack_phase(
-    ctx: Any, port: int, prober: Prober, args: argparse.Namespace, reopen: bool
+    ctx: Any, pid: int, port: int, prober: Prober, args: argparse.Namespace, reopen: bool
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Start every attacker; probe for --attack-seconds once the idle sockets are all open (or,
     for the flood, after --ramp-seconds)."""
@@ -526,9 +550,11 @@ def attack_phase(
             opened_all.wait(timeout=MAX_ATTACK_S / 2)
             time.sleep(1.0)  # the last connections accepted (and the oldest closed)
         prober.run(args.attack_seconds)
+        server_rss = _status_kib(pid, "VmRSS")
     finally:
         stop.set()
     summary = prober.summary()
+    summary["server_rss_mib_at_end"] = round(server_rss / 1024, 1)
     found = [results.get(timeout=120) for _ in attackers]
     for p in attackers:
         p.join(timeout=30)
@@ -543,7 +569,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = {"EARLYEXIT_DECODE_MEMORY_MB": str(args.decode_memory_mb), "EARLYEXIT_STATE_DIR": state_dir,
            "EARLYEXIT_ACCESS_LOG": "false"}  # fmt: skip
     env.update(dict(item.split("=", 1) for item in args.server_env))
-    log = out_dir / "server.log"
+    log = Path(state_dir) / "server.log"  # holds machine paths: summarised, not kept
+    try:
+        return _attack(args, out_dir, env, log)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _attack(
+    args: argparse.Namespace, out_dir: Path, env: dict[str, str], log: Path
+) -> dict[str, Any]:
     process, port = start_server(args.bundle, env, log)
     report: dict[str, Any] = {
         "command": "python scripts/hardening_attack.py " + " ".join(sys.argv[1:]),
@@ -562,12 +597,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prober = Prober(port, small_png())
         prober.run(args.idle_seconds)
         report["idle"] = prober.summary()
+        report["idle"]["server_rss_mib_at_end"] = round(_status_kib(process.pid, "VmRSS") / 1024, 1)
 
         ctx = mp.get_context("fork")
-        report["attack"], report["attackers"] = attack_phase(ctx, port, prober, args, reopen=False)
+        report["attack"], report["attackers"] = attack_phase(
+            ctx, process.pid, port, prober, args, reopen=False
+        )
         if args.flood_per_s > 0:
             report["flood"], report["flood_attackers"] = attack_phase(
-                ctx, port, prober, args, reopen=True
+                ctx, process.pid, port, prober, args, reopen=True
             )
         time.sleep(1.0)
         report["memory"] = memory_phase(
@@ -590,6 +628,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             process.kill()
     report["server_alive_throughout"] = process.returncode in (0, -signal.SIGTERM)
+    report["server_log_warnings"] = log_warnings(log)
     idle_p99 = report["idle"]["classify"].get("p99_ms", 0.0)
     attack = report["attack"]
     memory = report["memory"]
@@ -614,7 +653,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="directory for hardening.json, server.log")
+    parser.add_argument("--out", required=True, help="directory for hardening.json")
     parser.add_argument("--bundle", help="bundle to serve (default: the packaged one)")
     parser.add_argument("--sockets", type=int, default=20_000, help="idle sockets to hold")
     parser.add_argument("--open-per-s", type=int, default=4000, help="idle socket opens a second")
