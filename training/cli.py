@@ -39,6 +39,7 @@ _FLAG_FIELDS = {
     "distill_off_epochs": "distill_off_epochs",
     "seed": "seed",
     "cutout": "cutout",
+    "cutmix": "cutmix",
     "autoaugment": "autoaugment",
     "threads": "num_threads",
     "warmup_epochs": "warmup_epochs",
@@ -101,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, help="ε on every CE term (0 = off)")
     p.add_argument("--ema-decay", type=float, help="EMA of weights, e.g. 0.999 (0 = off)")
     p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--loss", help="self_distillation | baseline | deep_supervision")
+    p.add_argument(
+        "--loss", help="self_distillation | baseline | deep_supervision | resnet_kl (seed 000)"
+    )
     p.add_argument("--distill-path", choices=["deepest", "ensemble", "transitive", "dense"])
     p.add_argument("--loss-reduction", help="sum (every implementation) | mean (eq. 3 as printed)")
     p.add_argument("--distill", help="soft_ce (authors' code) | kl_t2 (T²·KL, paper)")
@@ -112,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float)
     p.add_argument("--distill-off-epochs", type=int)
     p.add_argument("--cutout", type=int, help="Cutout square size (0 = off)")
+    p.add_argument(
+        "--cutmix",
+        type=float,
+        help="CutMix (seed 000): probability a batch is mixed, box area ~ U(0, 1) (0 = off)",
+    )
     p.add_argument("--autoaugment", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(
         "--report-tta-flip",

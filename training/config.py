@@ -18,7 +18,8 @@ class TrainConfig:
     width: float = 1.0
     stem: str = "cifar"
     exits: int = 4
-    head: str = "attention"  # exit-head variant: "attention" (seed 004), "lite" or "pool"
+    # exit-head variant: "attention" (seed 004), "lite", "pool" or "st" (seed 000's ST layer)
+    head: str = "attention"
     # 1-based backbone blocks the shallow exits follow (training.models.block_names(arch));
     # None = stage ends. Sets exits to len(exit_blocks) + 1.
     exit_blocks: tuple[int, ...] | None = None
@@ -36,6 +37,9 @@ class TrainConfig:
     crop_padding: int = 4
     flip: bool = True
     cutout: int = 0
+    # CutMix (seed 000, eq. 1): probability a training batch is CutMix-ed (0 = off); the
+    # targets become class-probability rows, which every loss accepts
+    cutmix: float = 0.0
     autoaugment: bool = False
     # loss: the defaults are the authors' released code (training/losses/self_distillation.py
     # lists which setting reproduces which implementation; the paper as printed is
@@ -141,6 +145,10 @@ class TrainConfig:
             raise ValueError("--freeze-backbone needs --init CKPT (the trained backbone to keep)")
         if self.freeze_backbone and self.loss == "baseline":
             raise ValueError("--freeze-backbone with the baseline loss leaves nothing to train")
+        if not 0.0 <= self.cutmix <= 1.0:
+            raise ValueError(
+                f"cutmix (a probability per batch) must be in [0, 1], got {self.cutmix}"
+            )
         if self.train_subset < 0:
             raise ValueError(f"train_subset must be ≥ 0, got {self.train_subset}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -165,6 +173,16 @@ class TrainConfig:
                 label_smoothing=self.label_smoothing,
                 num_exits=self.exits,
             )
+        elif self.loss == "resnet_kl":
+            from .losses import create_loss
+
+            create_loss(  # its constructor checks the weights' ranges
+                "resnet_kl",
+                alpha=self.alpha,
+                lam=self.lam,
+                reduction=self.loss_reduction,
+                label_smoothing=self.label_smoothing,
+            )
         elif not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.loss_reduction not in ("sum", "mean"):
@@ -181,10 +199,18 @@ class TrainConfig:
             raise ValueError(
                 f"{', '.join(ignored)} do(es) not apply to loss {self.loss!r}; remove it"
             )
-        from .models.exits import EXIT_HEADS
+        from .models.exits import EXIT_HEADS, head_provides_map
 
         if self.head not in EXIT_HEADS:
             raise ValueError(f"head must be one of {sorted(EXIT_HEADS)}, got {self.head!r}")
+        from .losses import loss_uses_maps
+
+        if loss_uses_maps(self.loss) and self.exits > 1 and not head_provides_map(self.head):
+            maps = sorted(h for h in EXIT_HEADS if head_provides_map(h))
+            raise ValueError(
+                f"loss {self.loss!r} compares feature maps; head {self.head!r} has none "
+                f"(use {', '.join(maps)})"
+            )
 
 
 def load_yaml_config(path: str | Path) -> dict[str, Any]:

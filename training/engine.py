@@ -260,7 +260,9 @@ class Trainer:
         self.mean, self.std = normalization(cfg.dataset)
         if len(self.mean) != c:  # image folders may be grey; fall back to per-channel stats
             self.mean, self.std = (0.5,) * c, (0.25,) * c
-        augment = AugmentConfig(cfg.crop_padding, cfg.flip, cfg.cutout, cfg.autoaugment)
+        augment = AugmentConfig(
+            cfg.crop_padding, cfg.flip, cfg.cutout, cfg.autoaugment, cutmix=cfg.cutmix
+        )
         self.train_loader = BatchLoader(
             train_data,
             cfg.batch_size,
@@ -363,13 +365,16 @@ class Trainer:
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         alpha, lam = distill_weights(self.cfg, self.epoch)
+        # A loss over feature maps (resnet_kl) gets the exits' aligned maps as its features.
+        uses_maps = bool(getattr(self.loss_fn, "uses_maps", False))
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.use_cuda and self.cfg.amp
         ):
-            out = self.net(x)
+            out = self.net(x, with_maps=True) if uses_maps else self.net(x)
+            features = out.maps if uses_maps else out.features
             terms = self.loss_fn(
                 [z.float() for z in out.logits],
-                [f.float() for f in out.features],
+                [f.float() for f in features],
                 y,
                 alpha=alpha,
                 lam=lam,
@@ -382,7 +387,9 @@ class Trainer:
             self.ema.update_parameters(self.model)
         self.global_step += 1
         stats = terms.as_floats()
-        stats["acc_last"] = 100.0 * float((out.logits[-1].argmax(1) == y).float().mean())
+        # CutMix targets are class-probability rows: the larger share is the label counted.
+        hard = y.argmax(1) if y.ndim == 2 else y
+        stats["acc_last"] = 100.0 * float((out.logits[-1].argmax(1) == hard).float().mean())
         return stats
 
     # -- checkpoints -------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 
 from serving.datasets import ImageArrays
 
-from .augment import AutoAugmentCifar, cutout, random_crop, random_flip
+from .augment import AutoAugmentCifar, cutmix, cutout, random_crop, random_flip
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class AugmentConfig:
     flip: bool = True
     cutout: int = 0
     autoaugment: bool = False
+    cutmix: float = 0.0  # probability a batch is CutMix-ed; on, targets are N×C probabilities
 
 
 class BatchLoader:
@@ -46,6 +47,7 @@ class BatchLoader:
         # N×H×W×C uint8 → N×C×H×W uint8 once; float conversion happens per batch.
         self.images = torch.from_numpy(np.ascontiguousarray(data.images.transpose(0, 3, 1, 2)))
         self.labels = torch.from_numpy(data.labels)
+        self.num_classes = len(data.classes)
         self.batch_size = batch_size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -74,11 +76,15 @@ class BatchLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (float images normalised N×C×H×W, int64 labels) from step `start_step` on."""
+        """Yield (float images normalised N×C×H×W, int64 labels) from step `start_step` on; with
+        CutMix on (training), the targets are N×C float class probabilities instead."""
         order = self._order(epoch)
         for step in range(start_step, self.steps_per_epoch()):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-            yield self.transform(self.images[idx]), self.labels[idx]
+            x, y = self.transform(self.images[idx]), self.labels[idx]
+            if self.train and self.augment.cutmix > 0:
+                x, y = cutmix(x, y, self.num_classes, self.generator, self.augment.cutmix)
+            yield x, y
 
     def transform(self, batch_u8: torch.Tensor) -> torch.Tensor:
         x = batch_u8.float().div_(255.0)

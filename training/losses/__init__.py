@@ -1,6 +1,14 @@
 """Training losses, created by name from a registry."""
 
-from .registry import all_loss_fields, create_loss, list_losses, loss_fields, register_loss
+from .registry import (
+    all_loss_fields,
+    create_loss,
+    list_losses,
+    loss_fields,
+    loss_uses_maps,
+    register_loss,
+)
+from .resnet_kl import ResNetKLLoss
 from .self_distillation import (
     DISTILL_TERMS,
     FEATURE_HINTS,
@@ -16,10 +24,12 @@ __all__ = [
     "PATHS",
     "REDUCTIONS",
     "LossTerms",
+    "ResNetKLLoss",
     "SelfDistillationLoss",
     "all_loss_fields",
     "create_loss",
     "list_losses",
     "loss_fields",
+    "loss_uses_maps",
     "register_loss",
 ]

@@ -13,16 +13,22 @@ from torch import nn
 
 _LOSSES: dict[str, Callable[..., nn.Module]] = {}
 _FIELDS: dict[str, tuple[str, ...]] = {}
+_USES_MAPS: set[str] = set()
 
 
 def register_loss(
-    name: str, fields: Sequence[str] = ()
+    name: str, fields: Sequence[str] = (), uses_maps: bool = False
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a loss factory. `uses_maps`: the loss takes the exits' aligned feature maps
+    (`MultiExitOutput.maps`) as its `features` argument instead of the pooled vectors."""
+
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _LOSSES:
             raise ValueError(f"loss {name!r} registered twice")
         _LOSSES[name] = factory
         _FIELDS[name] = tuple(fields)
+        if uses_maps:
+            _USES_MAPS.add(name)
         return factory
 
     return wrap
@@ -39,6 +45,12 @@ def loss_fields(name: str) -> tuple[str, ...]:
     return _FIELDS.get(name, ())
 
 
+def loss_uses_maps(name: str) -> bool:
+    """Whether loss `name` compares feature maps (needs exit heads that provide them)."""
+    _ensure_registered()
+    return name in _USES_MAPS
+
+
 def all_loss_fields() -> set[str]:
     _ensure_registered()
     return {f for fields in _FIELDS.values() for f in fields}
@@ -52,4 +64,4 @@ def create_loss(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _ensure_registered() -> None:
-    from . import self_distillation  # noqa: F401
+    from . import resnet_kl, self_distillation  # noqa: F401

@@ -10,6 +10,14 @@
 - "pool": global pool, FC to the deepest width + ReLU (the hint's feature), FC: no
   convolution at all, ≈ 0.05 % of the MACs, for when rows that reach the last exit must cost
   about what the plain model does (docs/export-and-runtime.md measures the trade).
+- "st": seed 000's ST layer (ResNet-KL): the SepConv steps that resize a stage's map to the
+  deepest map's width and resolution (004's align net without the attention, the reading
+  SEED_METHODS suggests for the paper's "SepConv and average pooling layers"), then global
+  pool and FC.
+
+Heads with an aligned map (attention, lite, st) and the final exit return it as a third value
+when called with `with_map=True` (`provides_map`): the deepest-shaped map a feature loss
+compares (the "resnet_kl" loss); exported graphs never ask for it.
 """
 
 from __future__ import annotations
@@ -71,10 +79,12 @@ class ShallowExit(nn.Module):
         )
         self.fc = nn.Linear(channel_path[-1], num_classes)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    provides_map = True
+
+    def forward(self, x: torch.Tensor, with_map: bool = False) -> tuple[torch.Tensor, ...]:
         x = self.align(self.attention(x))
         feat = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return feat, self.fc(feat)
+        return (feat, self.fc(feat), x) if with_map else (feat, self.fc(feat))
 
 
 class DepthwisePointwise(nn.Module):
@@ -102,9 +112,32 @@ class LiteExit(nn.Module):
         )
         self.fc = nn.Linear(channel_path[-1], num_classes)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feat = torch.flatten(F.adaptive_avg_pool2d(self.align(x), 1), 1)
-        return feat, self.fc(feat)
+    provides_map = True
+
+    def forward(self, x: torch.Tensor, with_map: bool = False) -> tuple[torch.Tensor, ...]:
+        aligned = self.align(x)
+        feat = torch.flatten(F.adaptive_avg_pool2d(aligned, 1), 1)
+        return (feat, self.fc(feat), aligned) if with_map else (feat, self.fc(feat))
+
+
+class STExit(nn.Module):
+    """Seed 000's ST layer as an exit head: N = len(channel_path) - 1 `SepConv` steps (each
+    halves the resolution and moves one stage width deeper) bring the map to the deepest map's
+    shape, then global pool and FC. Returns (feature vector, logits[, aligned map])."""
+
+    provides_map = True
+
+    def __init__(self, channel_path: list[int], num_classes: int) -> None:
+        super().__init__()
+        self.align = nn.Sequential(
+            *(SepConv(a, b) for a, b in zip(channel_path, channel_path[1:], strict=False))
+        )
+        self.fc = nn.Linear(channel_path[-1], num_classes)
+
+    def forward(self, x: torch.Tensor, with_map: bool = False) -> tuple[torch.Tensor, ...]:
+        aligned = self.align(x)
+        feat = torch.flatten(F.adaptive_avg_pool2d(aligned, 1), 1)
+        return (feat, self.fc(feat), aligned) if with_map else (feat, self.fc(feat))
 
 
 class PoolExit(nn.Module):
@@ -125,7 +158,13 @@ EXIT_HEADS: dict[str, type[nn.Module]] = {
     "attention": ShallowExit,
     "lite": LiteExit,
     "pool": PoolExit,
+    "st": STExit,
 }
+
+
+def head_provides_map(kind: str) -> bool:
+    """Whether exit head `kind` returns its aligned map with `with_map=True`."""
+    return bool(getattr(EXIT_HEADS.get(kind), "provides_map", False))
 
 
 def create_exit_head(kind: str, channel_path: list[int], num_classes: int) -> nn.Module:
@@ -142,6 +181,9 @@ class FinalExit(nn.Module):
         super().__init__()
         self.fc = backbone.fc
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    provides_map = True
+
+    def forward(self, x: torch.Tensor, with_map: bool = False) -> tuple[torch.Tensor, ...]:
         feat = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return feat, self.fc(feat)
+        # The deepest map itself is what the shallow heads' aligned maps are compared with.
+        return (feat, self.fc(feat), x) if with_map else (feat, self.fc(feat))

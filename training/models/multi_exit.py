@@ -15,6 +15,9 @@ from .exits import FinalExit, create_exit_head
 class MultiExitOutput(NamedTuple):
     logits: list[torch.Tensor]  # K tensors N×C, shallowest first
     features: list[torch.Tensor]  # K tensors N×D (D = deepest feature width)
+    # With `forward(x, with_maps=True)`: K maps of the deepest stage's width, the shallow
+    # heads' aligned maps and the deepest stage's own map (for feature-map losses); else None.
+    maps: list[torch.Tensor] | None = None
 
 
 # Units that finish the block before them (a pre-activation net's closing BN-ReLU): never an
@@ -198,14 +201,22 @@ class MultiExitNetwork(nn.Module):
         feats = self.run_stage(k, x)
         return feats, self.heads[k - 1](feats)[1]
 
-    def forward(self, x: torch.Tensor) -> MultiExitOutput:
-        logits, features = [], []
+    def forward(self, x: torch.Tensor, with_maps: bool = False) -> MultiExitOutput:
+        """Every exit's logits and feature vector; `with_maps` adds each head's aligned map
+        (heads whose `provides_map` is set; ValueError otherwise)."""
+        if with_maps and not all(getattr(h, "provides_map", False) for h in self.heads):
+            raise ValueError(f"exit head {self.head_kind!r} has no aligned map to return")
+        logits, features, maps = [], [], []
         for k in range(1, self.num_exits + 1):
             x = self.run_stage(k, x)
-            feat, out = self.heads[k - 1](x)
+            if with_maps:
+                feat, out, fmap = self.heads[k - 1](x, with_map=True)
+                maps.append(fmap)
+            else:
+                feat, out = self.heads[k - 1](x)
             logits.append(out)
             features.append(feat)
-        return MultiExitOutput(logits, features)
+        return MultiExitOutput(logits, features, maps if with_maps else None)
 
     def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
         """The plain model without exit heads (logits of exit K only)."""

@@ -134,4 +134,4 @@ def create_model(
 
 def _ensure_registered() -> None:
     # Importing the modules runs their @register_model decorators.
-    from . import mobilenetv2, resnet, vgg, wideresnet  # noqa: F401
+    from . import mobilenetv2, resnet, resnet_kl, vgg, wideresnet  # noqa: F401
