@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import time
 from collections import OrderedDict
@@ -38,6 +39,7 @@ from serving.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0
+_HEAD_END = re.compile(rb"\n\r?\n")  # the blank line after the headers (CRLF or bare LF)
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,6 @@ class ConnectionLimits:
     header_timeout_s: float
     body_timeout_s: float
     max_header_bytes: int
-
-
-class _HeadTooLarge(Exception):
-    """Raised inside the parser's callback to stop parsing an oversized head."""
 
 
 class _Registry:
@@ -104,7 +102,7 @@ class _Guard:
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[misc]
         self._head_bytes = 0
-        self._refusal: tuple[int, str] | None = None
+        self._head_tail = b""
         self._evicted = False
         self._last_read = self.loop.time()
         self._body_timer: asyncio.TimerHandle | None = None
@@ -130,18 +128,18 @@ class _Guard:
         cycle = self.cycle
         reading_head = cycle is None or cycle.response_complete
         self._last_read = self.loop.time()
-        if reading_head and self._head_timer is None:
-            self._arm_head_timer()  # first byte of a keep-alive connection's next request
+        if reading_head:
+            if self._head_timer is None:
+                self._arm_head_timer()  # first byte of a keep-alive connection's next request
+            if self._measure_head(data) > self.limits.max_header_bytes:
+                # Refused before the parser sees it: httptools would accumulate it all.
+                self._close_with(431, self._head_detail(), "header_too_large")
+                return
         super().data_received(data)  # type: ignore[misc]
         if self.transport.is_closing():
             return
         if self.cycle is not cycle:
             self._request_started()
-        elif reading_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > self.limits.max_header_bytes:
-                self._close_with(431, self._head_detail(), "header_too_large")
-                return
         if self._body_timer is not None and not self.cycle.more_body:
             self._body_timer.cancel()
             self._body_timer = None
@@ -158,12 +156,20 @@ class _Guard:
             self._guard.idle.move_to_end(self)
 
     def send_400_response(self, msg: str) -> None:
-        status, detail = self._refusal or (400, "invalid HTTP request")
-        if status == 431:
-            self._guard.note_close("header_too_large", self.metrics)
-        self._send_json(status, detail)
+        self._send_json(400, "invalid HTTP request")
 
     # ---------------------------------------------------------------- internals
+
+    def _measure_head(self, data: bytes) -> int:
+        """Bytes of the request line and headers so far, counting `data` up to the blank line
+        that ends them (which may start in the previous piece)."""
+        seen = self._head_tail + data
+        end = _HEAD_END.search(seen)
+        if end is None:
+            self._head_bytes += len(data)
+            self._head_tail = seen[-3:]
+            return self._head_bytes
+        return self._head_bytes + end.end() - len(self._head_tail)
 
     def _head_detail(self) -> str:
         return f"request line and headers exceed {self.limits.max_header_bytes} bytes"
@@ -191,6 +197,7 @@ class _Guard:
             self._head_timer.cancel()
             self._head_timer = None
         self._head_bytes = 0
+        self._head_tail = b""
         self._guard.idle.pop(self, None)
         if self.cycle.more_body and self._body_timer is None:
             self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_timeout)
@@ -247,34 +254,23 @@ class _Guard:
             self.transport.close()
 
 
-class _HttpToolsGuard(_Guard):
-    def on_headers_complete(self) -> None:
-        # A head that arrived in one read is only measured here; raising makes the parser
-        # report an error, which uvicorn answers through send_400_response with our status.
-        size = len(getattr(self, "url", b"")) + sum(
-            len(name) + len(value) + 4 for name, value in getattr(self, "headers", ())
-        )
-        if size > self.limits.max_header_bytes:
-            self._refusal = (431, self._head_detail())
-            raise _HeadTooLarge
-        super().on_headers_complete()  # type: ignore[misc]
-
-
 def guarded_protocol(
-    limits: ConnectionLimits, metrics: ServingMetrics | None = None
+    limits: ConnectionLimits, metrics: ServingMetrics | None = None, h11: bool = False
 ) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol class (httptools when installed, else h11) with the guard;
-    pass it as `uvicorn.Config(http=...)`."""
+    """uvicorn's HTTP protocol class (httptools when installed, else or with `h11` the pure
+    Python h11 parser) with the guard; pass it as `uvicorn.Config(http=...)`."""
     try:
+        if h11:
+            raise ImportError("h11 asked for")
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
         base: type[asyncio.Protocol] = HttpToolsProtocol
-        guard: type[_Guard] = _HttpToolsGuard
-    except ImportError:  # httptools is optional; h11 bounds the head itself (see cli)
+    except ImportError:  # httptools is optional
         from uvicorn.protocols.http.h11_impl import H11Protocol
 
-        base, guard = H11Protocol, _Guard
-    return type("GuardedHTTPProtocol", (guard, base), {"limits": limits, "metrics": metrics})  # type: ignore[return-value]
+        base = H11Protocol
+    namespace = {"limits": limits, "metrics": metrics}
+    return type("GuardedHTTPProtocol", (_Guard, base), namespace)  # type: ignore[return-value]
 
 
 def bind_listener(host: str, port: int, backlog: int = 2048) -> socket.socket:

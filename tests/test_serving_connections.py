@@ -91,6 +91,25 @@ def test_an_endless_header_is_cut_off_and_health_checks_stay_fast(server) -> Non
     assert slowest < 0.5
 
 
+def test_heads_under_the_limit_pass_however_they_are_cut(server, tiny_images) -> None:
+    """Only the head counts towards MAX_HEADER_BYTES: not a body arriving in the same read,
+    not a blank line cut between two reads."""
+    from tests.serving_helpers import png_bytes
+
+    image = png_bytes(tiny_images.images[0])
+    padding = b"X-Pad: " + b"p" * 3900 + b"\r\n"  # the head ends up just under 4096 bytes
+    head = (b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nConnection: close\r\n"
+            + padding + b"Content-Length: %d\r\n\r\n" % len(image))  # fmt: skip
+    assert len(head) < 4096
+    for pieces in ([head + image], [head[:-1], head[-1:] + image], [head[:-3], head[-3:], image]):
+        with socket.create_connection(address(server)) as sock:
+            for piece in pieces:
+                sock.sendall(piece)
+                time.sleep(0.05)
+            status, _, body = status_and_json(read_until_closed(sock, 30)[0])
+        assert status == 200 and body["model"]["name"] == "tiny-resnet18"
+
+
 def test_a_silent_or_slow_header_is_closed_after_the_header_timeout(server) -> None:
     """Regression: a connection that never finished its headers stayed open for good."""
     with socket.create_connection(address(server)) as sock:
@@ -145,3 +164,50 @@ def test_a_stalled_body_is_closed_and_counted_as_a_client_disconnect(server) -> 
     assert "client disconnected before its request was read" in logs
     assert "Traceback" not in logs and "unhandled error" not in logs
     assert 'code="500"' not in httpx.get(server.url + "/metrics").text
+
+
+def test_the_guard_works_on_the_h11_parser_too(tmp_path) -> None:
+    """Without httptools uvicorn parses with h11; the same limits and JSON errors apply."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from serving.connections import ConnectionLimits, bind_listener, guarded_protocol
+
+    app = FastAPI()
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    limits = ConnectionLimits(max_connections=8, header_timeout_s=1.0, body_timeout_s=1.0,
+                              max_header_bytes=4096)  # fmt: skip
+    listener = bind_listener("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    config = uvicorn.Config(app, http=guarded_protocol(limits, h11=True), log_level="critical",
+                            h11_max_incomplete_event_size=4096)  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
+            status, content_type, _ = status_and_json(read_until_closed(sock, 10)[0])
+        assert status == 431 and content_type == "application/json"
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+            status, _, _ = status_and_json(read_until_closed(sock, 10)[0])
+        assert status == 408
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(12)]
+        try:
+            response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+            assert response.json() == {"status": "ok"}
+        finally:
+            for sock in idle:
+                sock.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
