@@ -53,7 +53,12 @@ def writable_copy(bundle: Path, state_dir: Path | None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".default-", dir=root))
     try:
         shutil.copytree(bundle, staging / "bundle")
-        os.replace(staging / "bundle", target)
+        try:
+            os.replace(staging / "bundle", target)
+        except OSError:
+            if not (target / MANIFEST_FILE).is_file():
+                raise
+            # Another server starting from the same state directory made the copy first.
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("serving the packaged default bundle from a writable copy at %s", target)
