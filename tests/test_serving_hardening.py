@@ -30,7 +30,6 @@ from tests.serving_helpers import (
 sys.path.insert(0, str(REPO / "scripts"))
 import hardening_attack as attack  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 TOKEN = "hardening-token"
 BUDGET_MB = 256
 
@@ -300,6 +299,7 @@ def test_a_fractional_shutdown_timeout_lets_in_flight_requests_finish(tiny_bundl
         server.stop()
 
 
+@pytest.mark.filterwarnings("ignore:Using .httpx. with .starlette.testclient.")
 def test_the_packaged_bundle_is_served_from_a_writable_copy(tmp_path) -> None:
     """Regression: an admin update rewrote thresholds.json inside the installed package."""
     from fastapi.testclient import TestClient
