@@ -5,7 +5,8 @@ The event loop answers every request, so nothing whose cost an upload can choose
 An image is decoded inline only if it is a PNG or JPEG of at most INLINE_DECODE_BYTES with at
 most 16 chunks (PNG) or scans (JPEG), and the request's images hold at most
 INLINE_DECODE_PIXELS pixels: parsing and inflating that little data into that few pixels takes
-well under a millisecond (tests/test_serving_decode_pool.py times the worst such files).
+about 0.1 ms (PNG) or 0.6 ms (JPEG) for the worst such files on the development host
+(tests/test_serving_decode.py builds and times them).
 Everything else is opened (header only) and decoded on `workers` threads. Before a decode
 starts, the memory it will hold at its peak (`serving.imaging.plan_decode`, known from the
 header) is reserved from a byte budget shared by all requests; an image, or a request's images
