@@ -57,6 +57,9 @@ _FLAG_FIELDS = {
     "init": "init",
     "exit_blocks": "exit_blocks",
     "freeze_backbone": "freeze_backbone",
+    "init_heads": "init_heads",
+    "prune_ratio": "prune_ratio",
+    "prune_epochs": "prune_epochs",
 }
 
 
@@ -138,6 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --init: train only the exit heads (backbone weights and BN statistics "
         "frozen), so the final exit stays the plain model",
+    )
+    p.add_argument(
+        "--init-heads",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --init of a multi-exit checkpoint of the same exits and heads: load its exit "
+        "heads too (e.g. a trained self-distilled model to prune and fine-tune)",
+    )
+    p.add_argument(
+        "--prune-ratio",
+        type=float,
+        help="structured L1 channel pruning: fraction of every block-internal channel set "
+        "removed per round, in (0, 1) (seed 000 / 004 §4.6)",
+    )
+    p.add_argument(
+        "--prune-epochs",
+        help="comma-separated epochs before which a pruning round runs (0 = before training, "
+        "e.g. with --init a trained model then fine-tuned; 1,2,3 = after each early epoch)",
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="torch intra-op threads")

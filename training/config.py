@@ -72,6 +72,13 @@ class TrainConfig:
     # stays the plain model bit for bit
     init: str | None = None
     freeze_backbone: bool = False
+    init_heads: bool = False  # with init: also load its exit heads (same exits and heads)
+    # structured L1 channel pruning (training.prune; seeds 000 and 004 §4.6): before each
+    # listed epoch (0 = before training, e.g. a trained --init model then fine-tuned) remove
+    # this fraction of every block-internal channel set; the pruned widths live in the
+    # checkpoint
+    prune_ratio: float = 0.0
+    prune_epochs: tuple[int, ...] = ()
     # run
     seed: int = 0
     best_metric: str = "val_acc_last"
@@ -94,6 +101,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["milestones"] = list(self.milestones)
+        data["prune_epochs"] = list(self.prune_epochs)
         if self.feature_exits is not None:
             data["feature_exits"] = list(self.feature_exits)
         if self.exit_blocks is not None:
@@ -109,6 +117,17 @@ class TrainConfig:
         values = dict(data)
         if "milestones" in values:
             values["milestones"] = tuple(float(m) for m in values["milestones"])
+        if "prune_epochs" in values:
+            epochs = values["prune_epochs"]
+            if isinstance(epochs, str):
+                epochs = [e for e in epochs.replace(" ", "").split(",") if e]
+            if isinstance(epochs, int) and not isinstance(epochs, bool):
+                epochs = [epochs]
+            if not isinstance(epochs, list | tuple) or not all(
+                isinstance(e, int | str) and str(e).isdigit() for e in epochs
+            ):
+                raise ValueError(f"prune_epochs must list epoch numbers ≥ 0, got {epochs!r}")
+            values["prune_epochs"] = tuple(int(e) for e in epochs)
         if values.get("exit_blocks") is not None:
             from .models import parse_exit_blocks
 
@@ -143,8 +162,11 @@ class TrainConfig:
             check_activation(self.act)
         if self.freeze_backbone and not self.init:
             raise ValueError("--freeze-backbone needs --init CKPT (the trained backbone to keep)")
+        if self.init_heads and not self.init:
+            raise ValueError("--init-heads needs --init CKPT (the trained multi-exit model)")
         if self.freeze_backbone and self.loss == "baseline":
             raise ValueError("--freeze-backbone with the baseline loss leaves nothing to train")
+        self._validate_pruning()
         if not 0.0 <= self.cutmix <= 1.0:
             raise ValueError(
                 f"cutmix (a probability per batch) must be in [0, 1], got {self.cutmix}"
@@ -211,6 +233,29 @@ class TrainConfig:
                 f"loss {self.loss!r} compares feature maps; head {self.head!r} has none "
                 f"(use {', '.join(maps)})"
             )
+
+    def _validate_pruning(self) -> None:
+        if not self.prune_epochs and not self.prune_ratio:
+            return
+        if not self.prune_epochs:
+            raise ValueError("prune_ratio needs prune_epochs (the epochs before which to prune)")
+        if not 0.0 < self.prune_ratio < 1.0:
+            raise ValueError(f"prune_ratio must be in (0, 1), got {self.prune_ratio}")
+        epochs = list(self.prune_epochs)
+        if epochs != sorted(set(epochs)) or not all(0 <= e < self.epochs for e in epochs):
+            raise ValueError(
+                f"prune_epochs must increase strictly inside 0..{self.epochs - 1}, got {epochs}"
+            )
+        if self.freeze_backbone:
+            raise ValueError("pruning changes the backbone; it cannot be frozen")
+        if self.groups != 1:
+            raise ValueError("pruning grouped convolutions (--groups) is not supported")
+        from .models import list_models
+        from .models.registry import model_options
+
+        if self.arch in list_models() and "widths" not in model_options(self.arch):
+            prunable = sorted(n for n in list_models() if "widths" in model_options(n))
+            raise ValueError(f"pruning cannot rebuild {self.arch}; prunable: {', '.join(prunable)}")
 
 
 def load_yaml_config(path: str | Path) -> dict[str, Any]:

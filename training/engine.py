@@ -163,6 +163,17 @@ def load_backbone(model: MultiExitNetwork, cfg: TrainConfig) -> None:
         raise InitError(f"--init {path}: weights do not fit {cfg.arch} x{cfg.width}: {detail}")
     model.backbone.load_state_dict(weights)
     logger.info("backbone initialised from %s", path.name)
+    if cfg.init_heads:
+        # A trained multi-exit model carried over whole (seed 004's prune-and-fine-tune).
+        heads = {k.removeprefix("heads."): v for k, v in tensors.items() if k.startswith("heads.")}
+        mine = model.heads.state_dict()
+        if set(heads) != set(mine) or any(heads[k].shape != mine[k].shape for k in mine):
+            raise InitError(
+                f"--init-heads: the exit heads of {path} do not fit this run's "
+                f"{cfg.exits} {cfg.head} exits"
+            )
+        model.heads.load_state_dict(heads)
+        logger.info("exit heads initialised from %s", path.name)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -278,18 +289,7 @@ class Trainer:
             BatchLoader(val_data, 500, self.mean, self.std, train=False) if val_data else None
         )
 
-        self.model: MultiExitNetwork = create_model(
-            cfg.arch,
-            self.num_classes,
-            exits=cfg.exits,
-            head=cfg.head,
-            exit_blocks=cfg.exit_blocks,
-            act=cfg.act,
-            groups=cfg.groups,
-            width=cfg.width,
-            stem=cfg.stem,
-            in_chans=c,
-        )
+        self.model: MultiExitNetwork = self.create_network()
         self.costs = measure_costs(self.model, self.input_shape)
         if cfg.init and not (self.out_dir / LAST_CKPT).is_file():  # a resume loads its own
             load_backbone(self.model, cfg)
@@ -322,31 +322,129 @@ class Trainer:
             num_exits=self.model.num_exits,
             feature_dim=self.model.feature_dim,
         ).to(device)
-        # Loss parameters (feature adapters) train with the model and live in the checkpoint.
-        self.optimizer = torch.optim.SGD(
-            [p for p in (*self.model.parameters(), *self.loss_fn.parameters()) if p.requires_grad],
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            nesterov=cfg.nesterov,
-        )
+        self.optimizer = self._make_optimizer()
         self.steps_per_epoch = self.train_loader.steps_per_epoch()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(cfg, step / self.steps_per_epoch)
-        )
-        self.ema: torch.optim.swa_utils.AveragedModel | None = None
-        if cfg.ema_decay > 0:
-            self.ema = torch.optim.swa_utils.AveragedModel(
-                self.model,
-                multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
-                use_buffers=True,
-            )
+        self.scheduler = self._make_scheduler()
+        self.ema: torch.optim.swa_utils.AveragedModel | None = self._make_ema()
+        # Structured pruning (training.prune): the site widths the network has now (empty =
+        # as built) and the epochs whose pruning round has run; both live in the checkpoint.
+        self.widths: dict[str, int] = {}
+        self.pruned_epochs: list[int] = []
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
         self.best_value = -math.inf
         self.last_val: dict[str, float] = {}
         self.step_seconds: list[float] = []
+
+    def create_network(self, widths: dict[str, int] | None = None) -> MultiExitNetwork:
+        """The run's network, fresh, at the given pruned site widths (None = as built)."""
+        cfg = self.cfg
+        return create_model(
+            cfg.arch,
+            self.num_classes,
+            exits=cfg.exits,
+            head=cfg.head,
+            exit_blocks=cfg.exit_blocks,
+            act=cfg.act,
+            groups=cfg.groups,
+            width=cfg.width,
+            stem=cfg.stem,
+            in_chans=self.input_shape[0],
+            widths=widths,
+        )
+
+    def _make_optimizer(self) -> torch.optim.SGD:
+        # Loss parameters (feature adapters) train with the model and live in the checkpoint.
+        cfg = self.cfg
+        return torch.optim.SGD(
+            self._trained_parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov,
+        )
+
+    def _trained_parameters(self) -> list[nn.Parameter]:
+        return [
+            p for p in (*self.model.parameters(), *self.loss_fn.parameters()) if p.requires_grad
+        ]
+
+    def _make_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
+        cfg = self.cfg
+        return torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(cfg, step / self.steps_per_epoch)
+        )
+
+    def _make_ema(self) -> torch.optim.swa_utils.AveragedModel | None:
+        if self.cfg.ema_decay <= 0:
+            return None
+        return torch.optim.swa_utils.AveragedModel(
+            self.model,
+            multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(self.cfg.ema_decay),
+            use_buffers=True,
+        )
+
+    # -- structured pruning ------------------------------------------------------------
+    def prune(self) -> None:
+        """One pruning round now (`training.prune`): the network is rebuilt at the smaller
+        widths with the surviving weights; momentum and the EMA copy are sliced the same way,
+        the schedule goes on where it was, DDP and costs follow. best.pt is picked afresh
+        among the epochs after the round (a bigger pre-pruning model never wins it)."""
+        from .prune import plan_pruning
+
+        plan = plan_pruning(self.model, self.cfg.prune_ratio)
+        self._install_widths(plan.widths, plan)
+        self.pruned_epochs.append(self.epoch)
+        self.best_value = -math.inf
+
+    def _install_widths(self, widths: dict[str, int], plan: Any = None) -> None:
+        """Replace the network by the one at `widths`. With a `PrunePlan`, carry the weights,
+        momentum and EMA over sliced; without (resume), fresh modules whose states the
+        checkpoint then loads."""
+        from .prune import prune_network, prune_sites, slice_state
+
+        old_model, old_opt, old_sched = self.model, self.optimizer, self.scheduler
+        names = [n for n, p in old_model.named_parameters() if p.requires_grad]
+        names += [f"loss.{n}" for n, p in self.loss_fn.named_parameters() if p.requires_grad]
+        if plan is None:
+            with torch.random.fork_rng(devices=[]):  # leave the run's RNG stream as it was
+                model = self.create_network(widths)
+        else:
+            model = prune_network(old_model, plan, self.create_network)
+        model.to(self.device)
+        if self.cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.net = model
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.use_cuda else None
+            )
+        self.optimizer = self._make_optimizer()
+        self.scheduler = self._make_scheduler()
+        old_ema = self.ema
+        self.ema = self._make_ema()
+        if plan is not None:
+            sites = prune_sites(old_model)
+            opt_state = old_opt.state_dict()
+            moved = {}
+            for i, entry in opt_state["state"].items():
+                entry = dict(entry)
+                if entry.get("momentum_buffer") is not None:
+                    name = names[i]
+                    buf = {name: entry["momentum_buffer"]}
+                    entry["momentum_buffer"] = slice_state(buf, plan.kept, sites)[name]
+                moved[i] = entry
+            self.optimizer.load_state_dict({**opt_state, "state": moved})
+            self.scheduler.load_state_dict(old_sched.state_dict())
+            if self.ema is not None and old_ema is not None:
+                ema_state = slice_state(old_ema.state_dict(), plan.kept, sites, "module.")
+                self.ema.load_state_dict(ema_state)
+        self.costs = measure_costs(self.model, self.input_shape)
+        self.widths = dict(widths)
 
     @property
     def eval_model(self) -> MultiExitNetwork:
@@ -415,6 +513,9 @@ class Trainer:
                 "loader": self.train_loader.generator.get_state(),
             },
             "config": self.cfg.to_dict(),
+            # A pruned network's site widths: export and resume rebuild it from them.
+            "widths": self.widths or None,
+            "pruned_epochs": list(self.pruned_epochs),
             "num_classes": self.num_classes,
             "classes": self.classes,
             "input_shape": list(self.input_shape),
@@ -427,6 +528,10 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        widths = dict(state.get("widths") or {})
+        if widths != self.widths:  # a pruned run: rebuild at its widths, then load
+            self._install_widths(widths)
+        self.pruned_epochs = [int(e) for e in state.get("pruned_epochs", [])]
         self.model.load_state_dict(state["model"])
         self.loss_fn.load_state_dict(state.get("loss") or {})
         if self.ema is not None:
@@ -489,6 +594,20 @@ class Trainer:
         while self.epoch < self.cfg.epochs:
             if max_steps is not None and self.global_step >= max_steps:
                 break
+            if (
+                self.step_in_epoch == 0
+                and self.epoch in self.cfg.prune_epochs
+                and self.epoch not in self.pruned_epochs
+            ):
+                self.prune()
+                if self.dist.is_main:
+                    atomic_write_json(self.out_dir / "costs.json", self.costs.to_dict())
+                logger.info(
+                    "epoch %d: pruned to %d backbone parameters, %d MACs",
+                    self.epoch,
+                    self.costs.backbone_params,
+                    self.costs.backbone_macs,
+                )
             bar = tqdm(
                 total=self.steps_per_epoch,
                 initial=self.step_in_epoch,
@@ -569,6 +688,9 @@ def evaluate_test_split(trainer: Trainer, checkpoint: str | Path | None = None) 
     model = trainer.eval_model
     if checkpoint is not None:
         state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
+        widths = dict(state.get("widths") or {})
+        if widths != trainer.widths:  # saved before a pruning round: its own widths
+            model = trainer.create_network(widths).to(trainer.device)
         model.load_state_dict(exported_weights(state))
     test = load_split(cfg.dataset, cfg.data_dir, "test", cfg.val_size, cfg.split_seed)
     loader = BatchLoader(test, 500, trainer.mean, trainer.std, train=False)

@@ -197,6 +197,8 @@ def build_model(checkpoint: dict[str, Any]) -> MultiExitNetwork:
         kwargs["exit_blocks"] = tuple(int(b) for b in config["exit_blocks"])
     if config.get("groups", 1) != 1:
         kwargs["groups"] = int(config["groups"])
+    if checkpoint.get("widths"):  # a pruned network (training.prune): its site widths
+        kwargs["widths"] = {str(k): int(v) for k, v in checkpoint["widths"].items()}
     try:
         model = create_model(
             config["arch"], int(checkpoint["num_classes"]), exits=int(config["exits"]), **kwargs

@@ -40,6 +40,42 @@ class StagedBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))[1]
 
+    def prune_sites(self) -> dict[str, PruneSite]:
+        """Channel sets structured pruning may shrink (`training.prune`): site name →
+        (producers, consumers), module paths under the backbone. Producers make the channels
+        (a conv's output rows, a BN, a depthwise conv carrying them); consumers read them (a
+        conv's input columns). Collected from every block that has `prune_sites()`, named
+        "stages.{s}.{j}.{local}"; the backbone's constructor takes `widths` keyed the same way.
+        """
+        sites: dict[str, PruneSite] = {}
+        for s, stage in enumerate(self.stages):
+            for j, block in enumerate(stage):
+                local_sites = getattr(block, "prune_sites", None)
+                if local_sites is None:
+                    continue
+                at = f"stages.{s}.{j}"
+                for local, (producers, consumers) in local_sites().items():
+                    sites[f"{at}.{local}"] = (
+                        tuple(f"{at}.{m}" for m in producers),
+                        tuple(f"{at}.{m}" for m in consumers),
+                    )
+        return sites
+
+
+# A prunable channel set: (producer module paths, consumer module paths).
+PruneSite = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+def take_widths(widths: dict[str, int] | None) -> dict[str, int]:
+    """A mutable copy of a `widths` argument (constructors pop the sites they build)."""
+    return dict(widths or {})
+
+
+def check_widths_used(widths: dict[str, int], arch: str) -> None:
+    """ValueError when `widths` names sites the constructor did not build."""
+    if widths:
+        raise ValueError(f"widths name no prunable site of {arch}: {sorted(widths)[:3]}")
+
 
 def scaled(channels: int, width: float) -> int:
     """Channel count under a width multiplier (at least 4)."""

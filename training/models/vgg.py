@@ -21,7 +21,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import StagedBackbone, check_groups, init_weights, scaled
+from .backbone import (
+    PruneSite,
+    StagedBackbone,
+    check_groups,
+    check_widths_used,
+    init_weights,
+    scaled,
+    take_widths,
+)
 from .registry import register_model
 
 # Convolutions per module (stage) of each depth; every module ends in a max-pool.
@@ -60,8 +68,10 @@ class VGG(StagedBackbone):
         stem: str = "cifar",
         in_chans: int = 3,
         groups: int = 1,
+        widths: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
+        widths = take_widths(widths)
         if depth not in VGG_MODULES:
             raise ValueError(f"VGG depth must be one of {sorted(VGG_MODULES)}, got {depth}")
         if stem not in ("cifar", "imagenet"):
@@ -73,32 +83,49 @@ class VGG(StagedBackbone):
             g = groups if i in GROUPED_MODULES else 1
             layers = []
             for j in range(convs):
-                layers.append(ConvBNAct(in_ch, ch, g, pool=j == convs - 1))
-                in_ch = ch
+                last = j == convs - 1
+                # A module's inner layers may be pruned; its last keeps the stage width.
+                out = ch if last else widths.pop(f"stages.{i}.{j}.out", ch)
+                layers.append(ConvBNAct(in_ch, out, g, pool=last))
+                in_ch = out
             stages.append(nn.Sequential(*layers))
             channels.append(ch)
+        check_widths_used(widths, f"VGG{depth}")
         self.stages = nn.ModuleList(stages)
         self.stage_channels = channels
         self.fc = nn.Linear(in_ch, num_classes)
         init_weights(self)
 
+    def prune_sites(self) -> dict[str, PruneSite]:
+        """The outputs of every layer but a module's last (the next layer of the module reads
+        them); module outputs keep their width, so exit heads keep theirs."""
+        sites: dict[str, PruneSite] = {}
+        for i, stage in enumerate(self.stages):
+            for j in range(len(stage) - 1):
+                at = f"stages.{i}"
+                sites[f"{at}.{j}.out"] = (
+                    (f"{at}.{j}.conv", f"{at}.{j}.bn"),
+                    (f"{at}.{j + 1}.conv",),
+                )
+        return sites
 
-@register_model(options=("groups",))
+
+@register_model(options=("groups", "widths"))
 def vgg11_bn(num_classes: int, **kw) -> VGG:
     return VGG(11, num_classes, **kw)
 
 
-@register_model(options=("groups",))
+@register_model(options=("groups", "widths"))
 def vgg13_bn(num_classes: int, **kw) -> VGG:
     return VGG(13, num_classes, **kw)
 
 
-@register_model(options=("groups",))
+@register_model(options=("groups", "widths"))
 def vgg16_bn(num_classes: int, **kw) -> VGG:
     return VGG(16, num_classes, **kw)
 
 
-@register_model(options=("groups",))
+@register_model(options=("groups", "widths"))
 def vgg19_bn(num_classes: int, **kw) -> VGG:
     return VGG(19, num_classes, **kw)
 
