@@ -311,3 +311,27 @@ def test_cli_bad_pruning_is_one_line_exit_2(tmp_path, args, needle):
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_wide_resnet40_2_builds_exports_and_prunes(tmp_path):
+    """Seed 004 §4.6's network: 3 stages of 6 blocks, widths 32/64/128, 2.2 M parameters."""
+    from tests.arch_helpers import checkpoint_for
+    from training.models import create_backbone
+
+    net = create_backbone("wide_resnet40_2", 10)
+    assert [len(s) for s in net.stages] == [6, 6, 8]  # + the closing BN-ReLU
+    assert net.stage_channels == [32, 64, 128]
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(2.24e6, rel=0.01)
+    torch.manual_seed(0)
+    model = create_model("wide_resnet40_2", 6, exits=3, width=0.25, head="lite").eval()
+    plan = plan_pruning(model, 0.5)
+    assert len(plan.widths) == 18  # one inner width per block
+    pruned = prune_network(
+        model,
+        plan,
+        lambda w: create_model("wide_resnet40_2", 6, exits=3, width=0.25, head="lite", widths=w),
+    ).eval()
+    ckpt = checkpoint_for(pruned, {"arch": "wide_resnet40_2", "width": 0.25, "exits": 3,
+                                   "head": "lite"})  # fmt: skip
+    ckpt["widths"] = plan.widths
+    export_and_check(ckpt, tmp_path / "b")
