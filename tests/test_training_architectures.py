@@ -91,6 +91,18 @@ def test_new_backbones_export_with_parity_at_every_stage(name, tmp_path):
     assert result.manifest.num_exits == exits
 
 
+@pytest.mark.parametrize(
+    ("name", "exits"), [("vgg11_bn_g2", 2), ("vgg11_bn_g2", 3), ("vgg19_bn", 4), ("resnet18_g2", 2)]
+)
+def test_merged_stage_segments_export_with_parity(name, exits, tmp_path):
+    """With fewer exits than stages the first segment runs several stages (VGG: up to four)."""
+    torch.manual_seed(0)
+    model = create_model(name, 6, exits=exits, width=0.125, head="attention").eval()
+    staged_equals_full(model, torch.randn(2, 3, 32, 32))
+    ckpt = checkpoint_for(model, {"arch": name, "width": 0.125, "exits": exits})
+    assert export_and_check(ckpt, tmp_path / "b").manifest.num_exits == exits
+
+
 def test_groups_flag_is_stored_and_rebuilt_by_export(tmp_path):
     torch.manual_seed(0)
     model = create_model("vgg11_bn", 6, exits=2, width=0.125, groups=4, head="pool").eval()

@@ -335,3 +335,26 @@ def test_wide_resnet40_2_builds_exports_and_prunes(tmp_path):
                                    "head": "lite"})  # fmt: skip
     ckpt["widths"] = plan.widths
     export_and_check(ckpt, tmp_path / "b")
+
+
+def test_a_vgg_layer_an_exit_reads_keeps_its_width(tmp_path):
+    """An exit after the first of VGG13's two module-1 layers reads that layer's output: its
+    channels stay, the other inner layers are pruned, and the result exports with parity."""
+    from tests.arch_helpers import checkpoint_for
+
+    torch.manual_seed(0)
+
+    def build(widths=None):
+        return create_model("vgg13_bn", 6, exits=3, exit_blocks=(1, 4), width=0.25, head="lite",
+                            widths=widths)  # fmt: skip
+
+    model = build().eval()
+    sites = prune_sites(model)
+    assert "stages.0.0.out" not in sites  # exit 1 follows layer1.0, inside module 1
+    assert "stages.1.0.out" in sites  # exit 2 follows layer2.1, the module's end
+    plan = plan_pruning(model, 0.5)
+    pruned = prune_network(model, plan, build).eval()
+    ckpt = checkpoint_for(pruned, {"arch": "vgg13_bn", "width": 0.25, "exits": 3,
+                                   "exit_blocks": [1, 4], "head": "lite"})  # fmt: skip
+    ckpt["widths"] = plan.widths
+    export_and_check(ckpt, tmp_path / "b")

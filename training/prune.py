@@ -57,16 +57,26 @@ def check_ratio(ratio: float) -> None:
 
 def prune_sites(model: nn.Module) -> dict[str, PruneSite]:
     """The backbone's prunable sites, with module paths under `model` (a MultiExitNetwork or
-    a backbone)."""
+    a backbone). A site that is the output of a block an exit head reads (a VGG layer inside a
+    module chosen by `exit_blocks`) is left out: the head's input width must stay."""
     backbone = getattr(model, "backbone", model)
     prefix = "backbone." if backbone is not model else ""
     sites_of = getattr(backbone, "prune_sites", None)
     sites = sites_of() if sites_of is not None else {}
     if not sites:
         raise PruneError(f"{type(backbone).__name__} has no channel sites this pass can prune")
+    exit_fed = {
+        f"stages.{units[-1][0]}.{units[-1][1]}." for units in getattr(model, "segment_units", [])
+    }
+
+    def feeds_an_exit(producers: tuple[str, ...], consumers: tuple[str, ...]) -> bool:
+        block = next((b for b in exit_fed if producers[0].startswith(b)), None)
+        return block is not None and any(not c.startswith(block) for c in consumers)
+
     return {
         name: (tuple(prefix + m for m in producers), tuple(prefix + m for m in consumers))
         for name, (producers, consumers) in sites.items()
+        if not feeds_an_exit(producers, consumers)
     }
 
 
