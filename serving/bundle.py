@@ -254,19 +254,47 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def bundle_files(manifest: Manifest) -> list[tuple[str, str]]:
-    """(file, expected sha256) for every file the manifest names."""
+    """(file, expected sha256) for every file the manifest names, the optional baseline
+    model's included: `earlyexit-serve --full-model` serves it, so it is verified like the
+    segments."""
     files = [(s.file, s.sha256) for s in manifest.segments]
     files += [(s.stage_file, s.stage_sha256 or "") for s in manifest.segments if s.stage_file]
     files.append((manifest.full_model.file, manifest.full_model.sha256))
+    baseline = manifest.baseline
+    if baseline is not None and baseline.file:
+        # The schema refuses a `file` without its `sha256`.
+        files.append((baseline.file, baseline.sha256 or ""))
     return files
 
 
 def named_files(manifest: Manifest) -> list[str]:
-    """Every file name the manifest holds, the optional baseline model's included."""
-    names = [name for name, _ in bundle_files(manifest)]
-    if manifest.baseline is not None and manifest.baseline.file:
-        names.append(manifest.baseline.file)
-    return names
+    """Every file name the manifest holds."""
+    return [name for name, _ in bundle_files(manifest)]
+
+
+@dataclass(frozen=True)
+class PlainGraph:
+    """The plain single-graph model of a bundle: what early exit is compared with."""
+
+    file: str
+    sha256: str
+    source: str  # "baseline" (the manifest's baseline block) or "full_model"
+    macs: int | None  # None when the manifest does not record it
+
+
+def plain_graph(manifest: Manifest) -> PlainGraph:
+    """The baseline block's `file` when it names one (the plain model trained on its own; a
+    jointly trained self-distilled backbone is not it), else `full_model`."""
+    baseline = manifest.baseline
+    if baseline is not None and baseline.file:
+        # The baseline block has no `macs`; export records every graph's counted MACs in
+        # provenance.onnx_macs, which is the best figure there is.
+        recorded = manifest.provenance.get("onnx_macs")
+        counted = recorded.get(baseline.file) if isinstance(recorded, dict) else None
+        macs = counted if isinstance(counted, int) and not isinstance(counted, bool) else None
+        return PlainGraph(baseline.file, baseline.sha256 or "", "baseline", macs)
+    full = manifest.full_model
+    return PlainGraph(full.file, full.sha256, "full_model", full.macs)
 
 
 def check_paths(bundle_dir: str | os.PathLike[str], manifest: Manifest) -> None:

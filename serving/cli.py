@@ -23,6 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
         "at /). Every flag has an EARLYEXIT_* environment variable; flags win.",
     )
     parser.add_argument("--bundle", help="bundle directory (EARLYEXIT_BUNDLE)")
+    parser.add_argument(
+        "--full-model",
+        action="store_true",
+        default=None,
+        help="serve the bundle's plain single graph (baseline.onnx when the manifest names "
+        "one, else full_model.onnx) instead of the early-exit chain, for comparisons "
+        "(EARLYEXIT_FULL_MODEL)",
+    )
     parser.add_argument("--host", help="bind address (EARLYEXIT_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (EARLYEXIT_PORT, default 8000)")
     parser.add_argument(
@@ -75,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = (
-        "bundle", "host", "port", "providers", "strict_providers", "intra_op_threads",
+        "bundle", "full_model", "host", "port", "providers", "strict_providers", "intra_op_threads",
         "max_batch_size", "max_batch_wait_ms", "batch_wait", "inline_max_ms", "max_body_bytes",
         "queue_size", "max_connections", "state_dir", "warmup",
         "log_level", "access_log",
@@ -83,12 +91,19 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
-def check_bundle(bundle_dir: Any) -> str:
+def check_bundle(bundle_dir: Any, full_model: bool = False) -> str:
     """Validate the bundle as the server will load it; returns a one-line summary. Every
-    problem is a BundleError (a one-line message)."""
-    from serving.bundle import load_manifest, read_thresholds
+    problem is a BundleError (a one-line message). With `full_model` thresholds.json is not
+    read: the plain model has none."""
+    from serving.bundle import load_manifest, plain_graph, read_thresholds
 
     manifest = load_manifest(bundle_dir, verify=True)
+    if full_model:
+        graph = plain_graph(manifest)
+        return (
+            f"{manifest.name} {manifest.version}: plain model {graph.file} ({graph.source}), "
+            f"{manifest.num_classes} classes"
+        )
     thresholds = read_thresholds(bundle_dir, manifest.num_exits)
     return (
         f"{manifest.name} {manifest.version}: {manifest.num_exits} exits, "
@@ -109,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"earlyexit-serve: {settings_error_line(exc)}", file=sys.stderr)
         return 2
     try:
-        summary = check_bundle(settings.bundle)
+        summary = check_bundle(settings.bundle, settings.full_model)
     except BundleError as exc:
         print(f"earlyexit-serve: bad bundle: {exc}", file=sys.stderr)
         return 2

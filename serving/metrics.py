@@ -1,6 +1,7 @@
 """Prometheus metrics of one app instance (own CollectorRegistry, so tests and several apps in a
 process never share counters). Names and labels are the contract's; labels stay low-cardinality:
-status code, exit number (or "fallback") and segment number only.
+status code, exit number (or "fallback"; "full" for the plain model) and segment number (or
+"full") only.
 """
 
 from __future__ import annotations
@@ -29,11 +30,18 @@ CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 FALLBACK = "fallback"
+# The plain single graph (`earlyexit-serve --full-model`): its answers' exit, and the `exit` and
+# `segment` label of its rows and of its one graph run per batch.
+FULL = "full"
+FULL_EXIT = -1
 CONNECTION_CLOSE_REASONS = ("limit", "header_timeout", "body_timeout", "header_too_large")
 
 
 def exit_label(exit_index: int) -> str:
-    """Runtime exit number (1..K, 0 = fallback) → the `exit` label value."""
+    """Runtime exit number (1..K, 0 = fallback, FULL_EXIT = the plain model) → the `exit`
+    label value."""
+    if exit_index == FULL_EXIT:
+        return FULL
     return FALLBACK if exit_index == 0 else str(exit_index)
 
 
@@ -112,6 +120,8 @@ class ServingMetrics:
         # calls per request, on the event loop that bounds throughput.
         self._exit_series: dict[str, tuple[Any, Any]] = {}
         self._segment_series: dict[int, Any] = {}
+        # Segment k's label; the plain model's one graph is "full" (see prime).
+        self._segment_names: tuple[str, ...] | None = None
 
     def _for_exit(self, label: str) -> tuple[Any, Any]:
         series = self._exit_series.get(label)
@@ -123,11 +133,21 @@ class ServingMetrics:
     def _for_segment(self, k: int) -> Any:
         series = self._segment_series.get(k)
         if series is None:
-            series = self._segment_series[k] = self.segment_duration.labels(segment=str(k))
+            names = self._segment_names
+            name = names[k - 1] if names is not None and k <= len(names) else str(k)
+            series = self._segment_series[k] = self.segment_duration.labels(segment=name)
         return series
 
-    def prime(self, num_exits: int) -> None:
-        """Create every exit/segment series at 0 so dashboards see them before traffic."""
+    def prime(self, num_exits: int, single_graph: bool = False) -> None:
+        """Create every exit/segment series at 0 so dashboards see them before traffic. With
+        `single_graph` (the plain model) the only exit and segment is `full`: no exit or
+        fallback series are created that could never count anything."""
+        if single_graph:
+            self._segment_names = (FULL,)
+            self.exits.labels(exit=FULL)
+            self.exit_confidence.labels(exit=FULL)
+            self.segment_duration.labels(segment=FULL)
+            return
         for k in range(1, num_exits + 1):
             self.exits.labels(exit=str(k))
             self.exit_confidence.labels(exit=str(k))

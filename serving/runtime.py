@@ -32,6 +32,7 @@ import numpy as np
 
 from serving.bundle import (
     BundleError,
+    InputSpec,
     Manifest,
     load_manifest,
     read_thresholds,
@@ -78,7 +79,7 @@ class BatchResult:
         return self.probs.max(axis=1)
 
 
-def _provider_list(providers: str | Sequence[str]) -> list[str]:
+def provider_list(providers: str | Sequence[str]) -> list[str]:
     out = normalize_providers(providers)
     if not out:
         raise ValueError("no execution provider given")
@@ -124,8 +125,8 @@ class EarlyExitRuntime:
         self._single_exits = [
             _read_only(np.array([k], dtype=np.int64)) for k in range(self.manifest.num_exits + 1)
         ]
-        self._options = self._session_options(intra_op_threads, inter_op_threads, allow_spinning)
-        self.providers = self._resolve_providers(_provider_list(providers), strict)
+        self._options = session_options(ort, intra_op_threads, inter_op_threads, allow_spinning)
+        self.providers = resolve_providers(ort, self._options, provider_list(providers), strict)
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
         # Where feature maps live between segments on the device-resident path (IOBinding +
         # Gather graph): the GPU under CUDA. `device_chain` runs that same path on the CPU, so
@@ -159,60 +160,8 @@ class EarlyExitRuntime:
 
     # ------------------------------------------------------------------------- setup
 
-    def _session_options(self, intra: int, inter: int, allow_spinning: bool | None) -> Any:
-        ort = self._ort
-        if intra < 0 or inter < 0:
-            raise ValueError("thread counts must be >= 0 (0 = onnxruntime default)")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = intra
-        options.inter_op_num_threads = inter
-        options.log_severity_level = 3
-        if allow_spinning is not None:
-            flag = "1" if allow_spinning else "0"
-            options.add_session_config_entry("session.intra_op.allow_spinning", flag)
-            options.add_session_config_entry("session.inter_op.allow_spinning", flag)
-        return options
-
-    def _resolve_providers(self, wanted: list[str], strict: bool) -> list[str]:
-        """Drop CUDA (one warning) when it cannot run here; raise instead when strict."""
-        if "CUDAExecutionProvider" not in wanted:
-            return wanted
-        ort = self._ort
-        reason = None
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            reason = "this onnxruntime build has no CUDA provider"
-        else:
-            # onnxruntime-gpu lists CUDA even without a GPU or CUDA libraries and then silently
-            # uses CPU: create one real session to find out. Its own error log would repeat our
-            # warning, so it is muted (and restored to onnxruntime's default, warning) meanwhile.
-            ort.set_default_logger_severity(4)
-            try:
-                probe = ort.InferenceSession(
-                    _GATHER_ROWS_MODEL, self._options, providers=wanted
-                ).get_providers()
-            except Exception as exc:  # any provider initialisation failure
-                probe, reason = [], f"CUDA session creation failed ({exc})"
-            finally:
-                ort.set_default_logger_severity(2)
-            if probe and probe[0] != "CUDAExecutionProvider":
-                reason = "CUDA is not usable on this machine (no GPU or CUDA/cuDNN libraries)"
-        if reason is None:
-            return wanted
-        if strict:
-            raise ProviderUnavailableError(f"CUDA execution provider requested but {reason}")
-        logger.warning("CUDA execution provider requested but %s; falling back to CPU", reason)
-        return ["CPUExecutionProvider"]
-
     def _open(self, file: str) -> Any:
-        path = self.bundle_dir / file
-        if not path.is_file():
-            raise BundleError(f"bundle file missing: {file}")
-        try:
-            return self._ort.InferenceSession(str(path), self._options, providers=self.providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for bad models
-            raise BundleError(f"{file}: onnxruntime cannot load it ({exc})") from exc
+        return open_session(self._ort, self.bundle_dir, file, self._options, self.providers)
 
     def _open_gather(self) -> Any:
         return self._ort.InferenceSession(
@@ -227,17 +176,7 @@ class EarlyExitRuntime:
         input_shape: Sequence[int],
         outputs: dict[str, Sequence[int]],
     ) -> None:
-        inputs = session.get_inputs()
-        if len(inputs) != 1 or inputs[0].name != input_name:
-            raise BundleError(
-                f"{file}: inputs {[i.name for i in inputs]} but the manifest says [{input_name!r}]"
-            )
-        _check_shape(file, inputs[0].name, inputs[0].shape, input_shape)
-        got = {o.name: o for o in session.get_outputs()}
-        for name, shape in outputs.items():
-            if name not in got:
-                raise BundleError(f"{file}: no output {name!r} (has {sorted(got)})")
-            _check_shape(file, name, got[name].shape, shape)
+        check_io(session, file, input_name, input_shape, outputs)
 
     def _check_chain(self) -> None:
         m = self.manifest
@@ -325,16 +264,7 @@ class EarlyExitRuntime:
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         """uint8 N×H×W×C (or N×H×W for one channel) → normalised float32 N×C×H×W."""
-        spec = self.manifest.input
-        c, h, w = spec.shape
-        arr = np.asarray(images)
-        if arr.ndim == 3 and c == 1:
-            arr = arr[..., None]
-        if arr.ndim != 4 or arr.shape[1:] != (h, w, c):
-            raise ValueError(f"images must be N×{h}×{w}×{c} uint8, got shape {list(arr.shape)}")
-        x = arr.astype(np.float32) / np.float32(255.0)
-        x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        return preprocess_images(self.manifest.input, images)
 
     def _check_batch(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.float32)
@@ -608,3 +538,103 @@ def _check_shape(file: str, name: str, actual: Sequence[Any], expected: Sequence
             raise BundleError(
                 f"{file}: '{name}' has shape {dims[1:]}, the manifest says {list(expected)}"
             )
+
+
+# ----------------------------------------------------------------------------- shared helpers
+# Used by EarlyExitRuntime and by serving.plain_runtime.PlainModelRuntime (the plain single
+# graph served with --full-model), so both open, check and feed their graphs the same way.
+
+
+def session_options(ort: Any, intra: int, inter: int, allow_spinning: bool | None) -> Any:
+    """onnxruntime session options of every graph a runtime opens."""
+    if intra < 0 or inter < 0:
+        raise ValueError("thread counts must be >= 0 (0 = onnxruntime default)")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = intra
+    options.inter_op_num_threads = inter
+    options.log_severity_level = 3
+    if allow_spinning is not None:
+        flag = "1" if allow_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", flag)
+        options.add_session_config_entry("session.inter_op.allow_spinning", flag)
+    return options
+
+
+def resolve_providers(ort: Any, options: Any, wanted: list[str], strict: bool) -> list[str]:
+    """Drop CUDA (one warning) when it cannot run here; raise ProviderUnavailableError instead
+    when strict."""
+    if "CUDAExecutionProvider" not in wanted:
+        return wanted
+    reason = None
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        reason = "this onnxruntime build has no CUDA provider"
+    else:
+        # onnxruntime-gpu lists CUDA even without a GPU or CUDA libraries and then silently
+        # uses CPU: create one real session to find out. Its own error log would repeat our
+        # warning, so it is muted (and restored to onnxruntime's default, warning) meanwhile.
+        ort.set_default_logger_severity(4)
+        try:
+            probe = ort.InferenceSession(
+                _GATHER_ROWS_MODEL, options, providers=wanted
+            ).get_providers()
+        except Exception as exc:  # any provider initialisation failure
+            probe, reason = [], f"CUDA session creation failed ({exc})"
+        finally:
+            ort.set_default_logger_severity(2)
+        if probe and probe[0] != "CUDAExecutionProvider":
+            reason = "CUDA is not usable on this machine (no GPU or CUDA/cuDNN libraries)"
+    if reason is None:
+        return wanted
+    if strict:
+        raise ProviderUnavailableError(f"CUDA execution provider requested but {reason}")
+    logger.warning("CUDA execution provider requested but %s; falling back to CPU", reason)
+    return ["CPUExecutionProvider"]
+
+
+def open_session(
+    ort: Any, bundle_dir: Path, file: str, options: Any, providers: Sequence[str]
+) -> Any:
+    """An onnxruntime session of a bundle file; BundleError when it is missing or unloadable."""
+    path = bundle_dir / file
+    if not path.is_file():
+        raise BundleError(f"bundle file missing: {file}")
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own exception types for bad models
+        raise BundleError(f"{file}: onnxruntime cannot load it ({exc})") from exc
+
+
+def check_io(
+    session: Any,
+    file: str,
+    input_name: str,
+    input_shape: Sequence[int],
+    outputs: dict[str, Sequence[int]],
+) -> None:
+    """The graph has the one input and the outputs (batch axis + shape) the manifest says."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].name != input_name:
+        raise BundleError(
+            f"{file}: inputs {[i.name for i in inputs]} but the manifest says [{input_name!r}]"
+        )
+    _check_shape(file, inputs[0].name, inputs[0].shape, input_shape)
+    got = {o.name: o for o in session.get_outputs()}
+    for name, shape in outputs.items():
+        if name not in got:
+            raise BundleError(f"{file}: no output {name!r} (has {sorted(got)})")
+        _check_shape(file, name, got[name].shape, shape)
+
+
+def preprocess_images(spec: InputSpec, images: np.ndarray) -> np.ndarray:
+    """uint8 N×H×W×C (or N×H×W for one channel) → normalised float32 N×C×H×W."""
+    c, h, w = spec.shape
+    arr = np.asarray(images)
+    if arr.ndim == 3 and c == 1:
+        arr = arr[..., None]
+    if arr.ndim != 4 or arr.shape[1:] != (h, w, c):
+        raise ValueError(f"images must be N×{h}×{w}×{c} uint8, got shape {list(arr.shape)}")
+    x = arr.astype(np.float32) / np.float32(255.0)
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

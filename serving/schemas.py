@@ -33,11 +33,16 @@ class ClassifyResponse(BaseModel):
     label: str
     class_index: int
     confidence: float
-    exit: int | Literal["fallback"] = Field(description="exit that answered, or 'fallback'")
+    exit: int | Literal["fallback", "full"] = Field(
+        description="exit that answered, 'fallback', or 'full' when the server serves the "
+        "plain model (--full-model)"
+    )
     num_exits: int
     latency_ms: float
     model: ModelRef
-    exits: list[ExitAnswer] | None = Field(None, description="every exit, with ?full=true")
+    exits: list[ExitAnswer] | None = Field(
+        None, description="every exit, with ?full=true (empty for the plain model)"
+    )
     top_k: list[ClassScore] | None = Field(None, description="best classes, with ?top_k=N")
 
 
@@ -59,6 +64,17 @@ class SegmentSummary(BaseModel):
     params: int
 
 
+class ServedGraph(BaseModel):
+    """The plain single graph a `--full-model` server answers with."""
+
+    file: str
+    sha256: str
+    source: Literal["baseline", "full_model"] = Field(
+        description="the manifest's baseline block, or its full_model"
+    )
+    macs: int | None
+
+
 class ModelResponse(BaseModel):
     name: str
     version: str
@@ -70,7 +86,13 @@ class ModelResponse(BaseModel):
     fallback: str
     segments: list[SegmentSummary]
     full_model_macs: int
-    thresholds: list[float]
+    mode: Literal["early_exit", "full_model"] = Field(
+        description="early_exit: the chain of segments; full_model: the plain single graph"
+    )
+    served_graph: ServedGraph | None = Field(
+        None, description="the graph served in full_model mode (null in early_exit mode)"
+    )
+    thresholds: list[float] = Field(description="in force now; empty in full_model mode")
     tuned: dict[str, Any]
     providers: list[str]
     provenance: dict[str, Any]

@@ -42,6 +42,18 @@ class PersistError(RuntimeError):
     """thresholds.json could not be written; the old thresholds stay in force."""
 
 
+class NoThresholdsError(RuntimeError):
+    """The server serves the plain model (`--full-model`): there are no thresholds (409)."""
+
+
+NO_THRESHOLDS = (
+    "this server serves the plain model (earlyexit-serve --full-model): it has no exits and "
+    "no thresholds to change; serve the bundle without --full-model to tune it"
+)
+MODE_EARLY_EXIT = "early_exit"
+MODE_FULL_MODEL = "full_model"
+
+
 class ServingState:
     """Everything a request handler needs, created by `create_app` and filled by the lifespan."""
 
@@ -64,6 +76,20 @@ class ServingState:
         self.read_only_reason: str | None = None
         self._threshold_lock = asyncio.Lock()
         self._stopping = False
+
+    @property
+    def serves_plain_model(self) -> bool:
+        """True with `--full-model`: the bundle's plain single graph answers every image."""
+        return bool(self.settings.full_model)
+
+    @property
+    def mode(self) -> str:
+        return MODE_FULL_MODEL if self.serves_plain_model else MODE_EARLY_EXIT
+
+    def served_graph(self) -> dict[str, Any] | None:
+        """The plain graph served with `--full-model` (file, sha256, source, macs), else None."""
+        describe = getattr(self.runtime, "describe", None)
+        return describe() if self.serves_plain_model and callable(describe) else None
 
     @property
     def ready(self) -> bool:
@@ -100,6 +126,16 @@ class ServingState:
         # Imported here: onnxruntime is heavy and must not load when the app module is imported.
         from serving.runtime import EarlyExitRuntime
 
+        if self.serves_plain_model:
+            from serving.plain_runtime import PlainModelRuntime
+
+            # Served in place, also the packaged default bundle: nothing is ever written.
+            return PlainModelRuntime(
+                self.bundle_dir,
+                providers=list(self.settings.providers),
+                intra_op_threads=self.settings.intra_op_threads,
+                strict=self.settings.strict_providers,
+            )
         self.bundle_dir, self.read_only_reason = serving_dir(
             Path(self.settings.bundle), self.settings.state_dir
         )
@@ -134,6 +170,7 @@ class ServingState:
         if self._stopping:
             logger.info("bundle load abandoned: the server is stopping")
             return
+        self.metrics.prime(manifest.num_exits, single_graph=self.serves_plain_model)
         batcher = DynamicBatcher(
             runtime,
             max_batch_size=self.settings.max_batch_size,
@@ -145,7 +182,6 @@ class ServingState:
         )
         batcher.start()
         self.tuned = dict(getattr(runtime, "tuned", None) or {})
-        self.metrics.prime(manifest.num_exits)
         self.metrics.set_model(manifest.name, manifest.version, runtime.thresholds)
         self.runtime, self.batcher = runtime, batcher
         logger.info(
@@ -153,6 +189,8 @@ class ServingState:
             extra={
                 "fields": {
                     "bundle": str(self.bundle_dir),
+                    "mode": self.mode,
+                    "graph": (self.served_graph() or {}).get("file"),
                     "model": manifest.name,
                     "version": manifest.version,
                     "exits": manifest.num_exits,
@@ -197,8 +235,11 @@ class ServingState:
     ) -> tuple[tuple[float, ...], tuple[float, ...], dict[str, Any], Path]:
         """Validate, persist atomically, then swap between batches. Returns (new, old, tuned,
         path). BundleError on invalid values or tuning record, PersistError when the file cannot
-        be written; either way the old thresholds stay in force."""
+        be written; either way the old thresholds stay in force. NoThresholdsError when the
+        plain model is served."""
         runtime, batcher = self.require_ready()
+        if self.serves_plain_model:
+            raise NoThresholdsError(NO_THRESHOLDS)
         checked = validate_threshold_values(values, runtime.manifest.num_exits)
         if self.read_only_reason:
             raise PersistError(f"thresholds not changed: {self.read_only_reason}")
@@ -230,8 +271,10 @@ class ServingState:
     async def reload_thresholds(self, source: str = "reload") -> tuple[float, ...]:
         """Re-read thresholds.json (SIGHUP, reload endpoint). A missing, unreadable or invalid
         file is a BundleError and the thresholds in force stay: full depth is only ever set by
-        asking for it (all 1.0)."""
+        asking for it (all 1.0). NoThresholdsError when the plain model is served."""
         runtime, batcher = self.require_ready()
+        if self.serves_plain_model:
+            raise NoThresholdsError(NO_THRESHOLDS)
         async with self._threshold_lock:
             loaded = await asyncio.to_thread(
                 read_thresholds, self.bundle_dir, runtime.manifest.num_exits, False
@@ -249,6 +292,8 @@ class ServingState:
     async def reload_from_signal(self) -> None:
         try:
             await self.reload_thresholds(source="sighup")
+        except NoThresholdsError:
+            logger.warning("SIGHUP ignored: the plain model (--full-model) has no thresholds")
         except (BundleError, NotReadyError, OSError) as exc:
             logger.error("SIGHUP: thresholds not reloaded, old ones stay: %s", exc)
         except Exception:  # a signal's task has no caller to report to: log, keep serving

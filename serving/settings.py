@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     )
 
     bundle: Path = Field(DEFAULT_BUNDLE_DIR, description="bundle directory to serve")
+    # Serve the bundle's plain single graph (baseline.onnx when the manifest names one, else
+    # full_model.onnx) instead of the early-exit chain: the peer HTTP comparisons are made
+    # against, served the same way.
+    full_model: bool = False
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=0, le=65535)
     # Tried in order; without strict_providers the runtime falls back to the next one.

@@ -14,10 +14,11 @@ from serving.schemas import (
     InputSummary,
     ModelResponse,
     SegmentSummary,
+    ServedGraph,
     ThresholdsResponse,
     ThresholdsUpdate,
 )
-from serving.service import PersistError
+from serving.service import NO_THRESHOLDS, NoThresholdsError, PersistError, ServingState
 
 router = APIRouter(prefix="/v1")
 _ADMIN_ERRORS = {
@@ -26,6 +27,7 @@ _ADMIN_ERRORS = {
         (400, "invalid thresholds (wrong count, outside [0, 1]), tuned record or file"),
         (401, "missing or wrong bearer token"),
         (403, "admin endpoints disabled: no EARLYEXIT_ADMIN_TOKEN configured"),
+        (409, "the server serves the plain model (--full-model): no thresholds to change"),
         (422, "malformed JSON body"),
         (500, "thresholds.json could not be written (or the bundle is read-only); old stay"),
         (503, "model loading"),
@@ -39,10 +41,12 @@ _UPDATE_BODY = {
 
 @router.get("/model", response_model=ModelResponse, tags=["model"])
 async def model_info(request: Request) -> ModelResponse:
-    """Manifest summary and the thresholds in force now."""
+    """Manifest summary, what is served (mode, and the plain graph in full_model mode) and the
+    thresholds in force now."""
     state, runtime, _ = require_ready(request)
     manifest = runtime.manifest
     spec = manifest.input
+    graph = state.served_graph()
     return ModelResponse(
         name=manifest.name,
         version=manifest.version,
@@ -62,6 +66,8 @@ async def model_info(request: Request) -> ModelResponse:
             for s in manifest.segments
         ],
         full_model_macs=manifest.full_model.macs,
+        mode=state.mode,
+        served_graph=None if graph is None else ServedGraph(**graph),
         thresholds=list(state.thresholds),
         tuned=state.tuned,
         providers=state.providers,
@@ -80,6 +86,7 @@ async def model_info(request: Request) -> ModelResponse:
 async def put_thresholds(request: Request) -> ThresholdsResponse:
     """Validate, persist thresholds.json atomically and swap between batches."""
     state, _, _ = require_ready(request)
+    _refuse_plain_model(state)
     # The body is parsed after the auth check, so anonymous callers learn nothing from it.
     raw = await request.body()
     try:
@@ -98,6 +105,8 @@ async def put_thresholds(request: Request) -> ThresholdsResponse:
         raise HTTPException(400, str(exc)) from exc
     except PersistError as exc:
         raise HTTPException(500, str(exc)) from exc
+    except NoThresholdsError as exc:
+        raise HTTPException(409, str(exc)) from exc
     return ThresholdsResponse(
         thresholds=list(new), previous=list(previous), tuned=tuned, persisted=True, path=str(path)
     )
@@ -113,11 +122,20 @@ async def put_thresholds(request: Request) -> ThresholdsResponse:
 async def reload_thresholds(request: Request) -> ThresholdsResponse:
     """Re-read thresholds.json from the bundle (what SIGHUP does)."""
     state, _, _ = require_ready(request)
+    _refuse_plain_model(state)
     previous = state.thresholds
     try:
         values = await state.reload_thresholds(source="api-reload")
     except BundleError as exc:
         raise HTTPException(400, f"thresholds.json not reloaded, old ones stay: {exc}") from exc
+    except NoThresholdsError as exc:
+        raise HTTPException(409, str(exc)) from exc
     return ThresholdsResponse(
         thresholds=list(values), previous=list(previous), tuned=state.tuned, persisted=False
     )
+
+
+def _refuse_plain_model(state: ServingState) -> None:
+    """409 before the body is read: a plain-model server has no thresholds, whatever is sent."""
+    if state.serves_plain_model:
+        raise HTTPException(409, NO_THRESHOLDS)

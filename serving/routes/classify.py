@@ -24,6 +24,7 @@ from serving.imaging import (
     UnsupportedImageError,
     structure_check,
 )
+from serving.metrics import FULL, FULL_EXIT
 from serving.routes.deps import RETRY_AFTER_S, require_ready
 from serving.schemas import (
     BatchClassifyResponse,
@@ -160,6 +161,8 @@ async def _decode(
 
 
 async def _run(batcher: DynamicBatcher, images: list[np.ndarray], full: bool) -> list[RowResult]:
+    # The plain model runs the same graph with or without ?full=true: routes pass full=False
+    # for it, so both kinds of request share batches.
     try:
         return await batcher.classify(images, full=full)
     except BatchTooLargeError as exc:
@@ -173,13 +176,15 @@ async def _run(batcher: DynamicBatcher, images: list[np.ndarray], full: bool) ->
 def build_answer(
     row: RowResult, manifest: Manifest, latency_ms: float, full: bool, top_k: int | None
 ) -> ClassifyResponse:
-    """One image's JSON answer from its row of the batch result."""
+    """One image's JSON answer from its row of the batch result. A plain-model row (exit
+    FULL_EXIT) answers `"exit": "full"`, and with `full` an empty `exits` list: it has none."""
     labels = manifest.labels
     probs = row.probs
     index = int(np.argmax(probs))
     exits = None
-    if full and row.exit_probs is not None:
+    if full:
         exits = []
+    if full and row.exit_probs is not None:
         for k, exit_row in enumerate(row.exit_probs, start=1):
             best = int(np.argmax(exit_row))
             confidence = float(exit_row[best])
@@ -205,7 +210,7 @@ def build_answer(
         label=labels[index],
         class_index=index,
         confidence=float(probs[index]),
-        exit=row.exit if row.exit > 0 else "fallback",
+        exit=row.exit if row.exit > 0 else FULL if row.exit == FULL_EXIT else "fallback",
         num_exits=manifest.num_exits,
         latency_ms=round(latency_ms, 3),
         model=ModelRef(name=manifest.name, version=manifest.version),
@@ -227,7 +232,8 @@ _QUERY_DOCS = [
         "name": "full",
         "in": "query",
         "required": False,
-        "description": "run every exit and report each one's answer",
+        "description": "run every exit and report each one's answer (the plain model of a "
+        "--full-model server has none: its answer is unchanged, with an empty list)",
         "schema": {"type": "boolean", "default": False},
     },
     {
@@ -270,14 +276,14 @@ def query_options(request: Request) -> tuple[bool, int | None]:
     openapi_extra={"requestBody": _IMAGE_BODY, "parameters": _QUERY_DOCS},
 )
 async def classify(request: Request) -> ClassifyResponse:
-    """Classify one image with the early-exit model."""
+    """Classify one image with the early-exit model (or the plain model with --full-model)."""
     started = time.perf_counter()
     full, top_k = query_options(request)
     state, runtime, batcher = require_ready(request)
     manifest = runtime.manifest
     payload = await _read_single(request, state.settings)
     images = await _decode([payload], manifest, state, batcher)
-    (row,) = await _run(batcher, images, full)
+    (row,) = await _run(batcher, images, full and not state.serves_plain_model)
     answer = build_answer(row, manifest, (time.perf_counter() - started) * 1000.0, full, top_k)
     request.state.exit = answer.exit
     return answer
@@ -314,7 +320,7 @@ async def classify_batch(request: Request) -> BatchClassifyResponse:
     finally:
         await form.close()
     images = await _decode(payloads, manifest, state, batcher)
-    rows = await _run(batcher, images, full)
+    rows = await _run(batcher, images, full and not state.serves_plain_model)
     latency_ms = (time.perf_counter() - started) * 1000.0
     results = [build_answer(row, manifest, latency_ms, full, top_k) for row in rows]
     request.state.exit = [r.exit for r in results]

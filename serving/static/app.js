@@ -15,8 +15,12 @@ async function loadModel() {
     if (!res.ok) throw new Error((await res.json()).detail || res.statusText);
     const m = await res.json();
     state.numExits = m.num_exits;
-    setText("model-line", `${m.name} ${m.version} · ${m.num_exits} exits · ` +
-      `${m.num_classes} classes · thresholds ${m.thresholds.map((t) => t.toFixed(3)).join(", ")}`);
+    // A --full-model server answers with the plain single graph: no exits, no thresholds.
+    setText("model-line", m.mode === "full_model"
+      ? `${m.name} ${m.version} · plain model ${m.served_graph.file} (no exits) · ` +
+        `${m.num_classes} classes`
+      : `${m.name} ${m.version} · ${m.num_exits} exits · ${m.num_classes} classes · ` +
+        `thresholds ${m.thresholds.map((t) => t.toFixed(3)).join(", ")}`);
   } catch (err) {
     setText("model-line", `model not ready: ${err.message}; retrying…`);
     setTimeout(loadModel, 1000);
@@ -101,7 +105,9 @@ async function classify(file) {
     setText("label", answer.label);
     setText("exit", answer.exit === "fallback"
       ? `fallback (no exit was sure; ${answer.num_exits} exits ran)`
-      : `${answer.exit} of ${answer.num_exits}`);
+      : answer.exit === "full"
+        ? "full (the plain model answers every image)"
+        : `${answer.exit} of ${answer.num_exits}`);
     setText("confidence", percent(answer.confidence));
     setText("latency", `${answer.latency_ms.toFixed(1)} ms`);
     renderTopClasses(answer);
