@@ -1,7 +1,8 @@
 """`earlyexit-bench`: accuracy, exit fractions, MAC and wall-clock speedups of a bundle.
 
 In-process (`--bundle`) by default; `--http URL` benchmarks a running server through
-`serving.loadtest.main_http(args)`.
+`serving.loadtest.main_http(args)`, and `--http URL --compare-url URL2` an early-exit server
+against a `--full-model` server of the same bundle (`serving.http_compare`).
 """
 
 from __future__ import annotations
@@ -79,13 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
         "restored afterwards); needs the admin token",
     )
     parser.add_argument(
+        "--compare-url",
+        metavar="URL2",
+        help="--http: an earlyexit-serve --full-model server of the same bundle; load passes "
+        "alternate between the two (early exit, plain, early exit, ...) and the report gives "
+        "the throughput ratio of each pair, its median and the servers' agreement",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=_positive,
+        default=3,
+        help="--compare-url: pairs of passes, one on each server (default 3)",
+    )
+    parser.add_argument(
         "--admin-token", help="--http: admin bearer token (default $EARLYEXIT_ADMIN_TOKEN)"
     )
     parser.add_argument("--server-pid", type=int, help="--http: report this server's RSS")
     parser.add_argument(
         "--local-bundle",
-        help="--http with --compare-full: a copy of the served bundle, timed in-process at the "
-        "server's mean batch size so the HTTP speedup can be set against the runtime's own",
+        help="--http with --compare-full or --compare-url: a copy of the served bundle, timed "
+        "in-process at the early-exit server's mean batch size so the HTTP speedup can be set "
+        "against the runtime's own",
     )
     parser.add_argument("--out", help="directory for bench.json and PNG plots")
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")

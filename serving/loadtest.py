@@ -77,7 +77,7 @@ class PassStats:
             },
             "accuracy": round(100.0 * self.correct / answered, 3) if self.answered else None,
             "exit_fractions": {
-                k: round(v / answered, 4) for k, v in sorted(self.exits.items(), key=_exit_order)
+                k: round(v / answered, 4) for k, v in sorted(self.exits.items(), key=exit_order)
             },
             "mismatches": self.mismatches,
             "max_confidence_diff": self.max_confidence_diff,
@@ -85,7 +85,7 @@ class PassStats:
         }
 
 
-def _exit_order(item: tuple[str, int]) -> tuple[int, str]:
+def exit_order(item: tuple[str, int]) -> tuple[int, str]:
     key = item[0]
     return (int(key), "") if key.isdigit() else (1 << 30, key)
 
@@ -222,7 +222,7 @@ async def load_pass(
     return stats
 
 
-async def _get_model(client: HttpClient) -> dict[str, Any]:
+async def get_model(client: HttpClient) -> dict[str, Any]:
     response = await client.request("GET", "/v1/model")
     if response.status != 200:
         raise LoadTestError(f"GET /v1/model answered {response.status}: {response.text}")
@@ -271,14 +271,21 @@ async def _run(
 ) -> dict[str, Any]:
     async with HttpClient(url, timeout_s=timeout_s) as client:
         try:
-            model = await _get_model(client)
+            model = await get_model(client)
         except HttpClientError as exc:
             raise LoadTestError(f"cannot reach {url}: {exc}") from exc
+        if compare_full and model.get("mode") == "full_model":
+            raise LoadTestError(
+                f"{url} serves the plain model (--full-model), which has no thresholds to set: "
+                "--compare-full needs the early-exit server; compare against a --full-model "
+                "server with --compare-url"
+            )
         report: dict[str, Any] = {
             "url": url,
             "client": "asyncio-http11",
             "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
             "model": {"name": model["name"], "version": model["version"]},
+            "mode": model.get("mode", "early_exit"),
             "num_exits": model["num_exits"],
             "thresholds": model["thresholds"],
             "images": len(payloads),
@@ -397,7 +404,7 @@ def add_in_process_reference(
         )
 
 
-def _run_event_loop(coro: Any) -> Any:
+def run_event_loop(coro: Any) -> Any:
     """Run the load generator on uvloop when it is installed (it is with the serve extra): the
     client shares the machine with the server it measures, so its own per-request cost should
     be as small as a Python client's can be."""
@@ -435,7 +442,7 @@ def run_http_bench(
     if len(images) == 0 or len(images) != len(labels):
         raise ValueError("need as many labels as images, at least one")
     payloads = encode_png(np.asarray(images))
-    return _run_event_loop(
+    return run_event_loop(
         _run(
             url.rstrip("/"),
             payloads,
@@ -487,34 +494,41 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> Pat
     return path
 
 
-def http_bench_main(args: argparse.Namespace) -> int:
-    """`earlyexit-bench --http URL ...` (serving/bench_cli.py): reads `http`, `dataset`,
-    `data_dir`, `split` (default test), `limit` (images, default 1000), `concurrency`,
-    `duration`, `compare_full`, `admin_token` (default $EARLYEXIT_ADMIN_TOKEN), `server_pid`,
-    `json` and `out`. Returns the exit code: 2 bad input, 1 server unusable.
-    """
+class BenchInputError(ValueError):
+    """A bad flag or input of `earlyexit-bench --http` (one line, exit code 2)."""
+
+
+def http_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """(images, labels, concurrency, duration) of `earlyexit-bench --http ...`, with every flag
+    checked before any request is sent; BenchInputError names the problem."""
     from serving.datasets import DatasetError, load_split
 
     concurrency = int(getattr(args, "concurrency", 8))
     duration = float(getattr(args, "duration", 10.0))
     if concurrency < 1 or duration <= 0:
-        print(
-            "earlyexit-bench: error: --concurrency must be ≥ 1 and --duration > 0", file=sys.stderr
-        )
-        return 2
+        raise BenchInputError("--concurrency must be ≥ 1 and --duration > 0")
     if not getattr(args, "data_dir", None):
-        print("earlyexit-bench: error: --http needs --dataset and --data-dir", file=sys.stderr)
-        return 2
+        raise BenchInputError("--http needs --dataset and --data-dir")
     try:
         parse_base_url(args.http)
     except ValueError as exc:
-        print(f"earlyexit-bench: error: --http: {exc}", file=sys.stderr)
-        return 2
+        raise BenchInputError(f"--http: {exc}") from None
+    compare_url = getattr(args, "compare_url", None)
+    if compare_url:
+        if getattr(args, "compare_full", False):
+            raise BenchInputError(
+                "--compare-url and --compare-full are two ways to compare; pick one"
+            )
+        try:
+            parse_base_url(compare_url)
+        except ValueError as exc:
+            raise BenchInputError(f"--compare-url: {exc}") from None
+        if compare_url.rstrip("/") == args.http.rstrip("/"):
+            raise BenchInputError("--compare-url must be another server than --http")
     try:
         data = load_split(args.dataset, args.data_dir, getattr(args, "split", None) or "test")
     except (DatasetError, FileNotFoundError, ValueError) as exc:
-        print(f"earlyexit-bench: error: {exc}", file=sys.stderr)
-        return 2
+        raise BenchInputError(str(exc)) from None
     local = getattr(args, "local_bundle", None)
     if local:
         from serving.bundle import BundleError, load_manifest
@@ -522,10 +536,31 @@ def http_bench_main(args: argparse.Namespace) -> int:
         try:  # before the load passes, not after minutes of them
             load_manifest(local)
         except BundleError as exc:
-            print(f"earlyexit-bench: error: --local-bundle: {exc}", file=sys.stderr)
-            return 2
+            raise BenchInputError(f"--local-bundle: {exc}") from None
     limit = getattr(args, "limit", None) or 1000
-    images, labels = data.images[:limit], data.labels[:limit]
+    return data.images[:limit], data.labels[:limit], concurrency, duration
+
+
+def http_bench_main(args: argparse.Namespace) -> int:
+    """`earlyexit-bench --http URL ...` (serving/bench_cli.py): reads `http`, `dataset`,
+    `data_dir`, `split` (default test), `limit` (images, default 1000), `concurrency`,
+    `duration`, `compare_full`, `admin_token` (default $EARLYEXIT_ADMIN_TOKEN), `server_pid`,
+    `json` and `out`; with `compare_url` the two-server comparison of
+    `serving.http_compare.compare_main` runs instead. Returns the exit code: 2 bad input,
+    1 server unusable.
+    """
+    from serving.bundle import BundleError
+
+    try:
+        images, labels, concurrency, duration = http_inputs(args)
+    except BenchInputError as exc:
+        print(f"earlyexit-bench: error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "compare_url", None):
+        from serving.http_compare import compare_main
+
+        return compare_main(args, images, labels, concurrency, duration)
+    local = getattr(args, "local_bundle", None)
     try:
         report = run_http_bench(
             args.http,
