@@ -149,3 +149,19 @@ def test_earlyexit_bench_compare_url(servers, bundle, tmp_path, capsys) -> None:
     argv = ["--http", plain.url, "--compare-full", "--admin-token", "x", *common]
     assert bench_main(argv) == 1
     assert "--compare-url" in capsys.readouterr().err
+
+
+def test_sighup_on_the_plain_server_is_ignored_with_one_line(servers) -> None:
+    import signal
+    import time
+
+    import httpx
+
+    _, plain = servers
+    plain.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 60
+    while "SIGHUP ignored" not in plain.logs():
+        assert time.monotonic() < deadline, plain.logs()[-2000:]
+        time.sleep(0.05)
+    assert plain.logs().count("SIGHUP ignored") == 1
+    assert httpx.get(f"{plain.url}/readyz", timeout=60).status_code == 200
