@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from .costs import measure_costs
 from .data import AugmentConfig, BatchLoader
 from .losses import create_loss
 from .models import MultiExitNetwork, create_model
+
+if TYPE_CHECKING:
+    from .prune import PrunePlan
 
 logger = logging.getLogger(__name__)
 
@@ -398,7 +401,7 @@ class Trainer:
         self.pruned_epochs.append(self.epoch)
         self.best_value = -math.inf
 
-    def _install_widths(self, widths: dict[str, int], plan: Any = None) -> None:
+    def _install_widths(self, widths: dict[str, int], plan: PrunePlan | None = None) -> None:
         """Replace the network by the one at `widths`. With a `PrunePlan`, carry the weights,
         momentum and EMA over sliced; without (resume), fresh modules whose states the
         checkpoint then loads."""
