@@ -88,43 +88,21 @@ def measure_step_times(
     one process (the same batch, the same threads), so machine noise hits them alike."""
     import torch
 
-    from .losses import create_loss
-    from .models import create_model
+    from .engine import loss_from_config, network_from_config
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     variants = {}
     for arm in arms:
         cfg = arm.config.resolved()
-        model = create_model(
-            cfg.arch,
-            num_classes,
-            exits=cfg.exits,
-            head=cfg.head,
-            exit_blocks=cfg.exit_blocks,
-            width=cfg.width,
-            stem=cfg.stem,
-        ).train()
+        model = network_from_config(cfg, num_classes, input_shape[0]).train()
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if cfg.freeze_backbone:  # as the engine does: no backbone gradient, BN statistics kept
             for param in model.backbone.parameters():
                 param.requires_grad_(False)
             model.backbone.eval()
-        loss = create_loss(
-            cfg.loss,
-            path=cfg.distill_path,
-            alpha=cfg.alpha,
-            lam=cfg.lam,
-            temperature=cfg.temperature,
-            reduction=cfg.loss_reduction,
-            distill=cfg.distill,
-            feature=cfg.feature_hint,
-            feature_exits=cfg.feature_exits,
-            label_smoothing=cfg.label_smoothing,
-            num_exits=model.num_exits,
-            feature_dim=model.feature_dim,
-        )
+        loss = loss_from_config(cfg, model)
         opt = torch.optim.SGD(
             [p for p in (*model.parameters(), *loss.parameters()) if p.requires_grad],
             lr=0.01,

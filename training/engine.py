@@ -113,6 +113,44 @@ def distill_weights(cfg: TrainConfig, epoch: int) -> tuple[float, float]:
     return cfg.alpha, cfg.lam
 
 
+def network_from_config(
+    cfg: TrainConfig, num_classes: int, in_chans: int = 3, widths: dict[str, int] | None = None
+) -> MultiExitNetwork:
+    """The network a config describes, freshly initialised (pruned site widths if given): the
+    one place training code turns a recipe into a model."""
+    return create_model(
+        cfg.arch,
+        num_classes,
+        exits=cfg.exits,
+        head=cfg.head,
+        exit_blocks=cfg.exit_blocks,
+        act=cfg.act,
+        groups=cfg.groups,
+        width=cfg.width,
+        stem=cfg.stem,
+        in_chans=in_chans,
+        widths=widths,
+    )
+
+
+def loss_from_config(cfg: TrainConfig, model: MultiExitNetwork) -> nn.Module:
+    """The loss a config describes, sized for `model` (adapters need its exits and width)."""
+    return create_loss(
+        cfg.loss,
+        path=cfg.distill_path,
+        alpha=cfg.alpha,
+        lam=cfg.lam,
+        temperature=cfg.temperature,
+        reduction=cfg.loss_reduction,
+        distill=cfg.distill,
+        feature=cfg.feature_hint,
+        feature_exits=cfg.feature_exits,
+        label_smoothing=cfg.label_smoothing,
+        num_exits=model.num_exits,
+        feature_dim=model.feature_dim,
+    )
+
+
 class InitError(ValueError):
     """--init names weights that do not fit the model being trained (bad input, exit 2)."""
 
@@ -311,20 +349,7 @@ class Trainer:
             self.net = DistributedDataParallel(
                 self.model, device_ids=[device.index] if self.use_cuda else None
             )
-        self.loss_fn: nn.Module = create_loss(
-            cfg.loss,
-            path=cfg.distill_path,
-            alpha=cfg.alpha,
-            lam=cfg.lam,
-            temperature=cfg.temperature,
-            reduction=cfg.loss_reduction,
-            distill=cfg.distill,
-            feature=cfg.feature_hint,
-            feature_exits=cfg.feature_exits,
-            label_smoothing=cfg.label_smoothing,
-            num_exits=self.model.num_exits,
-            feature_dim=self.model.feature_dim,
-        ).to(device)
+        self.loss_fn: nn.Module = loss_from_config(cfg, self.model).to(device)
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = self.train_loader.steps_per_epoch()
         self.scheduler = self._make_scheduler()
@@ -342,20 +367,7 @@ class Trainer:
 
     def create_network(self, widths: dict[str, int] | None = None) -> MultiExitNetwork:
         """The run's network, fresh, at the given pruned site widths (None = as built)."""
-        cfg = self.cfg
-        return create_model(
-            cfg.arch,
-            self.num_classes,
-            exits=cfg.exits,
-            head=cfg.head,
-            exit_blocks=cfg.exit_blocks,
-            act=cfg.act,
-            groups=cfg.groups,
-            width=cfg.width,
-            stem=cfg.stem,
-            in_chans=self.input_shape[0],
-            widths=widths,
-        )
+        return network_from_config(self.cfg, self.num_classes, self.input_shape[0], widths)
 
     def _make_optimizer(self) -> torch.optim.SGD:
         # Loss parameters (feature adapters) train with the model and live in the checkpoint.
