@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from serving.middleware import AccessLogMiddleware, BodyLimitMiddleware, BodyTooLargeError
-from serving.routes import admin_router, classify_router, ops_router
+from serving.routes import admin_router, classify_router, ops_router, shadow_router
 from serving.routes.ops import STATIC_DIR
 from serving.service import ServingState
 from serving.settings import Settings
@@ -131,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops_router)
     app.include_router(classify_router)
     app.include_router(admin_router)
+    app.include_router(shadow_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Added last = outermost: the access log sees the body limit's 413 too.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)

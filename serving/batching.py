@@ -115,6 +115,11 @@ class DynamicBatcher:
         self.batches_inline = 0
         # Smoothed run time of a one-image batch, per mode (early exit, full): None until seen.
         self._single_seconds: dict[bool, float | None] = {False: None, True: None}
+        # Called on the event loop with (images, exits, exit_probs or None per row) after a
+        # batch's answers are set: the shadow sampler's entry point. Must never block.
+        self.on_answered: (
+            Callable[[list[np.ndarray], list[int], list[np.ndarray | None]], None] | None
+        ) = None
 
     # ------------------------------------------------------------------ public API
 
@@ -319,3 +324,12 @@ class DynamicBatcher:
                     batch_size=len(batch),
                 )
             )
+        if self.on_answered is not None:
+            try:
+                self.on_answered(
+                    [job.image for job in batch],
+                    [int(e) for e in exits],
+                    [None] * len(batch) if exit_probs is None else list(exit_probs),
+                )
+            except Exception:  # noqa: BLE001 - answers are already out; sampling is best effort
+                logger.exception("shadow sampling hook failed")

@@ -115,6 +115,64 @@ class ServingMetrics:
         )
         for reason in CONNECTION_CLOSE_REASONS:
             self.connections_closed.labels(reason=reason)
+        # Online retuning (serving.shadow); the gauges are refreshed from the live sample.
+        self.shadow_rows = Counter(
+            "earlyexit_shadow_rows", "Answered rows re-run through every exit and stored.",
+            registry=r,
+        )  # fmt: skip
+        self.shadow_dropped = Counter(
+            "earlyexit_shadow_dropped",
+            "Sampled rows dropped instead of re-run, by reason: queue_full (the server was too "
+            "busy for shadow work).",
+            ["reason"],
+            registry=r,
+        )
+        self.shadow_dropped.labels(reason="queue_full")
+        self.shadow_queue_depth = Gauge(
+            "earlyexit_shadow_queue_depth", "Sampled rows waiting to be re-run.", registry=r
+        )
+        self.shadow_store_rows = Gauge(
+            "earlyexit_shadow_store_rows", "Rows in the persistent shadow sample.", registry=r
+        )
+        self.shadow_window_rows = Gauge(
+            "earlyexit_shadow_window_rows", "Rows the live signals are computed on.", registry=r
+        )
+        self.shadow_agreement = Gauge(
+            "earlyexit_shadow_agreement_percent",
+            "Agreement with the final exit among the window's rows each exit accepts under the "
+            "current thresholds (fallback included).",
+            ["exit"],
+            registry=r,
+        )
+        self.shadow_estimated_drop = Gauge(
+            "earlyexit_shadow_estimated_drop_points",
+            "Estimated accuracy drop of the current thresholds vs full depth (100 - agreement).",
+            registry=r,
+        )
+        self.shadow_estimated_drop_upper = Gauge(
+            "earlyexit_shadow_estimated_drop_upper_points",
+            "One-sided upper confidence bound (EARLYEXIT_SHADOW_CONFIDENCE) of the drop.",
+            registry=r,
+        )
+        self.shadow_drop_budget = Gauge(
+            "earlyexit_shadow_drop_budget_points",
+            "EARLYEXIT_SHADOW_DROP_BUDGET: the drop above which the alert fires.",
+            registry=r,
+        )
+        self.shadow_drift = Gauge(
+            "earlyexit_shadow_drift",
+            "KS statistic of exit 1's confidence, recent window vs the window the thresholds "
+            "were tuned on (NaN when they were not tuned on live rows).",
+            registry=r,
+        )
+        self.retunes = Counter(
+            "earlyexit_retunes",
+            "Live retunes by outcome: swapped, guard_failed, too_small, failed.",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("swapped", "guard_failed", "too_small", "failed"):
+            self.retunes.labels(outcome=outcome)
 
         # Labelled children looked up once: `.labels()` costs microseconds per call, several
         # calls per request, on the event loop that bounds throughput.
@@ -186,6 +244,25 @@ class ServingMetrics:
         ):
             if rows > 0:
                 self._for_segment(k).observe(float(seconds))
+
+    def set_shadow_signals(self, signals: dict[str, Any]) -> None:
+        """Gauges from a `/v1/shadow` answer (see ServingState.shadow_signals)."""
+        nan = float("nan")
+        live = signals.get("live") or {}
+        self.shadow_store_rows.set(signals.get("rows", 0))
+        self.shadow_window_rows.set(live.get("rows", 0))
+        for entry in live.get("per_exit", []):
+            value = entry.get("agreement")
+            self.shadow_agreement.labels(exit=entry["exit"]).set(nan if value is None else value)
+        for gauge, key in (
+            (self.shadow_estimated_drop, "estimated_drop"),
+            (self.shadow_estimated_drop_upper, "estimated_drop_upper"),
+        ):
+            value = live.get(key)
+            gauge.set(nan if value is None else value)
+        self.shadow_drop_budget.set(signals.get("drop_budget", nan))
+        drift = (signals.get("drift") or {}).get("statistic")
+        self.shadow_drift.set(nan if drift is None else drift)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

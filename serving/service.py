@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from serving.batching import DynamicBatcher
 from serving.bundle import (
+    MANIFEST_FILE,
     BundleError,
     Manifest,
     Thresholds,
@@ -26,7 +28,9 @@ from serving.bundle import (
 from serving.decode_pool import DecodePool
 from serving.metrics import ServingMetrics
 from serving.settings import Settings
-from serving.state_dir import serving_dir
+from serving.shadow import ShadowSampler, agreement_signals, drift_signal
+from serving.shadow_store import ShadowStore, store_path
+from serving.state_dir import default_state_dir, serving_dir
 
 logger = logging.getLogger(__name__)
 # Earlier tuning records kept in `tuned.history`, newest first, each with the thresholds it
@@ -42,6 +46,33 @@ class PersistError(RuntimeError):
     """thresholds.json could not be written; the old thresholds stay in force."""
 
 
+class ShadowUnavailableError(RuntimeError):
+    """No live sample to read or tune on (sampling off, or its store failed to open): 409."""
+
+
+class ShadowSampleTooSmallError(RuntimeError):
+    """The live window has too few rows for a guarded retune (409); says how many are needed."""
+
+    def __init__(self, rows: int, needed: int) -> None:
+        super().__init__(
+            f"the live window has {rows} rows; a guarded retune needs at least {needed}: wait "
+            f"for more traffic or raise EARLYEXIT_SHADOW_RATE"
+        )
+        self.rows, self.needed = rows, needed
+
+
+class RetuneBusyError(RuntimeError):
+    """Another retune is running; retunes never run two at once (409)."""
+
+
+class TuneUnavailableError(RuntimeError):
+    """The `tune` extra (deap) is not installed on this server (501)."""
+
+
+class RetuneInputError(ValueError):
+    """EPS, Z or another retune parameter is out of range (422)."""
+
+
 class NoThresholdsError(RuntimeError):
     """The server serves the plain model (`--full-model`): there are no thresholds (409)."""
 
@@ -50,6 +81,9 @@ NO_THRESHOLDS = (
     "this server serves the plain model (earlyexit-serve --full-model): it has no exits and "
     "no thresholds to change; serve the bundle without --full-model to tune it"
 )
+SHADOW_OFF = "shadow sampling is off: set EARLYEXIT_SHADOW_RATE above 0 to collect a live sample"
+# Prometheus gauges are refreshed from the sample at most this often (by the shadow thread).
+SIGNALS_REFRESH_S = 2.0
 MODE_EARLY_EXIT = "early_exit"
 MODE_FULL_MODEL = "full_model"
 
@@ -75,7 +109,11 @@ class ServingState:
         self.bundle_dir = Path(settings.bundle)
         self.read_only_reason: str | None = None
         self._threshold_lock = asyncio.Lock()
+        self._retune_lock = asyncio.Lock()
         self._stopping = False
+        self.shadow: ShadowSampler | None = None
+        self.shadow_error: str | None = None
+        self._signals_at = 0.0
 
     @property
     def serves_plain_model(self) -> bool:
@@ -184,6 +222,12 @@ class ServingState:
         self.tuned = dict(getattr(runtime, "tuned", None) or {})
         self.metrics.set_model(manifest.name, manifest.version, runtime.thresholds)
         self.runtime, self.batcher = runtime, batcher
+        if self.settings.shadow_rate > 0 and not self.serves_plain_model:
+            try:
+                await self._start_shadow(runtime, batcher)
+            except Exception as exc:  # noqa: BLE001 - sampling is optional; answers are not
+                self.shadow_error = f"shadow sampling could not start: {exc}"
+                logger.exception(self.shadow_error)
         logger.info(
             "bundle loaded",
             extra={
@@ -212,6 +256,8 @@ class ServingState:
         self._stopping = True
         if self.batcher is not None:
             await self.batcher.stop(timeout_s=self.settings.shutdown_timeout_s)
+        if self.shadow is not None:
+            await asyncio.to_thread(self.shadow.stop)
         self.decoder.close()
 
     # ------------------------------------------------------------------ thresholds
@@ -298,3 +344,207 @@ class ServingState:
             logger.error("SIGHUP: thresholds not reloaded, old ones stay: %s", exc)
         except Exception:  # a signal's task has no caller to report to: log, keep serving
             logger.exception("SIGHUP: thresholds not reloaded, old ones stay")
+
+    # ------------------------------------------------------------------ shadow sample
+
+    async def _start_shadow(self, runtime: Any, batcher: DynamicBatcher) -> None:
+        """Open the sample's store and start sampling; a store that cannot be opened at all
+        (unwritable state directory) turns sampling off with a logged reason, never a crash."""
+        settings = self.settings
+        manifest = runtime.manifest
+        try:
+            manifest_bytes = (self.bundle_dir / MANIFEST_FILE).read_bytes()
+            path = store_path(settings.state_dir or default_state_dir(), manifest.name,
+                              manifest_bytes)  # fmt: skip
+            store = await asyncio.to_thread(
+                ShadowStore, path, manifest.num_exits, manifest.num_classes,
+                settings.shadow_capacity, settings.shadow_max_bytes,
+            )  # fmt: skip
+        except (OSError, sqlite3.Error) as exc:
+            self.shadow_error = f"shadow sample store could not be opened: {exc}"
+            logger.error(self.shadow_error)
+            return
+        metrics = self.metrics
+
+        def on_stored(rows: int) -> None:
+            metrics.shadow_rows.inc(rows)
+            metrics.shadow_queue_depth.set(sampler.queue_depth)
+            if time.monotonic() - self._signals_at >= SIGNALS_REFRESH_S:
+                self.shadow_signals_sync()
+
+        def on_dropped(reason: str) -> None:
+            metrics.shadow_dropped.labels(reason=reason).inc()
+
+        sampler = ShadowSampler(
+            runtime,
+            store,
+            rate=settings.shadow_rate,
+            queue_size=settings.shadow_queue_size,
+            busy=lambda: batcher.depth > 0 or batcher.arriving_count > 0,
+            on_stored=on_stored,
+            on_dropped=on_dropped,
+        )
+        sampler.start()
+        batcher.on_answered = sampler.offer
+        self.shadow = sampler
+        await asyncio.to_thread(self.shadow_signals_sync)
+        logger.info(
+            "shadow sampling on",
+            extra={"fields": {"rate": settings.shadow_rate, "store": str(path),
+                              "rows": store.count(), "max_rows": store.max_rows}},
+        )  # fmt: skip
+
+    def require_shadow(self) -> ShadowSampler:
+        self.require_ready()
+        if self.serves_plain_model:
+            raise NoThresholdsError(NO_THRESHOLDS)
+        if self.shadow is None:
+            raise ShadowUnavailableError(self.shadow_error or SHADOW_OFF)
+        return self.shadow
+
+    def _tuned_window(self) -> tuple[float, float] | None:
+        """The live window the thresholds in force were tuned on, if they were."""
+        data = self.tuned.get("data") if isinstance(self.tuned, dict) else None
+        window = data.get("window") if isinstance(data, dict) else None
+        if not isinstance(window, dict) or data.get("source") != "live":
+            return None
+        try:
+            return float(window["from"]), float(window["to"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def shadow_signals_sync(self) -> dict[str, Any]:
+        """Everything GET /v1/shadow answers (blocking: call from a thread). Also refreshes the
+        Prometheus gauges."""
+        sampler = self.require_shadow()
+        runtime = self.runtime
+        store = sampler.store
+        settings = self.settings
+        recent = store.recent(settings.shadow_window)
+        thresholds = tuple(float(t) for t in runtime.thresholds)
+        live = agreement_signals(
+            recent, thresholds, runtime.manifest.fallback, settings.shadow_confidence
+        )
+        tuned_window = self._tuned_window()
+        reference = store.between(*tuned_window) if tuned_window else None
+        upper = live["estimated_drop_upper"]
+        signals = {
+            "rate": sampler.rate,
+            "rows": store.count(),
+            "max_rows": store.max_rows,
+            "sampled": sampler.sampled,
+            "dropped": sampler.dropped,
+            "queue_depth": sampler.queue_depth,
+            "window": {
+                "rows": recent.num_rows,
+                "from": float(recent.times[0]) if recent.num_rows else None,
+                "to": float(recent.times[-1]) if recent.num_rows else None,
+            },
+            "thresholds": list(thresholds),
+            "confidence": settings.shadow_confidence,
+            "drop_budget": settings.shadow_drop_budget,
+            "over_budget": bool(upper is not None and upper > settings.shadow_drop_budget),
+            "live": live,
+            "drift": {
+                **drift_signal(reference, recent),
+                "tuned_window": None
+                if tuned_window is None
+                else {"from": tuned_window[0], "to": tuned_window[1]},
+            },
+            "store": {"path": str(store.path), "recovered": store.recovered},
+        }
+        self.metrics.set_shadow_signals(signals)
+        self._signals_at = time.monotonic()
+        return signals
+
+    async def shadow_signals(self) -> dict[str, Any]:
+        self.require_shadow()
+        return await asyncio.to_thread(self.shadow_signals_sync)
+
+    def shadow_rows_sync(self, limit: int) -> Any:
+        return self.require_shadow().store.recent(limit)
+
+    # ------------------------------------------------------------------ live retune
+
+    async def retune(
+        self,
+        eps: float,
+        confidence: float,
+        held_out_fraction: float = 0.3,
+        seed: int = 0,
+        generations: int | None = None,
+    ) -> dict[str, Any]:
+        """Tune on the live window for agreement ≥ 100 − eps at `confidence`, and swap (and
+        persist) only if the guard holds on the held-out part. Raises ShadowUnavailableError,
+        NoThresholdsError, RetuneBusyError, TuneUnavailableError, RetuneInputError,
+        ShadowSampleTooSmallError, BundleError / PersistError from the swap.
+        Whatever fails, the thresholds in force and thresholds.json stay as they were."""
+        sampler = self.require_shadow()
+        if self._retune_lock.locked():
+            raise RetuneBusyError("a retune is already running; try again when it has finished")
+        async with self._retune_lock:
+            try:
+                # Lazy: the server install carries no deap; only retuning needs it.
+                from thresholds.agreement import SampleTooSmall, guarded_retune
+                from thresholds.costs import macs_cost_model
+                from thresholds.errors import TuningError
+                from thresholds.search import GAConfig
+            except ImportError as exc:
+                raise TuneUnavailableError(
+                    f"retuning needs the tune extra (pip install 'earlyexit[tune]'): {exc}"
+                ) from exc
+            runtime = self.runtime
+            manifest = runtime.manifest
+            rows = await asyncio.to_thread(sampler.store.recent, self.settings.shadow_window)
+            before_thresholds = tuple(float(t) for t in runtime.thresholds)
+            try:
+                ga = GAConfig(generations=generations or GAConfig.generations, seed=seed,
+                              progress=False)  # fmt: skip
+                outcome = await asyncio.to_thread(
+                    guarded_retune, rows.exit_probs, manifest.fallback, macs_cost_model(manifest),
+                    eps, confidence, held_out_fraction, seed, ga,
+                )  # fmt: skip
+            except SampleTooSmall as exc:
+                self.metrics.retunes.labels(outcome="too_small").inc()
+                raise ShadowSampleTooSmallError(exc.rows, exc.needed) from exc
+            except TuningError as exc:
+                self.metrics.retunes.labels(outcome="failed").inc()
+                raise RetuneInputError(str(exc)) from exc
+            new_thresholds = outcome.thresholds
+            answer: dict[str, Any] = {
+                "swapped": False,
+                "guard": outcome.to_dict(),
+                "before": {"thresholds": list(before_thresholds), **agreement_signals(
+                    rows, before_thresholds, manifest.fallback, confidence)},
+                "after": {"thresholds": list(new_thresholds), **agreement_signals(
+                    rows, new_thresholds, manifest.fallback, confidence)},
+                "window": {"rows": rows.num_rows, "from": float(rows.times[0]),
+                           "to": float(rows.times[-1])},
+            }  # fmt: skip
+            if not outcome.guard_holds:
+                self.metrics.retunes.labels(outcome="guard_failed").inc()
+                logger.warning(
+                    "live retune: guard failed on the held-out rows, thresholds unchanged",
+                    extra={"fields": {"guard": outcome.to_dict()}},
+                )
+                return answer
+            record = {
+                "method": "live-retune",
+                "source": "POST /v1/thresholds/retune",
+                "max_drop": eps,
+                "confidence": confidence,
+                "data": {"source": "live", "window": answer["window"],
+                         "tune_rows": outcome.tune_rows, "held_out_rows": outcome.held_out_rows},
+                "metrics": outcome.to_dict(),
+                "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            }  # fmt: skip
+            try:
+                _, _, tuned, path = await self.update_thresholds(
+                    new_thresholds, record, source="retune"
+                )
+            except Exception:
+                self.metrics.retunes.labels(outcome="failed").inc()
+                raise
+            self.metrics.retunes.labels(outcome="swapped").inc()
+            answer.update(swapped=True, tuned=tuned, path=str(path))
+            return answer

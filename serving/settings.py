@@ -78,6 +78,18 @@ class Settings(BaseSettings):
     # bundle is served from a copy here, so admin updates never rewrite installed files.
     state_dir: Path | None = None
     admin_token: SecretStr | None = None
+    # Online retuning (serving.shadow): the fraction of answered rows re-run through every exit
+    # off the request path (0 = off, the default: nothing changes for existing deployments),
+    # the rows and bytes the persistent sample may hold, the background queue (rows beyond it
+    # are dropped, never waited for), the rows the live signals look at, and the estimated
+    # accuracy drop (points vs full depth) above which the alert fires, at confidence Z.
+    shadow_rate: float = Field(0.0, ge=0.0, le=1.0)
+    shadow_capacity: int = Field(20_000, ge=1, le=10_000_000)
+    shadow_max_bytes: int = Field(64 * 1024 * 1024, ge=4096, le=1 << 40)
+    shadow_queue_size: int = Field(256, ge=1, le=1_000_000)
+    shadow_window: int = Field(5000, ge=1, le=10_000_000)
+    shadow_drop_budget: float = Field(1.0, ge=0.0, le=100.0)
+    shadow_confidence: float = Field(1.645, ge=0.0, le=10.0)
     log_level: str = "info"
     access_log: bool = True
     shutdown_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)

@@ -1,0 +1,246 @@
+"""Shadow sampling off the request path, and the live signals computed from the sample.
+
+The batcher hands every answered row to `ShadowSampler.offer` on the event loop after the
+answers are set: a coin flip at `rate` and a non-blocking put into a bounded queue, nothing
+else. One background thread, at a lower OS priority where the platform allows, waits while
+requests are queued or arriving, then re-runs its rows through every segment (rows that were
+already answered with `full=true` are not run twice) and appends them to the store. When the
+queue is full the row is dropped and counted: shadow work never delays an answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from serving.calibration import decide
+from serving.shadow_store import ShadowRows, ShadowStore
+
+logger = logging.getLogger(__name__)
+# A shadow batch: large enough to amortise a session run, small enough to finish between bursts.
+SHADOW_BATCH = 32
+BUSY_POLL_S = 0.005
+# Lower than the inference thread, so the OS scheduler prefers answers on a busy CPU.
+SHADOW_NICENESS = 10
+
+
+@dataclass
+class _ShadowJob:
+    image: np.ndarray | None  # H×W×C uint8, None when exit_probs is known
+    exit_probs: np.ndarray | None  # K×C when the row was answered with full=true
+    served_exit: int
+    answered_at: float
+
+
+class ShadowSampler:
+    """Bounded queue + one worker thread feeding a `ShadowStore`."""
+
+    def __init__(
+        self,
+        runtime: Any,
+        store: ShadowStore,
+        rate: float,
+        queue_size: int,
+        busy: Callable[[], bool] = lambda: False,
+        on_stored: Callable[[int], None] | None = None,
+        on_dropped: Callable[[str], None] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self._runtime = runtime
+        self.store = store
+        self.rate = rate
+        self._queue: queue.Queue[_ShadowJob | None] = queue.Queue(maxsize=queue_size)
+        self._busy = busy
+        self._on_stored = on_stored
+        self._on_dropped = on_dropped
+        self._random = random.Random(seed)
+        self._thread = threading.Thread(target=self._work, name="earlyexit-shadow", daemon=True)
+        self._closing = False
+        self.sampled = 0
+        self.dropped = 0
+        self.failed = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def offer(
+        self,
+        images: Sequence[np.ndarray],
+        served_exits: Sequence[int],
+        exit_probs: Sequence[np.ndarray | None],
+    ) -> None:
+        """Sample answered rows (event loop; never blocks)."""
+        if self.rate <= 0.0 or self._closing:
+            return
+        now = time.time()
+        for image, served, probs in zip(images, served_exits, exit_probs, strict=True):
+            if self.rate < 1.0 and self._random.random() >= self.rate:
+                continue
+            job = _ShadowJob(None if probs is not None else image, probs, int(served), now)
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                self.dropped += 1
+                if self._on_dropped is not None:
+                    self._on_dropped("queue_full")
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """True once every queued row is stored (tests, shutdown)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._queue.unfinished_tasks == 0:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish what is queued (bounded by the queue size), then stop the thread."""
+        self._closing = True
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=timeout_s)
+        self.store.close()
+
+    # ------------------------------------------------------------------ worker
+
+    def _work(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICENESS)
+        except (AttributeError, OSError):  # not Linux, or not allowed: still correct, less polite
+            pass
+        while True:
+            first = self._queue.get()
+            if first is None:
+                self._queue.task_done()
+                return
+            # Answers first: while requests wait for a batch, shadow work waits for them.
+            while self._busy() and not self._closing:
+                time.sleep(BUSY_POLL_S)
+            jobs = [first]
+            stop = False
+            while len(jobs) < SHADOW_BATCH:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    self._queue.task_done()
+                    break
+                jobs.append(job)
+            try:
+                self._store(jobs)
+            except Exception:  # noqa: BLE001 - a failed shadow batch must not stop sampling
+                self.failed += len(jobs)
+                logger.exception("shadow batch of %d rows failed; rows dropped", len(jobs))
+            finally:
+                for _ in jobs:
+                    self._queue.task_done()
+            if stop:
+                return
+
+    def _store(self, jobs: list[_ShadowJob]) -> None:
+        manifest = self._runtime.manifest
+        probs = np.empty((len(jobs), manifest.num_exits, manifest.num_classes), dtype=np.float32)
+        to_run = [i for i, job in enumerate(jobs) if job.exit_probs is None]
+        for i, job in enumerate(jobs):
+            if job.exit_probs is not None:
+                probs[i] = job.exit_probs
+        if to_run:
+            images = np.stack([jobs[i].image for i in to_run])
+            result = self._runtime.classify(self._runtime.preprocess(images), full=True)
+            probs[to_run] = np.asarray(result.exit_probs)
+        self.store.append(
+            np.array([j.answered_at for j in jobs]), np.array([j.served_exit for j in jobs]), probs
+        )
+        self.sampled += len(jobs)
+        if self._on_stored is not None:
+            self._on_stored(len(jobs))
+
+
+# ---------------------------------------------------------------------- live signals
+
+
+def agreement_signals(
+    rows: ShadowRows, thresholds: Sequence[float], fallback: str, confidence: float
+) -> dict[str, Any]:
+    """What the thresholds would do on these rows, with the final exit as the label: agreement
+    overall (percent) and per exit among the rows that exit accepts, the estimated accuracy drop
+    vs full depth (points) and its one-sided upper bound at `confidence` (Z)."""
+    n = rows.num_rows
+    num_exits = rows.exit_probs.shape[1] if rows.exit_probs.ndim == 3 else len(thresholds)
+    per_exit: list[dict[str, Any]] = []
+    if n == 0:
+        for label in [*(str(k) for k in range(1, num_exits + 1)), "fallback"]:
+            per_exit.append({"exit": label, "rows": 0, "fraction": 0.0, "agreement": None})
+        return {"rows": 0, "agreement": None, "estimated_drop": None,
+                "estimated_drop_upper": None, "per_exit": per_exit}  # fmt: skip
+    answers, exits = decide(rows.exit_probs, list(thresholds), fallback)
+    agree = answers.argmax(axis=1) == rows.final_predictions
+    for k in [*range(1, num_exits + 1), 0]:
+        mask = exits == k
+        count = int(mask.sum())
+        per_exit.append(
+            {
+                "exit": "fallback" if k == 0 else str(k),
+                "rows": count,
+                "fraction": count / n,
+                "agreement": 100.0 * float(agree[mask].mean()) if count else None,
+            }
+        )
+    rate = float(agree.mean())
+    drop = 100.0 * (1.0 - rate)
+    # Wald bound with a floor of one disagreement's worth, so 100 % on few rows is not certain.
+    se = math.sqrt(max(rate * (1.0 - rate), 1.0 / n) / n)
+    return {
+        "rows": n,
+        "agreement": 100.0 * rate,
+        "estimated_drop": drop,
+        "estimated_drop_upper": min(100.0, drop + 100.0 * confidence * se),
+        "per_exit": per_exit,
+    }
+
+
+def ks_statistic(reference: np.ndarray, recent: np.ndarray) -> float:
+    """Two-sample Kolmogorov–Smirnov statistic (0 = same distribution, 1 = disjoint)."""
+    a, b = np.sort(reference), np.sort(recent)
+    grid = np.concatenate([a, b])
+    cdf_a = np.searchsorted(a, grid, side="right") / a.size
+    cdf_b = np.searchsorted(b, grid, side="right") / b.size
+    return float(np.max(np.abs(cdf_a - cdf_b)))
+
+
+def drift_signal(reference: ShadowRows | None, recent: ShadowRows) -> dict[str, Any]:
+    """KS statistic of exit 1's confidence between the rows the thresholds were tuned on and the
+    recent window: it moves when the traffic's difficulty moves, before agreement can be
+    measured on many rows. None when the thresholds were not tuned on live rows still stored."""
+    if reference is None or reference.num_rows == 0 or recent.num_rows == 0:
+        reason = (
+            "the thresholds were not tuned on a live window still in the sample"
+            if recent.num_rows
+            else "no recent rows"
+        )
+        return {"statistic": None, "reference_rows": 0, "recent_rows": recent.num_rows,
+                "reason": reason}  # fmt: skip
+    return {
+        "statistic": ks_statistic(
+            reference.exit_probs[:, 0].max(axis=1), recent.exit_probs[:, 0].max(axis=1)
+        ),  # fmt: skip
+        "reference_rows": reference.num_rows,
+        "recent_rows": recent.num_rows,
+        "reason": None,
+    }
