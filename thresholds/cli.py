@@ -55,6 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
         "keeps all its rows)",
     )
     data.add_argument(
+        "--from-server",
+        metavar="URL",
+        help="tune on a running server's live shadow sample (GET URL/v1/shadow), labelled by "
+        "the final exit: --max-drop then bounds the agreement with full depth given up",
+    )
+    data.add_argument(
+        "--from-server-rows",
+        type=_positive_int,
+        default=100_000,
+        metavar="N",
+        help="newest rows of the live sample to fetch (default 100000; the server's window caps "
+        "it)",
+    )
+    data.add_argument(
         "--calibration",
         type=Path,
         metavar="FILE.npz",
@@ -242,6 +256,25 @@ def _request(args: argparse.Namespace) -> TuneRequest:
     )
 
 
+def _live_calibration(args: argparse.Namespace) -> Path:
+    """Fetch the live sample into the bundle's calibration cache (a temporary directory with
+    --dry-run, which writes nothing into the bundle); the path `--calibration` then reads."""
+    import tempfile
+    import time
+
+    from thresholds.live import save_live_calibration
+
+    if args.dataset or args.data_dir or args.calibration:
+        raise TuningError("--from-server replaces --dataset/--data-dir and --calibration")
+    folder = (
+        Path(tempfile.mkdtemp(prefix="earlyexit-live-"))
+        if args.dry_run
+        else (args.cache_dir or args.bundle / "calibration_cache")
+    )
+    target = folder / f"live-{time.strftime('%Y%m%dT%H%M%S')}.npz"
+    return save_live_calibration(args.from_server, target, args.from_server_rows)
+
+
 def _fail(code: int, message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
@@ -257,14 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     from serving.bundle import BundleError
     from serving.calibration import CalibrationError
     from serving.datasets import DatasetError
+    from thresholds.live import LiveSampleError
     from thresholds.notify import NotifyError
     from thresholds.pipeline import run
 
     try:
+        if args.from_server:
+            args.calibration = _live_calibration(args)
         result = run(_request(args))
     except (TuningError, BundleError, DatasetError, CalibrationError) as exc:
         return _fail(2, str(exc))
-    except NotifyError as exc:
+    except (NotifyError, LiveSampleError) as exc:
         return _fail(1, str(exc))
     except KeyboardInterrupt:
         return _fail(130, "interrupted (thresholds.json unchanged unless reported written)")
