@@ -6,6 +6,7 @@ exceptions raised below into status codes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import sqlite3
@@ -114,6 +115,7 @@ class ServingState:
         self.shadow: ShadowSampler | None = None
         self.shadow_error: str | None = None
         self._signals_at = 0.0
+        self._retune_task: asyncio.Task[None] | None = None
 
     @property
     def serves_plain_model(self) -> bool:
@@ -256,6 +258,10 @@ class ServingState:
         self._stopping = True
         if self.batcher is not None:
             await self.batcher.stop(timeout_s=self.settings.shutdown_timeout_s)
+        if self._retune_task is not None:
+            self._retune_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retune_task
         if self.shadow is not None:
             await asyncio.to_thread(self.shadow.stop)
         self.decoder.close()
@@ -388,6 +394,10 @@ class ServingState:
         batcher.on_answered = sampler.offer
         self.shadow = sampler
         await asyncio.to_thread(self.shadow_signals_sync)
+        if settings.retune_interval > 0:
+            self._retune_task = asyncio.get_running_loop().create_task(
+                self._retune_periodically(settings.retune_interval), name="earlyexit-retune"
+            )
         logger.info(
             "shadow sampling on",
             extra={"fields": {"rate": settings.shadow_rate, "store": str(path),
@@ -473,6 +483,7 @@ class ServingState:
         held_out_fraction: float = 0.3,
         seed: int = 0,
         generations: int | None = None,
+        trigger: str = "POST /v1/thresholds/retune",
     ) -> dict[str, Any]:
         """Tune on the live window for agreement ≥ 100 − eps at `confidence`, and swap (and
         persist) only if the guard holds on the held-out part. Raises ShadowUnavailableError,
@@ -530,7 +541,7 @@ class ServingState:
                 return answer
             record = {
                 "method": "live-retune",
-                "source": "POST /v1/thresholds/retune",
+                "source": trigger,
                 "max_drop": eps,
                 "confidence": confidence,
                 "data": {"source": "live", "window": answer["window"],
@@ -548,3 +559,28 @@ class ServingState:
             self.metrics.retunes.labels(outcome="swapped").inc()
             answer.update(swapped=True, tuned=tuned, path=str(path))
             return answer
+
+    async def _retune_periodically(self, interval_s: float) -> None:
+        """EARLYEXIT_RETUNE_INTERVAL: a guarded retune with the budget and confidence settings
+        every `interval_s`; what fails is logged and the thresholds in force stay."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                answer = await self.retune(
+                    eps=self.settings.shadow_drop_budget,
+                    confidence=self.settings.shadow_confidence,
+                    trigger="EARLYEXIT_RETUNE_INTERVAL",
+                )
+            except asyncio.CancelledError:
+                raise
+            except (ShadowSampleTooSmallError, RetuneBusyError) as exc:
+                logger.info("periodic retune skipped: %s", exc)
+                continue
+            except Exception:  # noqa: BLE001 - the next interval tries again
+                logger.exception("periodic retune failed; thresholds unchanged")
+                continue
+            logger.info(
+                "periodic retune",
+                extra={"fields": {"swapped": answer["swapped"],
+                                  "thresholds": answer["after"]["thresholds"]}},
+            )  # fmt: skip

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from serving.providers import normalize_providers
@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     shadow_window: int = Field(5000, ge=1, le=10_000_000)
     shadow_drop_budget: float = Field(1.0, ge=0.0, le=100.0)
     shadow_confidence: float = Field(1.645, ge=0.0, le=10.0)
+    # Seconds between automatic guarded retunes on the live sample (0 = only on request).
+    retune_interval: float = Field(0.0, ge=0.0, le=7 * 24 * 3600.0)
     log_level: str = "info"
     access_log: bool = True
     shutdown_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
@@ -122,6 +124,16 @@ class Settings(BaseSettings):
         if level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         return level
+
+    @model_validator(mode="after")
+    def _retune_needs_a_sample(self) -> Settings:
+        if self.retune_interval > 0 and self.shadow_rate <= 0:
+            raise ValueError(
+                "EARLYEXIT_RETUNE_INTERVAL needs a live sample: set EARLYEXIT_SHADOW_RATE above 0"
+            )
+        if 0 < self.retune_interval < 1:
+            raise ValueError("EARLYEXIT_RETUNE_INTERVAL must be 0 (off) or at least 1 second")
+        return self
 
     @property
     def max_batch_wait_s(self) -> float:

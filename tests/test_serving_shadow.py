@@ -334,3 +334,34 @@ def test_a_failed_guard_or_a_concurrent_retune_changes_nothing(
     stores = list((tmp_path / "state" / "shadow").glob("*.sqlite"))
     with sqlite3.connect(stores[0]) as db:
         assert db.execute("SELECT COUNT(*) FROM rows").fetchone()[0] == 700
+
+
+def test_periodic_retune_swaps_on_its_own(tiny_bundle, many_pngs, tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from serving.settings import Settings
+
+    with pytest.raises(ValidationError, match="EARLYEXIT_SHADOW_RATE"):
+        Settings(retune_interval=60)  # no sample to tune on
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    # Any agreement is within budget (EPS 100, Z 0): the first retune with enough rows swaps.
+    env = shadow_env(
+        tmp_path / "state",
+        EARLYEXIT_RETUNE_INTERVAL="1",
+        EARLYEXIT_SHADOW_DROP_BUDGET="100",
+        EARLYEXIT_SHADOW_CONFIDENCE="0",
+    )
+    with server_process(bundle, env=env) as server:
+        with httpx.Client(base_url=server.url, timeout=120.0) as client:
+            old = client.get("/v1/model").json()["thresholds"]
+            for start in range(0, len(many_pngs), 64):
+                classify_batch(client, many_pngs[start : start + 64])
+            deadline = time.monotonic() + 90
+            while client.get("/v1/model").json()["tuned"].get("method") != "live-retune":
+                assert time.monotonic() < deadline, server.logs()[-3000:]
+                time.sleep(0.2)
+            model = client.get("/v1/model").json()
+    assert model["thresholds"] != old
+    assert model["tuned"]["source"] == "EARLYEXIT_RETUNE_INTERVAL"
+    written = __import__("json").loads((bundle / THRESHOLDS_FILE).read_text())
+    assert written["thresholds"] == pytest.approx(model["thresholds"])
