@@ -75,7 +75,9 @@ def test_sample_holds_exactly_the_answered_rows_full_depth_results(
                 answers.append(response.json())
             signals = wait_rows(client, 20)
             assert signals["rows"] == 20 and signals["dropped"] == 0
-            sample = client.get("/v1/shadow", params={"rows": 100}).json()["sample"]
+            # The rows themselves are admin-only; the signals are not.
+            assert client.get("/v1/shadow", params={"rows": 1}).status_code == 401
+            sample = client.get("/v1/shadow", params={"rows": 100}, headers=AUTH).json()["sample"]
             metrics = client.get("/metrics").text
     expected = EarlyExitRuntime(tiny_bundle, providers=["cpu"]).classify(
         EarlyExitRuntime(tiny_bundle, providers=["cpu"]).preprocess(tiny_images.images[:20]),

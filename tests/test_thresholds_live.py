@@ -13,10 +13,11 @@ from tests.serving_helpers import free_port, png_bytes, server_process
 from thresholds.cli import main
 
 
-def test_tune_from_a_live_server(tiny_bundle, tiny_images, tmp_path, capsys) -> None:
+def test_tune_from_a_live_server(tiny_bundle, tiny_images, tmp_path, capsys, monkeypatch) -> None:
     served = copy_bundle(tiny_bundle, tmp_path / "served")
     offline = copy_bundle(tiny_bundle, tmp_path / "offline")
-    env = {"EARLYEXIT_STATE_DIR": str(tmp_path / "state"), "EARLYEXIT_SHADOW_RATE": "1"}
+    env = {"EARLYEXIT_STATE_DIR": str(tmp_path / "state"), "EARLYEXIT_SHADOW_RATE": "1",
+           "EARLYEXIT_ADMIN_TOKEN": "live-token"}  # fmt: skip
     files = [("files", (f"{i}.png", png_bytes(im), "image/png"))
              for i, im in enumerate(tiny_images.images)]  # fmt: skip
     with server_process(served, env=env) as server:
@@ -26,6 +27,11 @@ def test_tune_from_a_live_server(tiny_bundle, tiny_images, tmp_path, capsys) -> 
             while client.get("/v1/shadow").json()["rows"] < len(files):
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
+        # The rows are admin-only: without the token the server's 403/401 is one line, exit 2.
+        monkeypatch.delenv("EARLYEXIT_ADMIN_TOKEN", raising=False)
+        assert main(["--bundle", str(offline), "--from-server", server.url]) == 2
+        assert "HTTP 401" in capsys.readouterr().err
+        monkeypatch.setenv("EARLYEXIT_ADMIN_TOKEN", "live-token")
         argv = ["--bundle", str(offline), "--from-server", server.url, "--json",
                 "--max-drop", "5", "--generations", "3", "--population", "10"]  # fmt: skip
         assert main(argv) == 0, capsys.readouterr().err
@@ -41,9 +47,11 @@ def test_tune_from_a_live_server(tiny_bundle, tiny_images, tmp_path, capsys) -> 
     assert (served / THRESHOLDS_FILE).read_bytes() == (tiny_bundle / THRESHOLDS_FILE).read_bytes()
 
 
-def test_from_server_errors_are_one_line(tiny_bundle, tmp_path, capsys) -> None:
+def test_from_server_errors_are_one_line(tiny_bundle, tmp_path, capsys, monkeypatch) -> None:
     bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
-    with server_process(bundle, env={"EARLYEXIT_STATE_DIR": str(tmp_path / "state")}) as server:
+    monkeypatch.setenv("EARLYEXIT_ADMIN_TOKEN", "live-token")
+    env = {"EARLYEXIT_STATE_DIR": str(tmp_path / "state"), "EARLYEXIT_ADMIN_TOKEN": "live-token"}
+    with server_process(bundle, env=env) as server:  # sampling off
         assert main(["--bundle", str(bundle), "--from-server", server.url]) == 2
         assert "EARLYEXIT_SHADOW_RATE" in capsys.readouterr().err
     unreachable = f"http://127.0.0.1:{free_port()}"

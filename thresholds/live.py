@@ -20,6 +20,7 @@ import numpy as np
 
 from serving.calibration import save_calibration
 from thresholds.errors import TuningError
+from thresholds.notify import admin_token
 
 logger = logging.getLogger(__name__)
 DEFAULT_LIVE_ROWS = 100_000
@@ -30,14 +31,18 @@ class LiveSampleError(RuntimeError):
 
 
 def fetch_live_sample(url: str, rows: int = DEFAULT_LIVE_ROWS, timeout_s: float = 60.0) -> dict:
-    """The `/v1/shadow` answer with its `sample`. TuningError when the server refuses (no
-    sample: sampling off, --full-model); LiveSampleError when it cannot be reached."""
+    """The `/v1/shadow` answer with its `sample` (sent with $EARLYEXIT_ADMIN_TOKEN: the rows
+    are admin-only). TuningError when the server refuses (no sample: sampling off,
+    --full-model; no or a wrong token); LiveSampleError when it cannot be reached."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise TuningError(f"--from-server needs an http(s) URL, got {url!r}")
     endpoint = f"{url.rstrip('/')}/v1/shadow?rows={int(rows)}"
+    token = admin_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(endpoint, headers=headers)
     try:
-        with urllib.request.urlopen(endpoint, timeout=timeout_s) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
             answer = json.loads(response.read())
     except urllib.error.HTTPError as exc:
         try:

@@ -68,8 +68,12 @@ async def shadow(
 ) -> dict[str, Any]:
     """Live signals from the shadow sample: rows, window, per-exit agreement with the final exit,
     estimated drop vs full depth with its bound, drift vs the tuned window. `?rows=N` adds the
-    newest N rows' per-exit probabilities (what `earlyexit-tune --from-server` reads)."""
+    newest N rows' per-exit probabilities (admin token; what `earlyexit-tune --from-server`
+    reads)."""
     state = _state(request)
+    if rows:
+        # Per-row outputs of users' traffic are more than a dashboard needs: admin only.
+        require_admin(request)
     try:
         signals = await state.shadow_signals()
         if rows:
