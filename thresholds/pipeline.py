@@ -105,6 +105,21 @@ class TuneRequest:
             raise TuningError("--baseline-bundle needs --dataset/--data-dir, not --calibration")
 
 
+def _collect(request: TuneRequest, bundle: Path, manifest: Manifest, split: str) -> Calibration:
+    """One split's calibration arrays for `bundle`, from its cache or run through the runtime."""
+    return load_or_collect(
+        bundle,
+        manifest,
+        request.dataset or "",
+        request.data_dir or Path("."),
+        split,
+        batch_size=request.batch_size,
+        cache_dir=request.cache_dir,
+        options=request.runtime,
+        write_cache=not request.dry_run,
+    )
+
+
 def _calibrations(
     request: TuneRequest, manifest: Manifest
 ) -> tuple[Calibration, Calibration | None, str | None]:
@@ -120,17 +135,7 @@ def _calibrations(
         return tune_cal, test_cal, test_split
 
     def get(split: str) -> Calibration:
-        return load_or_collect(
-            request.bundle,
-            manifest,
-            request.dataset or "",
-            request.data_dir or Path("."),
-            split,
-            batch_size=request.batch_size,
-            cache_dir=request.cache_dir,
-            options=request.runtime,
-            write_cache=not request.dry_run,
-        )
+        return _collect(request, request.bundle, manifest, split)
 
     tune_cal = get(request.split)
     if request.split == HELD_OUT_SPLIT:
@@ -198,17 +203,7 @@ def resolve_baseline(
             )
         accuracy = {}
         for name in [split] + ([test_split] if test_split else []):
-            cal = load_or_collect(
-                request.baseline_bundle,
-                plain,
-                request.dataset or "",
-                request.data_dir or Path("."),
-                name,
-                batch_size=request.batch_size,
-                cache_dir=request.cache_dir,
-                options=request.runtime,
-                write_cache=not request.dry_run,
-            )
+            cal = _collect(request, request.baseline_bundle, plain, name)
             accuracy[name] = _table(cal, plain, "baseline bundle data").final_accuracy
         return BaselineChoice(
             "bundle",

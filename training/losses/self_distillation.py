@@ -38,8 +38,10 @@ The reference ("distillation path", §3.1 / Table 7):
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -282,33 +284,10 @@ SD_FIELDS = (
 
 
 @register_loss("self_distillation", fields=SD_FIELDS)
-def self_distillation(
-    path: str = "deepest",
-    alpha: float = 0.3,
-    lam: float = 0.0,
-    temperature: float = 3.0,
-    reduction: str = "sum",
-    distill: str = "soft_ce",
-    feature: str = "none",
-    feature_exits: Sequence[int] | None = None,
-    label_smoothing: float = 0.0,
-    num_exits: int | None = None,
-    feature_dim: int | None = None,
-    **_: object,
-) -> nn.Module:
-    return SelfDistillationLoss(
-        path=path,
-        alpha=alpha,
-        lam=lam,
-        temperature=temperature,
-        reduction=reduction,
-        distill=distill,
-        feature=feature,
-        feature_exits=feature_exits,
-        label_smoothing=label_smoothing,
-        num_exits=num_exits,
-        feature_dim=feature_dim,
-    )
+def self_distillation(**kwargs: Any) -> nn.Module:
+    """SelfDistillationLoss from the engine's keyword set (keys it does not take are ignored)."""
+    takes = inspect.signature(SelfDistillationLoss).parameters
+    return SelfDistillationLoss(**{k: v for k, v in kwargs.items() if k in takes})
 
 
 @register_loss("baseline")
