@@ -558,6 +558,8 @@ class ServingState:
                 raise
             self.metrics.retunes.labels(outcome="swapped").inc()
             answer.update(swapped=True, tuned=tuned, path=str(path))
+            # The gauges describe the thresholds in force: refresh now, not at the next sample.
+            await asyncio.to_thread(self.shadow_signals_sync)
             return answer
 
     async def _retune_periodically(self, interval_s: float) -> None:
