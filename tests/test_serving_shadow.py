@@ -367,3 +367,32 @@ def test_periodic_retune_swaps_on_its_own(tiny_bundle, many_pngs, tmp_path) -> N
     assert model["tuned"]["source"] == "EARLYEXIT_RETUNE_INTERVAL"
     written = __import__("json").loads((bundle / THRESHOLDS_FILE).read_text())
     assert written["thresholds"] == pytest.approx(model["thresholds"])
+
+
+def test_retune_without_the_tune_extra_is_501_and_changes_nothing(
+    tiny_bundle, tmp_path, monkeypatch
+) -> None:
+    """In process: the server install has no deap; `thresholds.agreement` cannot be imported."""
+    import asyncio
+    import sys
+
+    from serving.service import ServingState, TuneUnavailableError
+    from serving.settings import Settings
+
+    monkeypatch.setitem(sys.modules, "thresholds.agreement", None)  # import raises ImportError
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    before = (bundle / THRESHOLDS_FILE).read_bytes()
+    settings = Settings(
+        bundle=bundle, state_dir=tmp_path / "state", shadow_rate=1.0, providers=["cpu"],
+        warmup=False,
+    )  # fmt: skip
+
+    async def scenario() -> None:
+        state = ServingState(settings)
+        await state.load()
+        with pytest.raises(TuneUnavailableError, match=r"earlyexit\[tune\]"):
+            await state.retune(eps=1.0, confidence=1.0)
+        await state.shutdown()
+
+    asyncio.run(scenario())
+    assert (bundle / THRESHOLDS_FILE).read_bytes() == before
