@@ -103,15 +103,6 @@ class ShadowSampler:
                 if self._on_dropped is not None:
                     self._on_dropped("queue_full")
 
-    def wait_idle(self, timeout_s: float) -> bool:
-        """True once every queued row is stored (tests, shutdown)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._queue.unfinished_tasks == 0:
-                return True
-            time.sleep(0.01)
-        return False
-
     def stop(self, timeout_s: float = 10.0) -> None:
         """Finish what is queued (bounded by the queue size), then stop the thread."""
         self._closing = True
