@@ -56,7 +56,6 @@ _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 # Formats the server decodes; Pillow is told to try only these parsers.
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
-SUPPORTED_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif")
 # Well-known image containers we recognise but do not decode: these get 415, not 400.
 _OTHER_SIGNATURES = (
     (b"II*\x00", "TIFF"),

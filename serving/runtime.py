@@ -221,13 +221,6 @@ class EarlyExitRuntime:
             if tuned is not None:
                 self.tuned = dict(tuned)
 
-    def reload_thresholds(self) -> tuple[float, ...]:
-        """Re-read thresholds.json from the bundle (after earlyexit-tune rewrote it). A missing
-        or unreadable file is a BundleError and the current thresholds stay."""
-        stored = read_thresholds(self.bundle_dir, self.manifest.num_exits, missing_ok=False)
-        self.set_thresholds(stored.values, stored.tuned)
-        return stored.values
-
     def can_fall_back(self, thresholds: Sequence[float]) -> bool:
         """False when exit K accepts every row reaching it: its max probability is at least 1/C
         (the margin covers float32 rounding of a near-uniform softmax)."""

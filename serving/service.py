@@ -99,7 +99,6 @@ class ServingState:
         self.batcher: DynamicBatcher | None = None
         self.load_error: str | None = None
         self.tuned: dict[str, Any] = {}
-        self.started_at = time.time()
         self.decoder = DecodePool(
             workers=settings.decode_workers,
             memory_budget_bytes=settings.decode_memory_mb * 1024 * 1024,

@@ -245,15 +245,6 @@ def test_a_reread_never_falls_back_to_full_depth(bundle_copy, kind):
             read_thresholds(bundle_copy, 3)
 
 
-def test_runtime_reload_keeps_thresholds_when_the_file_is_gone(bundle_copy):
-    runtime = EarlyExitRuntime(bundle_copy, providers=["cpu"], intra_op_threads=1)
-    before = runtime.thresholds
-    (bundle_copy / "thresholds.json").unlink()
-    with pytest.raises(BundleError, match="not found"):
-        runtime.reload_thresholds()
-    assert runtime.thresholds == before
-
-
 def test_thresholds_file_is_standard_json(tmp_path):
     def refuse(name: str) -> None:
         raise ValueError(f"not JSON: {name}")
