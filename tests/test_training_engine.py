@@ -174,6 +174,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     loss_fn(out_.logits, out_.features, y[shard]).total.backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters()}, out)
+    # Both ranks reach teardown together: a rank tearing gloo down while the other still has a
+    # pending exchange aborts the process ("terminate called without an active exception").
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
