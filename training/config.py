@@ -178,7 +178,7 @@ class TrainConfig:
         if self.warmup_epochs < 0 or (self.warmup_epochs > 0 and self.warmup_epochs >= self.epochs):
             raise ValueError("warmup_epochs must be ≥ 0 and below epochs")
         from .losses import all_loss_fields, list_losses, loss_fields
-        from .losses.self_distillation import check_options
+        from .losses.self_distillation import check_common, check_options
 
         if self.loss not in list_losses():
             raise ValueError(f"unknown loss {self.loss!r}; valid: {', '.join(list_losses())}")
@@ -205,10 +205,8 @@ class TrainConfig:
                 reduction=self.loss_reduction,
                 label_smoothing=self.label_smoothing,
             )
-        elif not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.loss_reduction not in ("sum", "mean"):
-            raise ValueError(f"loss_reduction must be sum or mean, got {self.loss_reduction!r}")
+        else:
+            check_common(self.loss_reduction, self.label_smoothing)
         # A loss-specific field moved off its default for a loss that never reads it is a
         # recipe mistake: refuse it rather than train something other than what was asked.
         defaults = TrainConfig()

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .registry import register_loss
-from .self_distillation import REDUCTIONS, LossTerms, soft_cross_entropy
+from .self_distillation import LossTerms, check_common, soft_cross_entropy
 
 
 class ResNetKLLoss(nn.Module):
@@ -49,12 +49,7 @@ class ResNetKLLoss(nn.Module):
             raise ValueError(f"alpha (eq. 2's x) must be in [0, 1], got {alpha}")
         if lam < 0:
             raise ValueError(f"lambda (feature weight) must be ≥ 0, got {lam}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(
-                f"unknown loss reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}"
-            )
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        check_common(reduction, label_smoothing)
         self.alpha, self.lam = alpha, lam
         self.reduction, self.label_smoothing = reduction, label_smoothing
 

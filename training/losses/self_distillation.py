@@ -96,6 +96,14 @@ def feature_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
     return (student - teacher).pow(2).sum(dim=1).clamp_min(1e-12).sqrt().mean()
 
 
+def check_common(reduction: str, label_smoothing: float) -> None:
+    """The options every loss takes: its reduction over exits and the CE label smoothing."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown loss reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+
 def check_options(
     *,
     path: str,
@@ -112,8 +120,7 @@ def check_options(
     """Every rule on the options, raised as ValueError with one clear sentence."""
     if path not in PATHS:
         raise ValueError(f"unknown distillation path {path!r}; valid: {', '.join(PATHS)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown loss reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+    check_common(reduction, label_smoothing)
     if distill not in DISTILL_TERMS:
         raise ValueError(
             f"unknown distillation term {distill!r}; valid: {', '.join(DISTILL_TERMS)}"
@@ -126,8 +133,6 @@ def check_options(
         raise ValueError(f"lambda (feature weight) must be ≥ 0, got {lam}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if feature_exits is not None:
         if feature == "none":
             raise ValueError("feature_exits needs a feature hint (feature: l2 or adapter)")
@@ -245,12 +250,7 @@ class CrossEntropyExits(nn.Module):
 
     def __init__(self, reduction: str = "sum", label_smoothing: float = 0.0) -> None:
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(
-                f"unknown loss reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}"
-            )
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        check_common(reduction, label_smoothing)
         self.reduction, self.label_smoothing = reduction, label_smoothing
 
     def forward(
