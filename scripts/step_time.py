@@ -14,8 +14,8 @@ import platform
 import sys
 from pathlib import Path
 
-from serving.bundle import atomic_write_json
-from serving.plots import pyplot, save_png
+from core.atomic import atomic_write_json
+from core.plots import pyplot, save_png
 from training.compare import Arm, measure_step_times
 from training.config import TrainConfig
 

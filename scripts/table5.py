@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.bench import time_variants
-from serving.bundle import atomic_write_bytes, atomic_write_json, load_manifest
+from benchmarks.bench import time_variants
+from benchmarks.loadtest import run_http_bench
+from core.atomic import atomic_write_bytes, atomic_write_json
+from core.datasets import load_split
+from serving.bundle import load_manifest
 from serving.cli_common import setup_cli_logging
-from serving.datasets import load_split
-from serving.loadtest import run_http_bench
 from serving.runtime import EarlyExitRuntime
 from thresholds.calibrate import load_or_collect
 from thresholds.costs import macs_cost_model

@@ -30,7 +30,7 @@ else
     echo "web page tests: chromium or chromedriver missing (they will skip; with CI=true, fail)"
 fi
 
-ruff check training serving thresholds tests scripts
-ruff format --check training serving thresholds tests scripts
+ruff check core training thresholds serving benchmarks tests scripts
+ruff format --check core training thresholds serving benchmarks tests scripts
 # pytest exits 5 when it collects nothing, so an empty suite fails here too.
 python -m pytest -q "$@"

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from serving.bundle import BundleError, atomic_write_json, load_manifest
+from core.atomic import atomic_write_json
+from core.plots import pyplot, save_png
+from serving.bundle import BundleError, load_manifest
 from serving.cli_common import setup_cli_logging
-from serving.plots import pyplot, save_png
 from thresholds.calibrate import check_against_manifest, read_calibration_file
 from thresholds.costs import macs_cost_model
 from thresholds.errors import TuningError

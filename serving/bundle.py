@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import stat
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from core.atomic import atomic_write_json
 from serving.manifest_schema import BUNDLE_FORMAT, ManifestModel, error_line
 
 logger = logging.getLogger(__name__)
@@ -422,30 +422,6 @@ def read_thresholds(
     values = validate_threshold_values(data["thresholds"], num_exits)
     tuned = data.get("tuned") or {}
     return Thresholds(values=values, tuned=tuned if isinstance(tuned, dict) else {})
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> None:
-    """Write via a temp file in the same directory + fsync + rename: readers see old or new."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        # mkstemp creates 0600; give the file the mode a plain open() would (a non-root server
-        # in a container must be able to read what the tuner wrote).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
 def write_thresholds(bundle_dir: str | os.PathLike[str], thresholds: Thresholds) -> Path:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.bundle import atomic_write_bytes
+from core.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -58,10 +58,10 @@ def staged_equals_full(model: MultiExitNetwork, x: torch.Tensor) -> None:
 
 
 def tiny_arrays(n: int, seed: int, size: int = 16, classes: int = 4):
-    """Random uint8 images with labels, as `serving.datasets.load_split` returns them."""
+    """Random uint8 images with labels, as `core.datasets.load_split` returns them."""
     import numpy as np
 
-    from serving.datasets import ImageArrays
+    from core.datasets import ImageArrays
 
     rng = np.random.default_rng(seed)
     return ImageArrays(

@@ -124,11 +124,11 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def tiny_images():
-    """`serving.datasets.ImageArrays` with TINY_ROWS random uint8 images; labels agree with
+    """`core.datasets.ImageArrays` with TINY_ROWS random uint8 images; labels agree with
     the tiny model's final exit on about 70% of the rows, so accuracies are meaningful."""
     import torch
 
-    from serving.datasets import ImageArrays
+    from core.datasets import ImageArrays
 
     images = tiny_uint8_images()
     model = build_tiny_model()

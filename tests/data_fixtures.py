@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.datasets import CIFAR10_CLASSES
+from core.datasets import CIFAR10_CLASSES
 
 CIFAR10_NAMES = list(CIFAR10_CLASSES)
 

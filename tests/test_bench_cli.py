@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from serving.bench import row_macs, segment_costs, threshold_sweep, time_variants
-from serving.bench_cli import MIN_ROWS_TO_QUOTE, main
+from benchmarks.bench import row_macs, segment_costs, threshold_sweep, time_variants
+from benchmarks.cli import MIN_ROWS_TO_QUOTE, main
 from serving.calibration import decide
 from tests.data_fixtures import write_tiny_cifar10
 

@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
         ("training.export_cli", ["--out", "x"], "--checkpoint"),
         ("thresholds.cli", ["--bundle", "x", "--beta", "nan-ish"], "--beta"),
         ("serving.cli", ["--port", "notaport"], "--port"),
-        ("serving.bench_cli", ["--bundle", "x"], "--dataset"),
+        ("benchmarks.cli", ["--bundle", "x"], "--dataset"),
         (
-            "serving.bench_cli",
+            "benchmarks.cli",
             ["--bundle", "x", "--dataset", "cifar10", "--providers", "tpu"],
             "unknown execution provider 'tpu'",
         ),

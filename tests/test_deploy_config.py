@@ -577,6 +577,18 @@ def copy_sources(dockerfile: Path) -> list[str]:
     return sources
 
 
+def copy_excludes(dockerfile: Path) -> dict[str, list[str]]:
+    """For each COPYed source, the patterns its `--exclude=` flags leave out."""
+    excludes: dict[str, list[str]] = {}
+    for op, rest in dockerfile_instructions(dockerfile):
+        if op == "COPY":
+            args = rest.split()
+            patterns = [a.split("=", 1)[1] for a in args if a.startswith("--exclude=")]
+            for source in [a.rstrip("/") for a in args if not a.startswith("--")][:-1]:
+                excludes[source] = patterns
+    return excludes
+
+
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.train"])
 def test_everything_the_images_copy_exists(name: str) -> None:
     for source in copy_sources(DOCKER / name):
@@ -593,13 +605,15 @@ def test_serve_install_step_builds_from_the_copied_files(tmp_path: Path) -> None
     pytest.importorskip("wheel")
     context = tmp_path / "context"
     context.mkdir()
+    excludes = copy_excludes(DOCKER / "Dockerfile")
     for source in copy_sources(DOCKER / "Dockerfile"):
         if source.startswith(("docker/", "serving/default_bundle")):
             continue  # copied to /app and /models, not into the source tree pip builds
         for path in REPO.glob(source):
             target = context / path.relative_to(REPO)
             if path.is_dir():
-                shutil.copytree(path, target, ignore=shutil.ignore_patterns("__pycache__"))
+                ignore = shutil.ignore_patterns("__pycache__", *excludes.get(source, []))
+                shutil.copytree(path, target, ignore=ignore)
             else:
                 shutil.copy(path, target)
     out = subprocess.run(
@@ -621,4 +635,8 @@ def test_serve_install_step_builds_from_the_copied_files(tmp_path: Path) -> None
     ]  # fmt: skip
     assert any("onnxruntime-gpu" in r for r in serve_reqs), serve_reqs
     assert not any("torch" in r for r in serve_reqs), serve_reqs
-    assert "serving/app.py" in names
+    assert "serving/app.py" in names and "core/atomic.py" in names
+    # The server image carries what the server runs on, not the benchmarks, the training code
+    # or the dataset readers and downloader.
+    assert not any(n.startswith(("benchmarks/", "training/")) for n in names), names
+    assert "core/datasets.py" not in names

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from serving.httpclient import (
+from benchmarks.httpclient import (
     HttpClient,
     HttpConnection,
     InvalidURL,
@@ -20,7 +20,7 @@ from serving.httpclient import (
     ServerDisconnected,
     parse_base_url,
 )
-from serving.loadtest import run_http_bench
+from benchmarks.loadtest import run_http_bench
 from tests.serving_helpers import png_bytes, server_process
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -276,7 +276,7 @@ def test_load_bench_uses_the_lean_client(server, tiny_images) -> None:
 
 
 def test_bench_cli_rejects_https(tmp_path, capsys) -> None:
-    from serving.bench_cli import main as bench_main
+    from benchmarks.cli import main as bench_main
 
     argv = ["--http", "https://127.0.0.1:8000", "--dataset", "cifar10", "--data-dir", str(tmp_path)]
     assert bench_main(argv) == 2

@@ -287,7 +287,8 @@ def test_graceful_shutdown_answers_queued_requests(tiny_bundle, pngs, tmp_path) 
 
 
 def test_a_bundle_that_fails_to_load_is_alive_but_not_ready(bundle_copy, pngs, tmp_path) -> None:
-    from serving.bundle import MANIFEST_FILE, atomic_write_json, sha256_file
+    from core.atomic import atomic_write_json
+    from serving.bundle import MANIFEST_FILE, sha256_file
 
     # Hashes match (the CLI check passes) but segment 2 is not an ONNX model.
     segment = bundle_copy / "segment_2.onnx"

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from serving.bench_cli import main as bench_main
-from serving.http_compare import run_http_comparison
-from serving.loadtest import LoadTestError
+from benchmarks.cli import main as bench_main
+from benchmarks.http_compare import run_http_comparison
+from benchmarks.loadtest import LoadTestError
 from tests.data_fixtures import write_tiny_cifar10
 from tests.plain_fixtures import export_plain_graph, with_baseline
 from tests.serving_helpers import server_process

@@ -7,8 +7,8 @@ import json
 import httpx
 import pytest
 
+from benchmarks.loadtest import run_http_bench
 from serving.bundle import THRESHOLDS_FILE, read_thresholds
-from serving.loadtest import run_http_bench
 from tests.conftest import copy_bundle
 from tests.data_fixtures import write_tiny_cifar10
 from tests.serving_helpers import server_process
@@ -62,7 +62,7 @@ def test_bench_with_full_depth_comparison(server, bundle, tiny_images) -> None:
 
 
 def test_earlyexit_bench_http(server, bundle, tmp_path, capsys, monkeypatch) -> None:
-    from serving.bench_cli import main as bench_main
+    from benchmarks.cli import main as bench_main
 
     monkeypatch.delenv("EARLYEXIT_ADMIN_TOKEN", raising=False)
     data_dir = write_tiny_cifar10(tmp_path / "data", per_batch=10)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.datasets import DatasetError, load_split, val_indices
+from core.datasets import DatasetError, load_split, val_indices
 from tests.data_fixtures import write_tiny_cifar10, write_tiny_cifar100, write_tiny_fashion_mnist
 from training.data import AugmentConfig, BatchLoader, cutout, random_crop, random_flip
 
@@ -29,7 +29,7 @@ def test_cifar10_reader_on_pickle_fixture(tmp_path):
 
 def test_cifar100_reader_fine_and_coarse(tmp_path):
     write_tiny_cifar100(tmp_path, n=30)
-    from serving.datasets import read_cifar100
+    from core.datasets import read_cifar100
 
     fine = read_cifar100(tmp_path, train=True)
     coarse = read_cifar100(tmp_path, train=False, coarse=True)

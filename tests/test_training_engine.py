@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.datasets import ImageArrays
+from core.datasets import ImageArrays
 from training.config import TrainConfig
 from training.costs import count_macs, measure_costs
 from training.engine import Trainer, distill_weights, lr_factor

@@ -118,7 +118,7 @@ def collect(
     runtime: Any = None,
 ) -> Calibration:
     """Run the split through every exit of the bundle (serving runtime, full mode)."""
-    from serving.datasets import load_split
+    from core.datasets import load_split
 
     data = load_split(dataset, data_dir, split)
     if len(data) == 0:

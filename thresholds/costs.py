@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from serving.bundle import Manifest, atomic_write_json
+from core.atomic import atomic_write_json
+from serving.bundle import Manifest
 from thresholds.errors import TuningError
 from thresholds.runner import RuntimeOptions
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.plots import pyplot, save_png
+from core.plots import pyplot, save_png
 from thresholds.costs import CostModel
 from thresholds.tuning import TuneOutcome
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.bundle import atomic_write_bytes, atomic_write_json
+from core.atomic import atomic_write_bytes, atomic_write_json
 from thresholds.costs import CostModel
 from thresholds.evaluate import Metrics
 from thresholds.tuning import SplitReport, TuneOptions, TuneOutcome

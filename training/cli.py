@@ -8,9 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
-from serving.bundle import atomic_write_json
+from core.atomic import atomic_write_json
+from core.datasets import DATASETS, DatasetError, download
 from serving.cli_common import OneLineParser, UsageError, setup_cli_logging
-from serving.datasets import DATASETS, DatasetError, download
 
 log = logging.getLogger("earlyexit.train")
 

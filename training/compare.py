@@ -252,7 +252,7 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    from serving.plots import pyplot, save_png
+    from core.plots import pyplot, save_png
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from serving.bundle import atomic_write_bytes, atomic_write_json
+from core.atomic import atomic_write_bytes, atomic_write_json
 from serving.cli_common import OneLineParser, UsageError, setup_cli_logging
 
 log = logging.getLogger("earlyexit.compare")

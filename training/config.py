@@ -267,7 +267,7 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
 
 
 def write_config(cfg: TrainConfig, path: str | Path) -> None:
-    from serving.bundle import atomic_write_json
+    from core.atomic import atomic_write_json
 
     atomic_write_json(path, cfg.to_dict())
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from serving.bundle import atomic_write_bytes, atomic_write_json
-from serving.datasets import ImageArrays, load_split, normalization, val_indices
+from core.atomic import atomic_write_bytes, atomic_write_json
+from core.datasets import ImageArrays, load_split, normalization, val_indices
 
 from .config import TrainConfig, write_config
 from .costs import measure_costs

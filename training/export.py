@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.atomic import atomic_write_json
 from serving.bundle import (
     BUNDLE_FORMAT,
     FALLBACKS,
@@ -44,7 +45,6 @@ from serving.bundle import (
     Manifest,
     SegmentSpec,
     Thresholds,
-    atomic_write_json,
     parse_manifest,
     sha256_file,
     write_thresholds,
@@ -891,7 +891,7 @@ def export_checkpoint(
     if options.data_dir:
         if not dataset:
             raise CheckpointError("the checkpoint names no dataset; pass --dataset")
-        from serving.datasets import DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, DatasetError, load_split
+        from core.datasets import DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, DatasetError, load_split
 
         try:
             calibration = load_split(

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serving.bundle import atomic_write_bytes, atomic_write_json
+from core.atomic import atomic_write_bytes, atomic_write_json
 from serving.cli_common import setup_cli_logging
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _read_run(run: Path) -> dict[str, Any]:
 
 
 def _plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
-    from serving.plots import pyplot, save_png
+    from core.plots import pyplot, save_png
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -1,4 +1,4 @@
-"""Data for training: numpy readers from `serving.datasets`, tensor batches and augmentation."""
+"""Data for training: numpy readers from `core.datasets`, tensor batches and augmentation."""
 
 from .augment import (
     AutoAugmentCifar,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from serving.datasets import ImageArrays
+from core.datasets import ImageArrays
 
 from .augment import AutoAugmentCifar, cutmix, cutout, random_crop, random_flip
 

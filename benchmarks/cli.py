@@ -1,19 +1,26 @@
 """`earlyexit-bench`: accuracy, exit fractions, MAC and wall-clock speedups of a bundle.
 
-In-process (`--bundle`) by default; `--http URL` benchmarks a running server through
-`serving.loadtest.main_http(args)`, and `--http URL --compare-url URL2` an early-exit server
-against a `--full-model` server of the same bundle (`serving.http_compare`).
+In-process (`--bundle`, `benchmarks.bench`) by default; `--http URL` load-tests a running server
+(`benchmarks.loadtest`), and `--http URL --compare-url URL2` an early-exit server against a
+`--full-model` server of the same bundle (`benchmarks.http_compare`). Everything printed is
+printed here; the modules behind it return reports.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import logging
+import os
 import sys
+from pathlib import Path
 
+import numpy as np
+
+from core.datasets import DATASETS
 from serving.cli_common import OneLineParser, parse_or_exit, providers_arg, setup_cli_logging
-from serving.datasets import DATASETS
+
+logger = logging.getLogger(__name__)
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -112,16 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_or_exit(build_parser(), argv)
     setup_cli_logging(quiet=args.quiet)
     if args.http:
-        if importlib.util.find_spec("serving.loadtest") is None:
-            print("earlyexit-bench: error: --http is not available in this build", file=sys.stderr)
-            return 2
-        from serving.loadtest import main_http
+        return http_main(args)
 
-        return int(main_http(args))
-
-    from serving.bench import BenchConfig, run_benchmark
+    from benchmarks.bench import BenchConfig, run_benchmark
+    from core.datasets import DatasetError
     from serving.bundle import BundleError
-    from serving.datasets import DatasetError
 
     config = BenchConfig(
         bundle=args.bundle,
@@ -147,6 +149,170 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report))
     else:
         _summary(report)
+    return 0
+
+
+class BenchInputError(ValueError):
+    """A bad flag or input of `earlyexit-bench --http` (one line, exit code 2)."""
+
+
+def http_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """(images, labels, concurrency, duration) of `earlyexit-bench --http ...`, with every flag
+    checked before any request is sent; BenchInputError names the problem."""
+    from benchmarks.httpclient import parse_base_url
+    from core.datasets import DatasetError, load_split
+
+    concurrency = int(getattr(args, "concurrency", 8))
+    duration = float(getattr(args, "duration", 10.0))
+    if concurrency < 1 or duration <= 0:
+        raise BenchInputError("--concurrency must be ≥ 1 and --duration > 0")
+    if not getattr(args, "data_dir", None):
+        raise BenchInputError("--http needs --dataset and --data-dir")
+    try:
+        parse_base_url(args.http)
+    except ValueError as exc:
+        raise BenchInputError(f"--http: {exc}") from None
+    compare_url = getattr(args, "compare_url", None)
+    if compare_url:
+        if getattr(args, "compare_full", False):
+            raise BenchInputError(
+                "--compare-url and --compare-full are two ways to compare; pick one"
+            )
+        try:
+            parse_base_url(compare_url)
+        except ValueError as exc:
+            raise BenchInputError(f"--compare-url: {exc}") from None
+        if compare_url.rstrip("/") == args.http.rstrip("/"):
+            raise BenchInputError("--compare-url must be another server than --http")
+    try:
+        data = load_split(args.dataset, args.data_dir, getattr(args, "split", None) or "test")
+    except (DatasetError, FileNotFoundError, ValueError) as exc:
+        raise BenchInputError(str(exc)) from None
+    local = getattr(args, "local_bundle", None)
+    if local:
+        from serving.bundle import BundleError, load_manifest
+
+        try:  # before the load passes, not after minutes of them
+            load_manifest(local)
+        except BundleError as exc:
+            raise BenchInputError(f"--local-bundle: {exc}") from None
+    limit = getattr(args, "limit", None) or 1000
+    return data.images[:limit], data.labels[:limit], concurrency, duration
+
+
+def http_main(args: argparse.Namespace) -> int:
+    """`earlyexit-bench --http URL ...`: reads `http`, `dataset`,
+    `data_dir`, `split` (default test), `limit` (images, default 1000), `concurrency`,
+    `duration`, `compare_full`, `admin_token` (default $EARLYEXIT_ADMIN_TOKEN), `server_pid`,
+    `json` and `out`; with `compare_url` the two-server comparison of
+    `compare_main` runs instead. Returns the exit code: 2 bad input,
+    1 server unusable.
+    """
+    from benchmarks.loadtest import (
+        LoadTestError,
+        add_in_process_reference,
+        format_report,
+        run_http_bench,
+        write_report,
+    )
+    from serving.bundle import BundleError
+
+    try:
+        images, labels, concurrency, duration = http_inputs(args)
+    except BenchInputError as exc:
+        print(f"earlyexit-bench: error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "compare_url", None):
+        return compare_main(args, images, labels, concurrency, duration)
+    local = getattr(args, "local_bundle", None)
+    try:
+        report = run_http_bench(
+            args.http,
+            images,
+            labels,
+            concurrency,
+            duration,
+            admin_token=getattr(args, "admin_token", None)
+            or os.environ.get("EARLYEXIT_ADMIN_TOKEN"),
+            server_pid=getattr(args, "server_pid", None),
+            compare_full=bool(getattr(args, "compare_full", False)),
+            check_answers=not getattr(args, "no_check", False),
+        )
+    except LoadTestError as exc:
+        print(f"earlyexit-bench: error: {exc}", file=sys.stderr)
+        return 1
+    report["dataset"] = args.dataset
+    if local:
+        try:
+            add_in_process_reference(report, local, images, int(getattr(args, "threads", 0) or 0))
+        except (BundleError, ValueError) as exc:
+            print(f"earlyexit-bench: error: --local-bundle: {exc}", file=sys.stderr)
+            return 2
+    if getattr(args, "out", None):
+        path = write_report(report, args.out)
+        logger.info("wrote %s", path)
+    if getattr(args, "json", False):
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def compare_main(
+    args: argparse.Namespace,
+    images: np.ndarray,
+    labels: np.ndarray,
+    concurrency: int,
+    duration: float,
+) -> int:
+    """`earlyexit-bench --http URL --compare-url URL2 ...` once `http_inputs`
+    has checked the flags: reads `pairs`, `server_pid`, `local_bundle`, `threads`, `out` and
+    `json`. Returns the exit code: 2 a wrong pair or bad input, 1 a server unusable."""
+    from benchmarks.http_compare import (
+        REPORT_FILE,
+        PairingError,
+        add_in_process_reference,
+        format_comparison,
+        run_http_comparison,
+    )
+    from benchmarks.loadtest import LoadTestError
+    from core.atomic import atomic_write_json
+    from serving.bundle import BundleError
+
+    try:
+        report = run_http_comparison(
+            args.http,
+            args.compare_url,
+            images,
+            labels,
+            concurrency,
+            duration,
+            int(getattr(args, "pairs", 3) or 3),
+            server_pid=getattr(args, "server_pid", None),
+        )
+    except PairingError as exc:
+        print(f"earlyexit-bench: error: {exc}", file=sys.stderr)
+        return 2
+    except LoadTestError as exc:
+        print(f"earlyexit-bench: error: {exc}", file=sys.stderr)
+        return 1
+    report["dataset"] = args.dataset
+    local = getattr(args, "local_bundle", None)
+    if local:
+        try:
+            add_in_process_reference(report, local, images, int(getattr(args, "threads", 0) or 0))
+        except (BundleError, ValueError) as exc:
+            print(f"earlyexit-bench: error: --local-bundle: {exc}", file=sys.stderr)
+            return 2
+    if getattr(args, "out", None):
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / REPORT_FILE, report)
+        logger.info("wrote %s", out / REPORT_FILE)
+    if getattr(args, "json", False):
+        print(json.dumps(report))
+    else:
+        print(format_comparison(report))
     return 0
 
 

@@ -1,36 +1,12 @@
-"""PNG plots for benchmark reports (matplotlib, Agg backend), written atomically."""
+"""PNG plots for benchmark reports (matplotlib, Agg backend, imported on first use)."""
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from serving.bundle import atomic_write_bytes
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot on the file-only Agg backend, imported on first use (nothing heavy at
-    import time)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_png(fig: Any, path: str | os.PathLike[str], *, dpi: int = 120, tight: bool = True) -> Path:
-    """Write `fig` as a PNG atomically (a crash never leaves half a file) and close it."""
-    try:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
-        atomic_write_bytes(path, buffer.getvalue())
-        return Path(path)
-    finally:
-        pyplot().close(fig)
+from core.plots import pyplot, save_png
 
 
 def exit_histogram(

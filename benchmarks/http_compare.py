@@ -20,12 +20,9 @@ pairs keeps one disturbed pass from deciding the result.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import logging
 import os
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from serving.httpclient import HttpClient, HttpClientError
-from serving.loadtest import (
+from benchmarks.httpclient import HttpClient, HttpClientError
+from benchmarks.loadtest import (
     LoadTestError,
     encode_png,
     exit_order,
@@ -275,11 +272,11 @@ def add_in_process_reference(
 ) -> None:
     """The same comparison in-process on a local copy of the bundle: the served thresholds
     against the plain graph, on the same images, in batches of the early-exit server's mean
-    batch size, timed in turns (`serving.bench.time_variants`). Adds `in_process` and, in
+    batch size, timed in turns (`benchmarks.bench.time_variants`). Adds `in_process` and, in
     `comparison`, `in_process_speedup` and `throughput_vs_in_process` (the HTTP median ratio ÷
     the in-process one; 1.0 = HTTP keeps all of it). BundleError when the local plain graph is
     not the one the plain server serves."""
-    from serving.bench import time_variants
+    from benchmarks.bench import time_variants
     from serving.bundle import BundleError
     from serving.plain_runtime import PlainModelRuntime
     from serving.runtime import EarlyExitRuntime
@@ -350,52 +347,3 @@ def format_comparison(report: dict[str, Any]) -> str:
             f"{c['throughput_vs_in_process']} of it"
         )
     return "\n".join(lines)
-
-
-def compare_main(
-    args: argparse.Namespace,
-    images: np.ndarray,
-    labels: np.ndarray,
-    concurrency: int,
-    duration: float,
-) -> int:
-    """`earlyexit-bench --http URL --compare-url URL2 ...` once `serving.loadtest.http_inputs`
-    has checked the flags: reads `pairs`, `server_pid`, `local_bundle`, `threads`, `out` and
-    `json`. Returns the exit code: 2 a wrong pair or bad input, 1 a server unusable."""
-    from serving.bundle import BundleError, atomic_write_json
-
-    try:
-        report = run_http_comparison(
-            args.http,
-            args.compare_url,
-            images,
-            labels,
-            concurrency,
-            duration,
-            int(getattr(args, "pairs", 3) or 3),
-            server_pid=getattr(args, "server_pid", None),
-        )
-    except PairingError as exc:
-        print(f"earlyexit-bench: error: {exc}", file=sys.stderr)
-        return 2
-    except LoadTestError as exc:
-        print(f"earlyexit-bench: error: {exc}", file=sys.stderr)
-        return 1
-    report["dataset"] = args.dataset
-    local = getattr(args, "local_bundle", None)
-    if local:
-        try:
-            add_in_process_reference(report, local, images, int(getattr(args, "threads", 0) or 0))
-        except (BundleError, ValueError) as exc:
-            print(f"earlyexit-bench: error: --local-bundle: {exc}", file=sys.stderr)
-            return 2
-    if getattr(args, "out", None):
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / REPORT_FILE, report)
-        logger.info("wrote %s", out / REPORT_FILE)
-    if getattr(args, "json", False):
-        print(json.dumps(report))
-    else:
-        print(format_comparison(report))
-    return 0

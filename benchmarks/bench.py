@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.bundle import atomic_write_json
+from core.atomic import atomic_write_json
 from serving.calibration import FALLBACK_EXIT, collect_calibration, decide
 from serving.runtime import EarlyExitRuntime
 
@@ -295,7 +295,7 @@ def latency_by_exit(runtime: EarlyExitRuntime, x: np.ndarray, repeats: int) -> d
 
 
 def _load_rows(config: BenchConfig, runtime: EarlyExitRuntime) -> Any:
-    from serving.datasets import DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, load_split
+    from core.datasets import DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, load_split
 
     training = runtime.manifest.provenance.get("training_config") or {}
     data = load_split(
@@ -449,7 +449,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> list[str]:
     """bench.json + exit histogram + accuracy-vs-speedup PNGs, each written atomically."""
-    from serving import plots
+    from benchmarks import plots
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,23 +5,21 @@ image alone in its batch), then posted by N concurrent workers for a fixed durat
 answer under load is compared with that image's reference answer: dynamic batching must not
 change what a client gets. With `compare_full=True` a second pass runs at full depth (every
 threshold 1.0, set through the admin endpoint and restored afterwards) and the two are reported
-side by side. `http_bench_main(args)` (alias `main_http`) is `earlyexit-bench --http URL`.
+side by side. `earlyexit-bench --http URL` (benchmarks/cli.py) drives it and prints the report.
 
-Requests go through serving.httpclient, a lean HTTP/1.1 keep-alive client: each worker owns one
-persistent connection, so the client's own CPU cost stays well below the model's inference time
+Requests go through benchmarks.httpclient, a lean HTTP/1.1 keep-alive client: each worker owns
+one persistent connection, so the client's own CPU cost stays well below the model's inference time
 (the benchmark usually shares the machine with the server it measures).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import itertools
 import json
 import logging
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -31,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.httpclient import HttpClient, HttpClientError, HttpConnection, parse_base_url
+from benchmarks.httpclient import HttpClient, HttpClientError, HttpConnection, parse_base_url
 
 logger = logging.getLogger(__name__)
 
@@ -332,8 +330,8 @@ def in_process_speedup(
 ) -> dict[str, Any]:
     """Early-exit speedup of the runtime itself on preprocessed rows `x`: `thresholds` against
     full depth (every threshold 1.0, what --compare-full sets on the server), batches of
-    `batch_size`, timed in turns (`serving.bench.time_variants`)."""
-    from serving.bench import time_variants
+    `batch_size`, timed in turns (`benchmarks.bench.time_variants`)."""
+    from benchmarks.bench import time_variants
 
     tuned = tuple(float(t) for t in thresholds)
     full = (1.0,) * runtime.manifest.num_exits
@@ -434,7 +432,7 @@ def run_http_bench(
     percentiles (ms, client side), accuracy (%), exit fractions, mismatches against the
     single-image reference answers; RSS of `server_pid` before and after; with `compare_full`
     a full-depth pass and the speedups. Raises LoadTestError when the server cannot be used,
-    ValueError (serving.httpclient.InvalidURL for a URL that is not http://) for bad arguments.
+    ValueError (benchmarks.httpclient.InvalidURL for a URL that is not http://) for bad arguments.
     """
     if concurrency < 1 or duration_s <= 0:
         raise ValueError("concurrency must be ≥ 1 and duration_s > 0")
@@ -462,7 +460,7 @@ def run_http_bench(
 
 
 def _plot_latency(report: dict[str, Any], path: Path) -> None:
-    from serving.plots import pyplot, save_png
+    from core.plots import pyplot, save_png
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -481,7 +479,7 @@ def _plot_latency(report: dict[str, Any], path: Path) -> None:
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> Path:
     """bench_http.json (atomic) and, when matplotlib is present, latency.png."""
-    from serving.bundle import atomic_write_json
+    from core.atomic import atomic_write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -492,109 +490,6 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> Pat
     except ImportError:
         logger.info("matplotlib not installed: no latency plot")
     return path
-
-
-class BenchInputError(ValueError):
-    """A bad flag or input of `earlyexit-bench --http` (one line, exit code 2)."""
-
-
-def http_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, int, float]:
-    """(images, labels, concurrency, duration) of `earlyexit-bench --http ...`, with every flag
-    checked before any request is sent; BenchInputError names the problem."""
-    from serving.datasets import DatasetError, load_split
-
-    concurrency = int(getattr(args, "concurrency", 8))
-    duration = float(getattr(args, "duration", 10.0))
-    if concurrency < 1 or duration <= 0:
-        raise BenchInputError("--concurrency must be ≥ 1 and --duration > 0")
-    if not getattr(args, "data_dir", None):
-        raise BenchInputError("--http needs --dataset and --data-dir")
-    try:
-        parse_base_url(args.http)
-    except ValueError as exc:
-        raise BenchInputError(f"--http: {exc}") from None
-    compare_url = getattr(args, "compare_url", None)
-    if compare_url:
-        if getattr(args, "compare_full", False):
-            raise BenchInputError(
-                "--compare-url and --compare-full are two ways to compare; pick one"
-            )
-        try:
-            parse_base_url(compare_url)
-        except ValueError as exc:
-            raise BenchInputError(f"--compare-url: {exc}") from None
-        if compare_url.rstrip("/") == args.http.rstrip("/"):
-            raise BenchInputError("--compare-url must be another server than --http")
-    try:
-        data = load_split(args.dataset, args.data_dir, getattr(args, "split", None) or "test")
-    except (DatasetError, FileNotFoundError, ValueError) as exc:
-        raise BenchInputError(str(exc)) from None
-    local = getattr(args, "local_bundle", None)
-    if local:
-        from serving.bundle import BundleError, load_manifest
-
-        try:  # before the load passes, not after minutes of them
-            load_manifest(local)
-        except BundleError as exc:
-            raise BenchInputError(f"--local-bundle: {exc}") from None
-    limit = getattr(args, "limit", None) or 1000
-    return data.images[:limit], data.labels[:limit], concurrency, duration
-
-
-def http_bench_main(args: argparse.Namespace) -> int:
-    """`earlyexit-bench --http URL ...` (serving/bench_cli.py): reads `http`, `dataset`,
-    `data_dir`, `split` (default test), `limit` (images, default 1000), `concurrency`,
-    `duration`, `compare_full`, `admin_token` (default $EARLYEXIT_ADMIN_TOKEN), `server_pid`,
-    `json` and `out`; with `compare_url` the two-server comparison of
-    `serving.http_compare.compare_main` runs instead. Returns the exit code: 2 bad input,
-    1 server unusable.
-    """
-    from serving.bundle import BundleError
-
-    try:
-        images, labels, concurrency, duration = http_inputs(args)
-    except BenchInputError as exc:
-        print(f"earlyexit-bench: error: {exc}", file=sys.stderr)
-        return 2
-    if getattr(args, "compare_url", None):
-        from serving.http_compare import compare_main
-
-        return compare_main(args, images, labels, concurrency, duration)
-    local = getattr(args, "local_bundle", None)
-    try:
-        report = run_http_bench(
-            args.http,
-            images,
-            labels,
-            concurrency,
-            duration,
-            admin_token=getattr(args, "admin_token", None)
-            or os.environ.get("EARLYEXIT_ADMIN_TOKEN"),
-            server_pid=getattr(args, "server_pid", None),
-            compare_full=bool(getattr(args, "compare_full", False)),
-            check_answers=not getattr(args, "no_check", False),
-        )
-    except LoadTestError as exc:
-        print(f"earlyexit-bench: error: {exc}", file=sys.stderr)
-        return 1
-    report["dataset"] = args.dataset
-    if local:
-        try:
-            add_in_process_reference(report, local, images, int(getattr(args, "threads", 0) or 0))
-        except (BundleError, ValueError) as exc:
-            print(f"earlyexit-bench: error: --local-bundle: {exc}", file=sys.stderr)
-            return 2
-    if getattr(args, "out", None):
-        path = write_report(report, args.out)
-        logger.info("wrote %s", path)
-    if getattr(args, "json", False):
-        print(json.dumps(report))
-    else:
-        print(format_report(report))
-    return 0
-
-
-main_http = http_bench_main  # the name serving/bench_cli.py calls
 
 
 def format_report(report: dict[str, Any]) -> str:
