@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from core.atomic import atomic_write_json
-from serving.calibration import FALLBACK_EXIT, collect_calibration, decide
+from core.calibration import collect_calibration
+from core.costs import acceleration, exit_fractions
+from core.decision import FALLBACK_EXIT, decide
 from serving.runtime import EarlyExitRuntime
 
 logger = logging.getLogger(__name__)
@@ -61,20 +63,6 @@ class BenchConfig:
 # ----------------------------------------------------------------------------- costs
 
 
-def row_macs(exits: np.ndarray, segment_costs: Sequence[float]) -> np.ndarray:
-    """Per-row cost: the segments 1..k a row answered at exit k ran; a fallback row (0) ran all."""
-    path = np.cumsum(np.asarray(segment_costs, dtype=np.float64))
-    exits = np.asarray(exits)
-    return np.where(exits > 0, path[np.maximum(exits, 1) - 1], path[-1])
-
-
-def exit_fractions(exits: np.ndarray, num_exits: int) -> list[float]:
-    """Fraction of rows answered at exit 1..K, then the fallback."""
-    counts = np.bincount(np.asarray(exits), minlength=num_exits + 1)
-    total = max(int(counts.sum()), 1)
-    return [float(c) / total for c in list(counts[1:]) + [counts[0]]]
-
-
 def threshold_sweep(
     exit_probs: np.ndarray,
     labels: np.ndarray,
@@ -93,7 +81,7 @@ def threshold_sweep(
             {
                 "threshold": round(float(t), 6),
                 "accuracy": 100.0 * float(np.mean(answers.argmax(axis=1) == labels)),
-                "acceleration": float(full_macs / row_macs(exits, segment_macs).mean()),
+                "acceleration": acceleration(exits, segment_macs, full_macs),
             }
         )
     return out
@@ -205,7 +193,7 @@ def _timing_for_batch_size(
     }
     batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
     seconds = time_variants(variants, batches, repeats)
-    mac_speedup = float(m.full_model.macs / row_macs(exits, executed_macs).mean())
+    mac_speedup = acceleration(exits, executed_macs, m.full_model.macs)
     vs_full = seconds["full_model"] / seconds["dynamic"]
     segments = segment_costs(runtime, x, batch_size, executed_macs, seconds["full_model"] / len(x))
     return {
@@ -390,8 +378,8 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         "calibration_accuracy": 100.0 * float(np.mean(cal_predicted == labels)),
         "calibration_agreement": agreement,
         "exit_fractions": exit_fractions(exits, k),
-        "acceleration": float(m.full_model.macs / row_macs(exits, m.segment_macs()).mean()),
-        "mac_speedup_executed": float(m.full_model.macs / row_macs(exits, executed).mean()),
+        "acceleration": acceleration(exits, m.segment_macs(), m.full_model.macs),
+        "mac_speedup_executed": acceleration(exits, executed, m.full_model.macs),
         "stage_files_used": [bool(s) for s in skips],
         "rows_per_segment": seg_rows,
         "segment_seconds": seg_seconds,

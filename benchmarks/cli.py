@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         return http_main(args)
 
     from benchmarks.bench import BenchConfig, run_benchmark
+    from core.bundle import BundleError
     from core.datasets import DatasetError
-    from serving.bundle import BundleError
 
     config = BenchConfig(
         bundle=args.bundle,
@@ -190,7 +190,7 @@ def http_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, int, 
         raise BenchInputError(str(exc)) from None
     local = getattr(args, "local_bundle", None)
     if local:
-        from serving.bundle import BundleError, load_manifest
+        from core.bundle import BundleError, load_manifest
 
         try:  # before the load passes, not after minutes of them
             load_manifest(local)
@@ -215,7 +215,7 @@ def http_main(args: argparse.Namespace) -> int:
         run_http_bench,
         write_report,
     )
-    from serving.bundle import BundleError
+    from core.bundle import BundleError
 
     try:
         images, labels, concurrency, duration = http_inputs(args)
@@ -277,7 +277,7 @@ def compare_main(
     )
     from benchmarks.loadtest import LoadTestError
     from core.atomic import atomic_write_json
-    from serving.bundle import BundleError
+    from core.bundle import BundleError
 
     try:
         report = run_http_comparison(

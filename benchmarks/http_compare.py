@@ -277,7 +277,7 @@ def add_in_process_reference(
     the in-process one; 1.0 = HTTP keeps all of it). BundleError when the local plain graph is
     not the one the plain server serves."""
     from benchmarks.bench import time_variants
-    from serving.bundle import BundleError
+    from core.bundle import BundleError
     from serving.plain_runtime import PlainModelRuntime
     from serving.runtime import EarlyExitRuntime
 

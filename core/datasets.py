@@ -16,6 +16,7 @@ import tarfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,13 +82,6 @@ DOWNLOADS = {
         )
     ],
 }
-# Per-channel mean/std of the training images, used for normalisation (0..1 scale).
-NORMALIZATION = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "fashion-mnist": ((0.2860,), (0.3530,)),
-    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
 
 
 class DatasetError(ValueError):
@@ -110,21 +104,23 @@ class ImageArrays:
 # ----------------------------------------------------------------------------- readers
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DatasetError(f"missing CIFAR file {path}")
     try:
         with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="latin1")
+            batch: dict[str, Any] = pickle.load(fh, encoding="latin1")
+            return batch
     except Exception as exc:  # corrupt pickle: any unpickling error
         raise DatasetError(f"cannot read CIFAR pickle {path}: {exc}") from exc
 
 
-def _cifar_images(batch: dict, path: Path) -> np.ndarray:
+def _cifar_images(batch: dict[str, Any], path: Path) -> np.ndarray:
     data = np.asarray(batch.get("data"), dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != 3072:
         raise DatasetError(f"{path}: 'data' must be N×3072 uint8, got {data.shape}")
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
+    images: np.ndarray = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
+    return images
 
 
 def read_cifar10(data_dir: str | Path, train: bool) -> ImageArrays:
@@ -293,10 +289,6 @@ def load_split(
     keep = np.ones(len(full), dtype=bool)
     keep[held] = False
     return full.subset(np.flatnonzero(keep))
-
-
-def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    return NORMALIZATION[dataset]
 
 
 # ----------------------------------------------------------------------------- download

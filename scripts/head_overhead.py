@@ -41,8 +41,8 @@ import numpy as np
 
 from benchmarks.bench import time_variant_runs
 from core.atomic import atomic_write_json
+from core.bundle import BundleError
 from core.plots import pyplot, save_png
-from serving.bundle import BundleError
 from serving.cli_common import setup_cli_logging
 from serving.runtime import EarlyExitRuntime
 

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from core.atomic import atomic_write_json
+from core.bundle import BundleError, load_manifest
 from core.plots import pyplot, save_png
-from serving.bundle import BundleError, load_manifest
 from serving.cli_common import setup_cli_logging
 from thresholds.calibrate import check_against_manifest, read_calibration_file
 from thresholds.costs import macs_cost_model

@@ -95,7 +95,7 @@ def check_bundle(bundle_dir: Any, full_model: bool = False) -> str:
     """Validate the bundle as the server will load it; returns a one-line summary. Every
     problem is a BundleError (a one-line message). With `full_model` thresholds.json is not
     read: the plain model has none."""
-    from serving.bundle import load_manifest, plain_graph, read_thresholds
+    from core.bundle import load_manifest, plain_graph, read_thresholds
 
     manifest = load_manifest(bundle_dir, verify=True)
     if full_model:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_or_exit(build_parser(), argv)
     from pydantic import ValidationError
 
-    from serving.bundle import BundleError
+    from core.bundle import BundleError
     from serving.settings import Settings, settings_error_line
 
     try:

@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
+from core.bundle import InputSpec
 from serving import image_structure
-from serving.bundle import InputSpec
 from serving.imaging import ImageError, ImageTooLargeError, decode_image, open_image, plan_decode
 
 logger = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ import zlib
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from core.bundle import InputSpec
 from serving import image_structure
-from serving.bundle import InputSpec
 
 logger = logging.getLogger(__name__)
 

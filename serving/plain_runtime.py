@@ -2,7 +2,7 @@
 
 HTTP comparisons of early exit are made against this runtime: the model users would deploy
 otherwise (the bundle's `baseline.onnx` when the manifest's `baseline` block names a file, else
-`full_model.onnx`; see `serving.bundle.plain_graph`), behind the same routes, batching,
+`full_model.onnx`; see `core.bundle.plain_graph`), behind the same routes, batching,
 decoding, limits and metrics as the early-exit chain. It has no exits and no thresholds: every
 row is answered by the one graph, reported as exit `FULL_EXIT` ("full" in answers and metrics),
 and its run time is the one segment of `BatchResult`.
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.bundle import Manifest, PlainGraph, load_manifest, plain_graph
+from core.bundle import Manifest, PlainGraph, load_manifest, plain_graph
 from serving.metrics import FULL_EXIT
 from serving.runtime import (
     BatchResult,

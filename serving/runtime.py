@@ -2,7 +2,7 @@
 
 `classify` runs segment 1 on the whole batch, answers the rows whose max probability beats
 t_1, runs segment 2 only on the rows left, and so on. The decision rule is exactly
-`serving.calibration.decide` (float64 comparison, strict `>`, first accepting exit answers, a
+`core.decision.decide` (float64 comparison, strict `>`, first accepting exit answers, a
 row no exit accepts gets the fallback, reported as exit 0), so the answers equal what the
 thresholds evaluator computes from calibration arrays.
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.bundle import (
+from core.bundle import (
     BundleError,
     InputSpec,
     Manifest,
@@ -38,7 +38,15 @@ from serving.bundle import (
     read_thresholds,
     validate_threshold_values,
 )
-from serving.calibration import FALLBACK_EXIT, accept_mask, decide
+from core.decision import (
+    FALLBACK_EXIT,
+    accept_mask,
+    accepts_row,
+    can_fall_back,
+    decide,
+    skipped_heads,
+)
+from core.normalize import normalize_images
 from serving.providers import normalize_providers
 
 logger = logging.getLogger(__name__)
@@ -222,9 +230,8 @@ class EarlyExitRuntime:
                 self.tuned = dict(tuned)
 
     def can_fall_back(self, thresholds: Sequence[float]) -> bool:
-        """False when exit K accepts every row reaching it: its max probability is at least 1/C
-        (the margin covers float32 rounding of a near-uniform softmax)."""
-        return thresholds[-1] >= (1.0 / self.manifest.num_classes) * (1.0 - 1e-3)
+        """False when exit K accepts every row reaching it (`core.decision.can_fall_back`)."""
+        return bool(can_fall_back(thresholds, self.manifest.num_classes))
 
     def _plan(self, thresholds: tuple[float, ...]) -> tuple[list[bool], bool]:
         """(stage_skips, keep every exit's probabilities for the ensemble), cached per vector:
@@ -247,11 +254,8 @@ class EarlyExitRuntime:
         """Which segments `classify` runs as their stage file (no head) under `thresholds`."""
         th = self._thresholds if thresholds is None else tuple(thresholds)
         m = self.manifest
-        heads_unneeded = m.fallback == "last" or not self.can_fall_back(th)
-        return [
-            heads_unneeded and self._stages[k] is not None and th[k] >= 1.0
-            for k in range(m.num_exits)
-        ]
+        skipped = skipped_heads(th, m.fallback, m.num_classes).tolist()
+        return [bool(skip) and self._stages[k] is not None for k, skip in enumerate(skipped)]
 
     # ------------------------------------------------------------------------- inputs
 
@@ -459,8 +463,8 @@ class EarlyExitRuntime:
         """`_classify_rows` on the host for a single row, the latency-critical case: the same
         decisions and arithmetic, without the row bookkeeping whose numpy calls cost about as
         much as a small segment's head at batch 1. The row's probabilities are read as Python
-        floats (`tolist`, exact for float32), so `>` is `accept_mask`'s float64 comparison; a
-        NaN makes numpy's max NaN and the row is not accepted, and the same holds here. Python's
+        floats (`tolist`, exact for float32) and decided by `accepts_row`, `accept_mask`'s float64
+        comparison (a NaN accepts nothing in both). Python's
         max over a short list also costs a third of what a numpy reduction does right after
         onnxruntime has run (≈ 3 against ≈ 6 µs a segment, measured in the chain)."""
         m = self.manifest
@@ -478,7 +482,7 @@ class EarlyExitRuntime:
             if keep_all:
                 seen.append(probs)
             values = probs[0].tolist()  # probs is 1×C
-            if max(values) > thresholds[k] and not any(v != v for v in values):
+            if accepts_row(values, thresholds[k]):
                 rest = m.num_exits - k - 1
                 exits = self._single_exits[k + 1]
                 return BatchResult(
@@ -628,6 +632,4 @@ def preprocess_images(spec: InputSpec, images: np.ndarray) -> np.ndarray:
         arr = arr[..., None]
     if arr.ndim != 4 or arr.shape[1:] != (h, w, c):
         raise ValueError(f"images must be N×{h}×{w}×{c} uint8, got shape {list(arr.shape)}")
-    x = arr.astype(np.float32) / np.float32(255.0)
-    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return normalize_images(arr, spec.mean, spec.std)

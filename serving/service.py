@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from serving.batching import DynamicBatcher
-from serving.bundle import (
+from core.bundle import (
     MANIFEST_FILE,
     BundleError,
     Manifest,
@@ -26,6 +25,7 @@ from serving.bundle import (
     validate_threshold_values,
     write_thresholds,
 )
+from serving.batching import DynamicBatcher
 from serving.decode_pool import DecodePool
 from serving.metrics import ServingMetrics
 from serving.settings import Settings

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.calibration import decide
+from core.decision import decide
 from serving.shadow_store import ShadowRows, ShadowStore
 
 logger = logging.getLogger(__name__)

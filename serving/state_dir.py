@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from serving.bundle import MANIFEST_FILE, BundleError, load_manifest
+from core.bundle import MANIFEST_FILE, BundleError, load_manifest
 from serving.settings import DEFAULT_BUNDLE_DIR
 
 logger = logging.getLogger(__name__)

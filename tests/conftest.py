@@ -144,7 +144,7 @@ def tiny_bundle(tmp_path_factory, tiny_model, tiny_images) -> Path:
     """Path to a read-only-by-convention 3-exit bundle (ensemble fallback, stage files)."""
     import torch
 
-    from serving.bundle import Thresholds, write_thresholds
+    from core.bundle import Thresholds, write_thresholds
     from training.export import ExportOptions, export_checkpoint
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"

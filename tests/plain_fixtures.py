@@ -29,7 +29,7 @@ def export_plain_graph(out_dir: Path, seed: int = 1) -> Path:
 
 def with_baseline(bundle: Path, plain_graph: Path, out: Path) -> Path:
     """A copy of `bundle` at `out` whose manifest names `plain_graph` as its baseline model."""
-    from serving.bundle import MANIFEST_FILE, sha256_file
+    from core.bundle import MANIFEST_FILE, sha256_file
 
     shutil.copytree(bundle, out)
     shutil.copyfile(plain_graph, out / BASELINE_FILE)

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.bench import row_macs, segment_costs, threshold_sweep, time_variants
+from benchmarks.bench import segment_costs, threshold_sweep, time_variants
 from benchmarks.cli import MIN_ROWS_TO_QUOTE, main
-from serving.calibration import decide
+from core.costs import row_macs
+from core.decision import decide
 from tests.data_fixtures import write_tiny_cifar10
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.paths import portable_path
+from core.paths import portable_path
 
 BUNDLE = Path(__file__).resolve().parents[1] / "serving" / "default_bundle"
 ABSOLUTE = re.compile(r"^(/|[A-Za-z]:[\\/]|\\\\)")

@@ -635,7 +635,7 @@ def test_serve_install_step_builds_from_the_copied_files(tmp_path: Path) -> None
     ]  # fmt: skip
     assert any("onnxruntime-gpu" in r for r in serve_reqs), serve_reqs
     assert not any("torch" in r for r in serve_reqs), serve_reqs
-    assert "serving/app.py" in names and "core/atomic.py" in names
+    assert "serving/app.py" in names and "core/bundle.py" in names
     # The server image carries what the server runs on, not the benchmarks, the training code
     # or the dataset readers and downloader.
     assert not any(n.startswith(("benchmarks/", "training/")) for n in names), names

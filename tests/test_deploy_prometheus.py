@@ -184,7 +184,7 @@ def live_server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         except ImportError as exc:
             pytest.skip(f"server not importable ({module}: {exc})")
     bundle = tiny_bundle  # tests/conftest.py: a 3-exit bundle exported by training.export
-    from serving.bundle import load_manifest
+    from core.bundle import load_manifest
 
     manifest = load_manifest(bundle, verify=False)
     port = free_port()

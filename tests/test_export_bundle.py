@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from serving.bundle import load_manifest, read_thresholds
+from core.bundle import load_manifest, read_thresholds
 from tests.conftest import TINY_CLASSES, TINY_MEAN, TINY_SHAPE, TINY_STD, build_tiny_model
 from training.costs import measure_costs
 from training.export import ExportError, ExportOptions, export_bundle

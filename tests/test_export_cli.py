@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from serving.bundle import load_manifest, read_thresholds
-from serving.calibration import decide
+from core.bundle import load_manifest, read_thresholds
+from core.decision import decide
 from tests.conftest import build_tiny_model, tiny_checkpoint
 from tests.data_fixtures import write_tiny_cifar10
 from training.export import greedy_thresholds

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from serving.bundle import (
+from core.bundle import (
     BundleError,
     Thresholds,
     load_manifest,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.calibration import (
+from core.calibration import (
     CalibrationError,
     collect_calibration,
-    decide,
     load_calibration,
     save_calibration,
 )
+from core.decision import decide
 from serving.runtime import EarlyExitRuntime
 
 

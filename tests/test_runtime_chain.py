@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from serving.bundle import BundleError
-from serving.calibration import decide
+from core.bundle import BundleError
+from core.decision import decide
 from serving.runtime import EarlyExitRuntime
 from tests.conftest import normalise
 

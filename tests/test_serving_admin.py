@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from serving.bundle import THRESHOLDS_FILE, Thresholds, read_thresholds, write_thresholds
+from core.bundle import THRESHOLDS_FILE, Thresholds, read_thresholds, write_thresholds
 from tests.conftest import copy_bundle
 from tests.serving_helpers import metric_value, png_bytes, server_process, start_server
 
@@ -288,7 +288,7 @@ def test_graceful_shutdown_answers_queued_requests(tiny_bundle, pngs, tmp_path) 
 
 def test_a_bundle_that_fails_to_load_is_alive_but_not_ready(bundle_copy, pngs, tmp_path) -> None:
     from core.atomic import atomic_write_json
-    from serving.bundle import MANIFEST_FILE, sha256_file
+    from core.bundle import MANIFEST_FILE, sha256_file
 
     # Hashes match (the CLI check passes) but segment 2 is not an ONNX model.
     segment = bundle_copy / "segment_2.onnx"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.bundle import InputSpec
+from core.bundle import InputSpec
 from serving.decode_pool import (
     INLINE_DECODE_BYTES,
     INLINE_MAX_CHUNKS,

@@ -18,7 +18,7 @@ _PROBE = r"""
 import io, json, sys
 import numpy as np
 from PIL import Image
-from serving.bundle import InputSpec
+from core.bundle import InputSpec
 from serving.imaging import decode_image, open_image, plan_decode
 
 mode, side, target, fmt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.bundle import MANIFEST_FILE, THRESHOLDS_FILE, BundleError, load_manifest
+from core.bundle import MANIFEST_FILE, THRESHOLDS_FILE, BundleError, load_manifest
 from tests.conftest import normalise
 from tests.plain_fixtures import BASELINE_FILE, export_plain_graph, with_baseline
 from tests.serving_helpers import metric_value, png_bytes

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.bundle import THRESHOLDS_FILE, read_thresholds
+from core.bundle import THRESHOLDS_FILE, read_thresholds
 from tests.conftest import copy_bundle
 from tests.serving_helpers import (
     REPO,

@@ -90,7 +90,7 @@ def check_answer(body: dict, num_exits: int) -> None:
 
 
 def test_health_ready_model_and_metrics(client, tiny_bundle) -> None:
-    from serving.bundle import read_thresholds
+    from core.bundle import read_thresholds
 
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.bundle import InputSpec
+from core.bundle import InputSpec
 from serving.imaging import (
     ImageTooLargeError,
     UndecodableImageError,

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from benchmarks.loadtest import run_http_bench
-from serving.bundle import THRESHOLDS_FILE, read_thresholds
+from core.bundle import THRESHOLDS_FILE, read_thresholds
 from tests.conftest import copy_bundle
 from tests.data_fixtures import write_tiny_cifar10
 from tests.serving_helpers import server_process

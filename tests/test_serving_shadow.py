@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from serving.bundle import THRESHOLDS_FILE
+from core.bundle import THRESHOLDS_FILE
 from serving.runtime import EarlyExitRuntime
 from serving.shadow_store import ShadowStore
 from tests.conftest import copy_bundle, tiny_uint8_images

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.bundle import read_thresholds
-from serving.calibration import save_calibration
+from core.bundle import read_thresholds
+from core.calibration import save_calibration
 from thresholds.cli import main
 from thresholds.frontier import is_nondominated
 from thresholds.synthetic import synthetic_calibration

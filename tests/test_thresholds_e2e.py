@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 import thresholds.calibrate
-from serving.bundle import read_thresholds
-from serving.calibration import collect_calibration, save_calibration
+from core.bundle import read_thresholds
+from core.calibration import collect_calibration, save_calibration
+from core.decision import skipped_heads
 from serving.runtime import EarlyExitRuntime
 from tests.data_fixtures import write_tiny_cifar10
 from tests.serving_helpers import server_process
 from thresholds.calibrate import cache_path
 from thresholds.cli import main
-from thresholds.costs import macs_cost_model, skipped_heads
+from thresholds.costs import macs_cost_model
 from thresholds.evaluate import build_exit_table, evaluate
 from thresholds.synthetic import synthetic_calibration
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.calibration import decide
+from core.decision import decide
 from thresholds.baselines import global_threshold_search, grid_search, grid_tables
 from thresholds.costs import CostModel
 from thresholds.errors import TuningError

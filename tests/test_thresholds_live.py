@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from serving.bundle import THRESHOLDS_FILE
+from core.bundle import THRESHOLDS_FILE
 from tests.conftest import copy_bundle
 from tests.serving_helpers import free_port, png_bytes, server_process
 from thresholds.cli import main

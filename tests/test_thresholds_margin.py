@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from serving.bundle import read_thresholds
+from core.bundle import read_thresholds
 from tests.test_thresholds_cli import FAST, tune_inputs
 from thresholds.baselines import grid_discordant, grid_tables
 from thresholds.cli import main

@@ -429,7 +429,7 @@ def test_frozen_exits_export_the_plain_model_bit_for_bit(tmp_path):
     exactly the plain model's exported probabilities, and its manifest names that plain run."""
     import onnxruntime as ort
 
-    from serving.bundle import load_manifest
+    from core.bundle import load_manifest
     from training.export import ExportOptions, export_checkpoint
 
     ckpt = _plain_checkpoint(tmp_path)

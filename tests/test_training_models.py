@@ -210,7 +210,7 @@ def test_block_exits_export_with_parity_and_serve(tmp_path):
     """One segment per stretch between exits; the runtime answers with K = 4 exits."""
     import numpy as np
 
-    from serving.bundle import load_manifest
+    from core.bundle import load_manifest
     from serving.runtime import EarlyExitRuntime
     from training.export import ExportOptions, export_bundle
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from thresholds.costs import CostModel, can_fall_back
+from core.decision import can_fall_back
+from thresholds.costs import CostModel
 from thresholds.errors import TuningError
 from thresholds.evaluate import ExitTable, Metrics, evaluate, evaluate_population
 from thresholds.frontier import nondominated

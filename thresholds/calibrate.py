@@ -1,7 +1,7 @@
 """Calibration arrays for tuning: read from a file, or collected through the runtime and cached.
 
 Collecting runs every exit on every row of a split, the slow part of tuning, so the result is
-cached as an `.npz` (see `serving.calibration`) keyed by the bundle's segment sha256s, the
+cached as an `.npz` (see `core.calibration`) keyed by the bundle's segment sha256s, the
 dataset, the split and the data directory: retuning with other options reuses it, and a
 re-exported bundle never picks up stale probabilities.
 """
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from serving.bundle import Manifest
-from serving.calibration import CalibrationError, collect_calibration, load_calibration
-from serving.calibration import save_calibration as _save_calibration
+from core.bundle import Manifest
+from core.calibration import CalibrationError, collect_calibration, load_calibration
+from core.calibration import save_calibration as _save_calibration
 from thresholds.errors import TuningError
 from thresholds.runner import RuntimeOptions
 
@@ -79,7 +79,7 @@ def check_against_manifest(calibration: Calibration, manifest: Manifest, what: s
 
 
 def read_calibration_file(path: str | os.PathLike[str]) -> Calibration:
-    """Load an `.npz` written by `serving.calibration.save_calibration` (or the same layout)."""
+    """Load an `.npz` written by `core.calibration.save_calibration` (or the same layout)."""
     try:
         exit_probs, labels, meta = load_calibration(path)
     except CalibrationError as exc:

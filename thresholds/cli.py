@@ -287,9 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(2, str(exc))
     setup_cli_logging(quiet=args.quiet, verbose=args.verbose, timestamps=True)
 
+    from core.bundle import BundleError
+    from core.calibration import CalibrationError
     from core.datasets import DatasetError
-    from serving.bundle import BundleError
-    from serving.calibration import CalibrationError
     from thresholds.live import LiveSampleError
     from thresholds.notify import NotifyError
     from thresholds.pipeline import run

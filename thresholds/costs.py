@@ -3,8 +3,8 @@
 A row answered at exit k costs segments 1..k; a fallback row costs all K; acceleration is the
 full model's cost divided by the mean cost per row. Like the runtime, a disabled exit (t ≥ 1.0)
 whose segment has a `stage_file` costs only its stage (no head) when the head's probabilities
-cannot matter: fallback "last", or exit K accepting every row (t_K < 1/C) — see
-`serving.runtime.EarlyExitRuntime.stage_skips`, which `skipped_heads` mirrors.
+cannot matter: fallback "last", or exit K accepting every row (t_K < 1/C) —
+`core.decision.skipped_heads`, the rule `serving.runtime.EarlyExitRuntime.stage_skips` applies.
 
 With `--cost latency` the per-segment and full-model costs are seconds per row measured with the
 serving runtime at one batch size and kept in the bundle as `latency_profile.json`, reused while
@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from core.atomic import atomic_write_json
-from serving.bundle import Manifest
+from core.bundle import Manifest
+from core.decision import skipped_heads
 from thresholds.errors import TuningError
 from thresholds.runner import RuntimeOptions
 
@@ -93,21 +94,6 @@ class CostModel:
             "stages": None if self.stage_costs is None else list(self.stage_costs),
             "full_model": self.full_model,
         }
-
-
-def can_fall_back(thresholds: np.ndarray, num_classes: int) -> np.ndarray:
-    """Per vector: can any row reach the fallback? Exit K's max probability is at least 1/C,
-    so t_K below 1/C (with the runtime's float32 margin) makes exit K accept every row."""
-    return np.asarray(thresholds)[..., -1] >= (1.0 / num_classes) * (1.0 - 1e-3)
-
-
-def skipped_heads(thresholds: np.ndarray, fallback: str, num_classes: int) -> np.ndarray:
-    """P×K: which segments the runtime runs without their head (`stage_skips`, vectorised)."""
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    unneeded = np.full(thresholds.shape[:-1], fallback == "last") | ~can_fall_back(
-        thresholds, num_classes
-    )
-    return (thresholds >= 1.0) & unneeded[..., None]
 
 
 def macs_cost_model(manifest: Manifest) -> CostModel:

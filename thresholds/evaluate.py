@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.decision import FALLBACKS
 from thresholds.costs import CostModel
 from thresholds.errors import TuningError
 
 logger = logging.getLogger(__name__)
 
-FALLBACKS = ("ensemble", "last")
 # Bound on P×N cells scored at once, so huge populations or splits do not exhaust memory.
 _MAX_CELLS = 1 << 24
 

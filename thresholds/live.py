@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from serving.calibration import save_calibration
+from core.calibration import save_calibration
 from thresholds.errors import TuningError
 from thresholds.notify import admin_token
 

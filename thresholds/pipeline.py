@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.bundle import (
+from core.bundle import (
     BundleError,
     Manifest,
     Thresholds,
@@ -24,7 +24,7 @@ from serving.bundle import (
     validate_threshold_values,
     write_thresholds,
 )
-from serving.paths import portable_path
+from core.paths import portable_path
 from thresholds.calibrate import (
     Calibration,
     bundle_sha256,

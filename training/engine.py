@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from core.atomic import atomic_write_bytes, atomic_write_json
-from core.datasets import ImageArrays, load_split, normalization, val_indices
+from core.datasets import ImageArrays, load_split, val_indices
+from core.normalize import normalization
 
 from .config import TrainConfig, write_config
 from .costs import measure_costs

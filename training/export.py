@@ -35,9 +35,8 @@ import torch
 from torch import nn
 
 from core.atomic import atomic_write_json
-from serving.bundle import (
+from core.bundle import (
     BUNDLE_FORMAT,
-    FALLBACKS,
     MANIFEST_FILE,
     BaselineSpec,
     FullModelSpec,
@@ -49,7 +48,9 @@ from serving.bundle import (
     sha256_file,
     write_thresholds,
 )
-from serving.paths import portable_path
+from core.decision import FALLBACKS
+from core.normalize import normalize_images
+from core.paths import portable_path
 
 from .costs import ModelCosts, measure_costs
 from .models import MultiExitNetwork, create_model
@@ -520,19 +521,16 @@ def summarise_thresholds(
     full_macs: int,
 ) -> dict[str, Any]:
     """Accuracy (percent), final-exit baseline, MAC acceleration and exit fractions."""
-    from serving.calibration import decide
+    from core.costs import acceleration, exit_fractions
+    from core.decision import decide
 
     answers, exits = decide(exit_probs, thresholds, fallback)
     labels = np.asarray(labels)
-    path_macs = np.cumsum(np.asarray(segment_macs, dtype=np.float64))
-    rows_macs = np.where(exits > 0, path_macs[np.maximum(exits, 1) - 1], path_macs[-1])
-    k = len(segment_macs)
-    counts = np.bincount(exits, minlength=k + 1)
     return {
         "accuracy": 100.0 * float(np.mean(answers.argmax(axis=1) == labels)),
         "baseline_accuracy": 100.0 * float(np.mean(exit_probs[:, -1].argmax(axis=1) == labels)),
-        "acceleration": float(full_macs / rows_macs.mean()),
-        "exit_fractions": [float(c) / len(labels) for c in list(counts[1:]) + [counts[0]]],
+        "acceleration": acceleration(exits, segment_macs, full_macs),
+        "exit_fractions": exit_fractions(exits, len(segment_macs)),
     }
 
 
@@ -540,7 +538,7 @@ def _calibrate(
     bundle: Path, manifest: Manifest, data: Any, options: ExportOptions, dataset: str
 ) -> Thresholds:
     """Run the split through the exported bundle (full mode) and pick export-greedy thresholds."""
-    from serving.calibration import collect_calibration
+    from core.calibration import collect_calibration
     from serving.runtime import EarlyExitRuntime
 
     runtime = EarlyExitRuntime(bundle, providers=("cpu",), verify=False)
@@ -619,15 +617,6 @@ def _sample_inputs(
     if real is not None and len(real):
         batches.append(np.ascontiguousarray(real, dtype=np.float32))
     return batches
-
-
-def _normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 N×H×W×C → float32 N×C×H×W, the same arithmetic as `EarlyExitRuntime.preprocess`."""
-    x = images.astype(np.float32) / np.float32(255.0)
-    if x.ndim == 3:
-        x = x[..., None]
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def export_bundle(
@@ -742,7 +731,7 @@ def export_bundle(
             raise ExportError(f"exporter wrote unexpected extra files: {extra}")
         real = None
         if calibration is not None and len(calibration):
-            real = _normalise(calibration.images[:8], mean, std)
+            real = normalize_images(calibration.images[:8], mean, std)
         parity = _verify_parity(
             tmp, model, _sample_inputs(shape, real), options.stage_files, options.parity_atol
         )

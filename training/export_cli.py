@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from serving.bundle import FALLBACKS
+from core.decision import FALLBACKS
 from serving.cli_common import OneLineParser, parse_or_exit, setup_cli_logging
 
 logger = logging.getLogger(__name__)

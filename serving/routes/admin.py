@@ -7,7 +7,7 @@ import json
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import ValidationError
 
-from serving.bundle import BundleError
+from core.bundle import BundleError
 from serving.routes.deps import require_admin, require_ready
 from serving.schemas import (
     ErrorResponse,

@@ -10,6 +10,8 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 from starlette.datastructures import FormData, UploadFile
 
+from core.bundle import Manifest
+from core.decision import accepts
 from serving.batching import (
     BatcherClosedError,
     BatchTooLargeError,
@@ -17,7 +19,6 @@ from serving.batching import (
     QueueFullError,
     RowResult,
 )
-from serving.bundle import Manifest
 from serving.imaging import (
     ImageError,
     ImageTooLargeError,
@@ -196,7 +197,7 @@ def build_answer(
                     class_index=best,
                     confidence=confidence,
                     threshold=threshold,
-                    accepted=confidence > threshold,
+                    accepted=accepts(confidence, threshold),
                 )
             )
     ranked = None

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serving.bundle import BundleError
+from core.bundle import BundleError
 from serving.routes.deps import require_admin, require_ready
 from serving.schemas import ErrorResponse
 from serving.service import (

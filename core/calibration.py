@@ -2,13 +2,8 @@
 
 Threshold tuning (`thresholds/`) and benchmarks work on these arrays instead of re-running the
 network: `exit_probs` N×K×C float32 (exit k's softmax for row n), `labels` int64 N, and `meta`
-(a JSON string: bundle_sha256, dataset, split, num_exits, num_classes, ...).
-
-`decide` is the reference early-exit decision rule the runtime implements and the thresholds
-evaluator reproduces: exit k accepts a row when its max probability, compared in float64, is
-strictly greater than t_k; the first accepting exit answers; a row no exit accepts gets the
-fallback ("ensemble": mean over ALL K exits' probabilities in float32, `exit_probs.mean(axis=1)`;
-"last": exit K's probabilities), reported as exit 0.
+(a JSON string: bundle_sha256, dataset, split, num_exits, num_classes, ...). What to do with
+them, the early-exit rule, is `core.decision`.
 """
 
 from __future__ import annotations
@@ -18,7 +13,6 @@ import json
 import logging
 import os
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,48 +22,9 @@ from core.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
-FALLBACK_EXIT = 0
-
 
 class CalibrationError(ValueError):
     """A calibration file or array is missing, malformed or inconsistent; names the problem."""
-
-
-def accept_mask(max_probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Rows an exit accepts. Compared in float64 so float32 probabilities and Python-float
-    thresholds give the same answer here, in the runtime and in the thresholds evaluator."""
-    return np.asarray(max_probs, dtype=np.float64) > float(threshold)
-
-
-def decide(
-    exit_probs: np.ndarray, thresholds: Sequence[float], fallback: str = "ensemble"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Apply the early-exit rule to N×K×C probabilities.
-
-    Returns (answer probabilities N×C float32, exits int64 N with 1..K or 0 for the fallback).
-    """
-    probs = np.asarray(exit_probs, dtype=np.float32)
-    if probs.ndim != 3:
-        raise CalibrationError(f"exit_probs must be N×K×C, got shape {list(probs.shape)}")
-    n, k, _ = probs.shape
-    if len(thresholds) != k:
-        raise CalibrationError(f"expected {k} thresholds, got {len(thresholds)}")
-    if fallback not in ("ensemble", "last"):
-        raise CalibrationError(f"unknown fallback {fallback!r}")
-    exits = np.full(n, FALLBACK_EXIT, dtype=np.int64)
-    undecided = np.ones(n, dtype=bool)
-    max_probs = probs.max(axis=2)
-    for j in range(k):
-        take = undecided & accept_mask(max_probs[:, j], thresholds[j])
-        exits[take] = j + 1
-        undecided &= ~take
-    answers = np.empty((n, probs.shape[2]), dtype=np.float32)
-    decided = exits > 0
-    answers[decided] = probs[np.flatnonzero(decided), exits[decided] - 1]
-    if undecided.any():
-        rest = probs[undecided]
-        answers[undecided] = rest.mean(axis=1) if fallback == "ensemble" else rest[:, -1]
-    return answers, exits
 
 
 def collect_calibration(

@@ -1,8 +1,9 @@
 """The bundle format: `manifest.json` + chained ONNX segments + `thresholds.json`.
 
-This module is the only contract between export (`training`), tuning (`thresholds`) and serving.
-It imports neither torch nor onnxruntime: it parses the JSON files, validates the manifest
-against its schema (`serving.manifest_schema`), writes them atomically and checks file hashes. See `../shared/CONTRACT.md` (section "Bundle") for the layout.
+This module is the only contract between export (`training`), tuning (`thresholds`), serving
+and the benchmarks. It imports neither torch nor onnxruntime: it parses the JSON files,
+validates the manifest against its schema (`core.manifest_schema`), writes them atomically and
+checks file hashes. See `../shared/CONTRACT.md` (section "Bundle") for the layout.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.atomic import atomic_write_json
-from serving.manifest_schema import BUNDLE_FORMAT, ManifestModel, error_line
+from core.manifest_schema import BUNDLE_FORMAT, ManifestModel, error_line
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 THRESHOLDS_FILE = "thresholds.json"
-FALLBACKS = ("ensemble", "last")
 
 
 class BundleError(ValueError):
@@ -168,7 +168,7 @@ def _baseline_spec(model: Any) -> BaselineSpec | None:
 
 
 def parse_manifest(data: Any) -> Manifest:
-    """Validate a decoded manifest.json against `serving.manifest_schema` and return it typed;
+    """Validate a decoded manifest.json against `core.manifest_schema` and return it typed;
     BundleError names the first bad field in one line."""
     if not isinstance(data, dict):
         raise BundleError("manifest.json: must be a JSON object")

@@ -8,11 +8,15 @@ import os
 from pathlib import Path
 
 
-def portable_path(path: str | os.PathLike[str] | None, base: str | os.PathLike[str] | None = None):
+def portable_path(
+    path: str | os.PathLike[str] | None, base: str | os.PathLike[str] | None = None
+) -> str | None:
     """`path` as an artifact may record it: unchanged when relative, relative to `base` when
     it lies inside it, else its last name. None and "" pass through."""
-    if path is None or str(path) == "":
-        return path
+    if path is None:
+        return None
+    if str(path) == "":
+        return ""
     p = Path(path)
     if not p.is_absolute():
         return os.fspath(path)

@@ -1,18 +1,19 @@
 """The schema of `manifest.json` as pydantic models: types, ranges and cross-field rules.
 
-`serving.bundle.parse_manifest` validates a decoded manifest against `ManifestModel` and turns
+`core.bundle.parse_manifest` validates a decoded manifest against `ManifestModel` and turns
 it into the frozen dataclasses the rest of the code uses. Models are strict: a number given as a
 string, a float where a count belongs or a non-finite float is refused, never coerced. Unknown
 keys are kept out of the way (allowed and ignored) so newer writers stay readable.
 
 File names are checked here as text (relative, no `..`, no drive or backslash); that they
-resolve inside the bundle directory, symlinks included, is checked by `serving.bundle`, which
+resolve inside the bundle directory, symlinks included, is checked by `core.bundle`, which
 knows the directory.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, Literal
 
@@ -165,7 +166,7 @@ class ManifestModel(_Strict):
         return self
 
 
-def error_line(errors: list[dict[str, Any]]) -> str:
+def error_line(errors: Sequence[Mapping[str, Any]]) -> str:
     """The first pydantic error as one line naming the field, e.g. `segments[1].macs: ...`."""
     if not errors:
         return "invalid manifest"
