@@ -10,7 +10,7 @@ from tests.arch_helpers import checkpoint_for, export_and_check, staged_equals_f
 from training.config import TrainConfig
 from training.data import BatchLoader, apply_cutmix, cutmix, cutmix_box
 from training.data.loader import AugmentConfig
-from training.losses import create_loss, list_losses
+from training.losses import LossInputs, TeacherOutputs, create_loss, list_losses
 from training.models import create_backbone, create_model
 from training.models.activations import TReLU
 from training.models.resnet_kl import MulBlock, SepBasicBlock, SqueezeExcite
@@ -245,16 +245,16 @@ def test_every_loss_takes_mixed_targets_as_the_mix_of_its_labels(name):
     kwargs = {"label_smoothing": 0.1}
     if name == "resnet_kl":
         kwargs["lam"] = 0.5
-    loss = create_loss(name, **kwargs)
-    got = float(loss(logits, feats, mixed).total)
-    want = lam * float(loss(logits, feats, a).total) + (1 - lam) * float(
-        loss(logits, feats, b).total
-    )
-    assert got == pytest.approx(want, rel=1e-5)
+    teacher = TeacherOutputs(torch.randn(4, 5))
+
+    def total(target: torch.Tensor) -> float:
+        # A fresh loss per call: stateful losses (dsr) compare with the previous call.
+        inputs = LossInputs(logits, feats, target, maps=feats, teacher=teacher)
+        return float(create_loss(name, **kwargs)(inputs).total)
+
+    assert total(mixed) == pytest.approx(lam * total(a) + (1 - lam) * total(b), rel=1e-5)
     # one-hot rows are the labels themselves
-    assert float(loss(logits, feats, F.one_hot(a, 5).float()).total) == pytest.approx(
-        float(loss(logits, feats, a).total), rel=1e-5
-    )
+    assert total(F.one_hot(a, 5).float()) == pytest.approx(total(a), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- training

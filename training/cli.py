@@ -60,6 +60,19 @@ _FLAG_FIELDS = {
     "init_heads": "init_heads",
     "prune_ratio": "prune_ratio",
     "prune_epochs": "prune_epochs",
+    "teacher": "teacher",
+    "kd_weight": "kd_weight",
+    "kd_temperature": "kd_temperature",
+    "kd_exits": "kd_exits",
+    "ckdf_alpha": "ckdf_alpha",
+    "ckdf_beta": "ckdf_beta",
+    "drg_alpha": "drg_alpha",
+    "drg_temperature": "drg_temperature",
+    "dsr_beta": "dsr_beta",
+    "dsr_temperature": "dsr_temperature",
+    "sfr_weight": "sfr_weight",
+    "sfr_distance": "sfr_distance",
+    "dls_epsilon": "dls_epsilon",
 }
 
 
@@ -106,7 +119,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, help="EMA of weights, e.g. 0.999 (0 = off)")
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument(
-        "--loss", help="self_distillation | baseline | deep_supervision | resnet_kl (seed 000)"
+        "--loss",
+        help="self_distillation | baseline | deep_supervision | resnet_kl (seed 000) | ckdf "
+        "(seed 001) | sfr (seed 002) | drg | dsr | drg_dsr (seed 003) | kd_self_distillation "
+        "(seed 004 Table 3)",
+    )
+    p.add_argument(
+        "--teacher",
+        help="a checkpoint of this project (e.g. a trained run's best.pt) the losses "
+        "kd_self_distillation and ckdf learn from; frozen, never saved with this run",
+    )
+    p.add_argument("--kd-weight", type=float, help="kd_self_distillation: teacher KL weight")
+    p.add_argument(
+        "--kd-temperature", type=float, help="teacher KL temperature (kd_self_distillation, ckdf)"
+    )
+    p.add_argument(
+        "--kd-exits", help="kd_self_distillation: teacher KL on the deepest exit or all exits"
+    )
+    p.add_argument("--ckdf-alpha", type=float, help="ckdf α (eq. 3–4), in [0, 1]")
+    p.add_argument("--ckdf-beta", type=float, help="ckdf β (eq. 3, 5, 6), in [0, 1]")
+    p.add_argument("--drg-alpha", type=float, help="drg / drg_dsr α (eq. 10; paper 0.2)")
+    p.add_argument("--drg-temperature", type=float, help="drg τ (eq. 9; paper 1)")
+    p.add_argument("--dsr-beta", type=float, help="dsr / drg_dsr β (eq. 12; paper 1)")
+    p.add_argument("--dsr-temperature", type=float, help="dsr τ (eq. 11; paper 4)")
+    p.add_argument("--sfr-weight", type=float, help="sfr: weight of the feature loss")
+    p.add_argument("--sfr-distance", help="sfr feature distance: l2 | emd (Sinkhorn)")
+    p.add_argument(
+        "--dls-epsilon",
+        type=float,
+        help="sfr: dynamic label smoothing ε, mass moved to the wrong classes by the previous "
+        "epoch's predictions (0 = off)",
     )
     p.add_argument("--distill-path", choices=["deepest", "ensemble", "transitive", "dense"])
     p.add_argument("--loss-reduction", help="sum (every implementation) | mean (eq. 3 as printed)")

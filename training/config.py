@@ -55,6 +55,23 @@ class TrainConfig:
     temperature: float = 3.0
     distill_off_epochs: int = 0  # α and λ are 0 for the last N epochs
     label_smoothing: float = 0.0
+    # a frozen teacher (training.teacher): a checkpoint of this project, for the losses that
+    # learn from one (kd_self_distillation, ckdf)
+    teacher: str | None = None
+    # seed methods' options (training/losses/*.py say where each default comes from); each is
+    # read by its method only and refused for the others
+    kd_weight: float = 1.0  # kd_self_distillation: weight of the teacher's KL
+    kd_temperature: float = 3.0  # teacher KL temperature (kd_self_distillation, ckdf: T = 3)
+    kd_exits: str = "deepest"  # kd_self_distillation: teacher KL on "deepest" | "all" exits
+    ckdf_alpha: float = 0.5  # ckdf α (eq. 3–4; not given by the paper)
+    ckdf_beta: float = 0.5  # ckdf β (eq. 3, 5, 6; not given by the paper)
+    drg_alpha: float = 0.2  # drg α (eq. 10)
+    drg_temperature: float = 1.0  # drg τ (eq. 9, Fig. 6)
+    dsr_beta: float = 1.0  # dsr β (eq. 12)
+    dsr_temperature: float = 4.0  # dsr τ (eq. 11, Fig. 6)
+    sfr_weight: float = 1.0  # sfr: weight of the many-to-one feature loss
+    sfr_distance: str = "l2"  # sfr feature distance: "l2" | "emd"
+    dls_epsilon: float = 0.1  # sfr: dynamic label smoothing ε (0 = off)
     # optimisation
     epochs: int = 200
     batch_size: int = 128
@@ -92,8 +109,16 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """The config actually trained: the baseline is the backbone alone (one exit); exit
         blocks fix the exit count."""
-        if self.loss == "baseline" and (self.exits != 1 or self.exit_blocks):
+        if self.loss in ("baseline", "dsr") and (self.exits != 1 or self.exit_blocks):
             return dataclasses.replace(self, exits=1, exit_blocks=None)
+        if self.loss in ("drg", "drg_dsr") and not self.exit_blocks:
+            # DRG's one auxiliary classifier follows the second stage (seed 003 §III)
+            from .models import block_names
+
+            names = block_names(self.arch)
+            stage2 = [i + 1 for i, n in enumerate(names) if n.startswith("layer2.")]
+            if stage2 and stage2[-1] < len(names):
+                return dataclasses.replace(self, exits=2, exit_blocks=(stage2[-1],))
         if self.exit_blocks and self.exits != len(self.exit_blocks) + 1:
             return dataclasses.replace(self, exits=len(self.exit_blocks) + 1)
         return self
@@ -182,7 +207,7 @@ class TrainConfig:
 
         if self.loss not in list_losses():
             raise ValueError(f"unknown loss {self.loss!r}; valid: {', '.join(list_losses())}")
-        if self.loss in ("self_distillation",):
+        if self.loss in ("self_distillation", "kd_self_distillation"):
             check_options(
                 path=self.distill_path,
                 alpha=self.alpha,
@@ -195,18 +220,15 @@ class TrainConfig:
                 label_smoothing=self.label_smoothing,
                 num_exits=self.exits,
             )
-        elif self.loss == "resnet_kl":
+        if self.loss != "self_distillation":
             from .losses import create_loss
 
-            create_loss(  # its constructor checks the weights' ranges
-                "resnet_kl",
-                alpha=self.alpha,
-                lam=self.lam,
-                reduction=self.loss_reduction,
-                label_smoothing=self.label_smoothing,
-            )
-        else:
             check_common(self.loss_reduction, self.label_smoothing)
+            create_loss(self.loss, **self.loss_options())  # its constructor checks the options
+        from .losses import loss_needs
+
+        if "teacher" in loss_needs(self.loss) and not self.teacher:
+            raise ValueError(f"loss {self.loss!r} learns from a teacher: pass --teacher CKPT")
         # A loss-specific field moved off its default for a loss that never reads it is a
         # recipe mistake: refuse it rather than train something other than what was asked.
         defaults = TrainConfig()
@@ -231,6 +253,26 @@ class TrainConfig:
                 f"loss {self.loss!r} compares feature maps; head {self.head!r} has none "
                 f"(use {', '.join(maps)})"
             )
+
+    def loss_options(self) -> dict[str, Any]:
+        """The keyword set `create_loss` gets from this config (each factory takes what it
+        reads); the engine adds the network's sizes."""
+        options: dict[str, Any] = {
+            "path": self.distill_path,
+            "alpha": self.alpha,
+            "lam": self.lam,
+            "temperature": self.temperature,
+            "reduction": self.loss_reduction,
+            "distill": self.distill,
+            "feature": self.feature_hint,
+            "feature_exits": self.feature_exits,
+            "label_smoothing": self.label_smoothing,
+        }
+        from .losses import loss_fields
+
+        for name in loss_fields(self.loss):
+            options.setdefault(name, getattr(self, name))
+        return options
 
     def _validate_pruning(self) -> None:
         if not self.prune_epochs and not self.prune_ratio:

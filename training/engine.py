@@ -28,7 +28,9 @@ from .config import TrainConfig, write_config
 from .costs import measure_costs
 from .data import AugmentConfig, BatchLoader
 from .losses import create_loss
+from .losses.inputs import LossInputs, capture_stage_maps
 from .models import MultiExitNetwork, create_model
+from .teacher import Teacher, TeacherError  # noqa: F401  (TeacherError: bad --teacher)
 
 if TYPE_CHECKING:
     from .prune import PrunePlan
@@ -134,21 +136,18 @@ def network_from_config(
     )
 
 
-def loss_from_config(cfg: TrainConfig, model: MultiExitNetwork) -> nn.Module:
-    """The loss a config describes, sized for `model` (adapters need its exits and width)."""
+def loss_from_config(
+    cfg: TrainConfig, model: MultiExitNetwork, train_rows: int | None = None
+) -> nn.Module:
+    """The loss a config describes, sized for `model` (adapters and projections need its
+    exits and width; per-sample state the training set's `train_rows`)."""
     return create_loss(
         cfg.loss,
-        path=cfg.distill_path,
-        alpha=cfg.alpha,
-        lam=cfg.lam,
-        temperature=cfg.temperature,
-        reduction=cfg.loss_reduction,
-        distill=cfg.distill,
-        feature=cfg.feature_hint,
-        feature_exits=cfg.feature_exits,
-        label_smoothing=cfg.label_smoothing,
+        **cfg.loss_options(),
         num_exits=model.num_exits,
         feature_dim=model.feature_dim,
+        num_classes=model.num_classes,
+        train_rows=train_rows,
     )
 
 
@@ -216,6 +215,33 @@ def load_backbone(model: MultiExitNetwork, cfg: TrainConfig) -> None:
             )
         model.heads.load_state_dict(heads)
         logger.info("exit heads initialised from %s", path.name)
+
+
+@torch.no_grad()
+def check_teacher_maps(
+    teacher: Teacher,
+    model: MultiExitNetwork,
+    input_shape: tuple[int, int, int],
+    device: torch.device,
+) -> None:
+    """TeacherError unless the teacher's stage maps pair with the student's one to one at
+    equal resolution (attention transfer compares them), checked on one blank image."""
+    if not teacher.with_stage_maps:
+        return
+    x = torch.zeros(1, *input_shape, device=device)
+    was_training = model.training
+    model.eval()
+    with capture_stage_maps(model) as mine:
+        model(x)
+    model.train(was_training)
+    theirs = teacher.outputs(x).stage_maps or []
+    sizes = [tuple(m.shape[-2:]) for m in mine]
+    their_sizes = [tuple(m.shape[-2:]) for m in theirs]
+    if sizes != their_sizes:
+        raise TeacherError(
+            f"--teacher {teacher.path.name}: its stage maps are {their_sizes}, this network's "
+            f"are {sizes}; attention transfer needs them stage by stage at equal resolution"
+        )
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -350,9 +376,32 @@ class Trainer:
             self.net = DistributedDataParallel(
                 self.model, device_ids=[device.index] if self.use_cuda else None
             )
-        self.loss_fn: nn.Module = loss_from_config(cfg, self.model).to(device)
+        self.loss_fn: nn.Module = loss_from_config(cfg, self.model, len(train_data)).to(device)
+        self.loss_needs: frozenset[str] = frozenset(getattr(self.loss_fn, "needs", ()))
+        # A frozen teacher (--teacher): outside the model, the optimiser and the state dict.
+        self.teacher: Teacher | None = None
+        if "teacher" in self.loss_needs:
+            self.teacher = Teacher(
+                str(cfg.teacher),
+                self.num_classes,
+                self.input_shape,
+                device,
+                with_stage_maps="stage_maps" in self.loss_needs,
+            )
+            check_teacher_maps(self.teacher, self.model, self.input_shape, device)
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = self.train_loader.steps_per_epoch()
+        if self.steps_per_epoch == 0:
+            rows = len(self.train_loader.rows(0, 0)) if len(train_data) else 0
+            what = (
+                f"loss {cfg.loss!r} compares each batch row by row with the previous one, and "
+                if getattr(self.loss_fn, "aligned_rows", False)
+                else ""
+            )
+            raise ValueError(
+                f"{what}--batch-size {cfg.batch_size} leaves no full batch of the {rows} "
+                "training rows per process; use a smaller batch"
+            )
         self.scheduler = self._make_scheduler()
         self.ema: torch.optim.swa_utils.AveragedModel | None = self._make_ema()
         # Structured pruning (training.prune): the site widths the network has now (empty =
@@ -470,7 +519,38 @@ class Trainer:
         return self.model
 
     # -- one optimisation step ---------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def loss_inputs(
+        self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> tuple[LossInputs, list[torch.Tensor]]:
+        """Forward the network on `x` and gather what the loss needs (`ExitLoss.needs`):
+        (the loss's inputs, the exits' logits as computed)."""
+        needs = self.loss_needs
+        alpha, lam = distill_weights(self.cfg, self.epoch)
+        with capture_stage_maps(self.model, "stage_maps" in needs) as stage_maps:
+            out = self.net(x, with_maps=True) if "maps" in needs else self.net(x)
+        teacher = self.teacher.outputs(x) if self.teacher is not None else None
+        inputs = LossInputs(
+            logits=[z.float() for z in out.logits],
+            features=[f.float() for f in out.features],
+            target=y,
+            maps=[m.float() for m in out.maps] if out.maps is not None else None,
+            stage_maps=[m.float() for m in stage_maps] if "stage_maps" in needs else None,
+            teacher=teacher,
+            rows=rows.to(y.device) if rows is not None and "rows" in needs else None,
+            epoch=self.epoch,
+            step=self.global_step,
+            alpha=alpha,
+            lam=lam,
+        )
+        return inputs, out.logits
+
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """One optimiser step on batch (x, y); `rows` (the batch's training-set indices) for
+        a loss with per-sample state."""
+        if "rows" in self.loss_needs and rows is None:
+            rows = self.train_loader.rows(self.epoch, self.step_in_epoch)
         self.net.train()
         if self.cfg.freeze_backbone:
             self.model.backbone.eval()  # BN statistics stay the trained model's
@@ -478,21 +558,11 @@ class Trainer:
         y = y.to(self.device, non_blocking=True)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        alpha, lam = distill_weights(self.cfg, self.epoch)
-        # A loss over feature maps (resnet_kl) gets the exits' aligned maps as its features.
-        uses_maps = bool(getattr(self.loss_fn, "uses_maps", False))
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.use_cuda and self.cfg.amp
         ):
-            out = self.net(x, with_maps=True) if uses_maps else self.net(x)
-            features = out.maps if uses_maps else out.features
-            terms = self.loss_fn(
-                [z.float() for z in out.logits],
-                [f.float() for f in features],
-                y,
-                alpha=alpha,
-                lam=lam,
-            )
+            inputs, logits = self.loss_inputs(x, y, rows)
+            terms = self.loss_fn(inputs)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         self.optimizer.step()
@@ -503,7 +573,7 @@ class Trainer:
         stats = terms.as_floats()
         # CutMix targets are class-probability rows: the larger share is the label counted.
         hard = y.argmax(1) if y.ndim == 2 else y
-        stats["acc_last"] = 100.0 * float((out.logits[-1].argmax(1) == hard).float().mean())
+        stats["acc_last"] = 100.0 * float((logits[-1].argmax(1) == hard).float().mean())
         return stats
 
     # -- checkpoints -------------------------------------------------------------------

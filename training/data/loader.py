@@ -75,6 +75,10 @@ class BatchLoader:
         n = len(self._order(0))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def rows(self, epoch: int, step: int) -> torch.Tensor:
+        """The dataset row indices of batch `step` of `epoch` (what `epoch()` yields there)."""
+        return self._order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (float images normalised N×C×H×W, int64 labels) from step `start_step` on; with
         CutMix on (training), the targets are N×C float class probabilities instead."""

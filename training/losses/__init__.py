@@ -1,10 +1,12 @@
-"""Training losses, created by name from a registry."""
+"""Training losses, created by name from a registry; each takes one `LossInputs` per step."""
 
+from .inputs import ExitLoss, LossInputs, TeacherOutputs
 from .registry import (
     all_loss_fields,
     create_loss,
     list_losses,
     loss_fields,
+    loss_needs,
     loss_uses_maps,
     register_loss,
 )
@@ -23,13 +25,17 @@ __all__ = [
     "FEATURE_HINTS",
     "PATHS",
     "REDUCTIONS",
+    "ExitLoss",
+    "LossInputs",
     "LossTerms",
     "ResNetKLLoss",
     "SelfDistillationLoss",
+    "TeacherOutputs",
     "all_loss_fields",
     "create_loss",
     "list_losses",
     "loss_fields",
+    "loss_needs",
     "loss_uses_maps",
     "register_loss",
 ]

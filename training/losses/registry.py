@@ -1,7 +1,9 @@
 """Losses looked up by name, so variants plug in without copy-paste.
 
 Each loss also declares the loss-specific config fields it reads (`loss_fields`), so a recipe
-that sets, say, `alpha` for the plain baseline is refused instead of silently ignored.
+that sets, say, `alpha` for the plain baseline is refused instead of silently ignored, and
+what it needs beyond logits and pooled features (`loss_needs`, see `training.losses.inputs`),
+so the engine computes only that.
 """
 
 from __future__ import annotations
@@ -13,22 +15,31 @@ from torch import nn
 
 _LOSSES: dict[str, Callable[..., nn.Module]] = {}
 _FIELDS: dict[str, tuple[str, ...]] = {}
-_USES_MAPS: set[str] = set()
+_NEEDS: dict[str, frozenset[str]] = {}
 
 
 def register_loss(
-    name: str, fields: Sequence[str] = (), uses_maps: bool = False
+    name: str,
+    fields: Sequence[str] = (),
+    uses_maps: bool = False,
+    needs: Sequence[str] = (),
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Register a loss factory. `uses_maps`: the loss takes the exits' aligned feature maps
-    (`MultiExitOutput.maps`) as its `features` argument instead of the pooled vectors."""
+    """Register a loss factory. `needs` (a subset of `inputs.NEEDS`): what the loss reads
+    beyond logits, pooled features and target; ``teacher`` makes `--teacher` required.
+    `uses_maps` is short for ``needs=("maps",)`` (the exits' aligned feature maps)."""
+    from .inputs import NEEDS
+
+    wanted = frozenset(needs) | ({"maps"} if uses_maps else set())
+    unknown = sorted(wanted - set(NEEDS))
+    if unknown:
+        raise ValueError(f"loss {name!r} needs unknown input(s) {unknown}; valid: {NEEDS}")
 
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _LOSSES:
             raise ValueError(f"loss {name!r} registered twice")
         _LOSSES[name] = factory
         _FIELDS[name] = tuple(fields)
-        if uses_maps:
-            _USES_MAPS.add(name)
+        _NEEDS[name] = wanted
         return factory
 
     return wrap
@@ -47,8 +58,13 @@ def loss_fields(name: str) -> tuple[str, ...]:
 
 def loss_uses_maps(name: str) -> bool:
     """Whether loss `name` compares feature maps (needs exit heads that provide them)."""
+    return "maps" in loss_needs(name)
+
+
+def loss_needs(name: str) -> frozenset[str]:
+    """What loss `name` reads beyond logits, features and target (empty for unknown names)."""
     _ensure_registered()
-    return name in _USES_MAPS
+    return _NEEDS.get(name, frozenset())
 
 
 def all_loss_fields() -> set[str]:
@@ -64,4 +80,4 @@ def create_loss(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _ensure_registered() -> None:
-    from . import resnet_kl, self_distillation  # noqa: F401
+    from . import drg, kd, resnet_kl, self_distillation  # noqa: F401

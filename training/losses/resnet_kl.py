@@ -23,19 +23,19 @@ applies to both): every term is linear in y, so a mixed row trains as the mix of
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .inputs import ExitLoss, LossInputs
 from .registry import register_loss
 from .self_distillation import LossTerms, check_common, soft_cross_entropy
 
 
-class ResNetKLLoss(nn.Module):
-    """Eq. 2 plus the feature loss. `features` are the exits' maps (`uses_maps`): the engine
-    runs the network with `with_maps=True` and passes `MultiExitOutput.maps`."""
+class ResNetKLLoss(ExitLoss):
+    """Eq. 2 plus the feature loss over the exits' maps (`needs` maps: the engine runs the
+    network with `with_maps=True` and passes `MultiExitOutput.maps`)."""
 
-    uses_maps = True
+    needs = frozenset({"maps"})
 
     def __init__(
         self,
@@ -53,18 +53,14 @@ class ResNetKLLoss(nn.Module):
         self.alpha, self.lam = alpha, lam
         self.reduction, self.label_smoothing = reduction, label_smoothing
 
-    def forward(
-        self,
-        logits: list[torch.Tensor],
-        features: list[torch.Tensor],
-        target: torch.Tensor,
-        alpha: float | None = None,
-        lam: float | None = None,
-    ) -> LossTerms:
-        """`features`: K maps N×C×h×w (the last the deepest); `alpha`/`lam` override the
-        configured weights (the engine zeroes them for the last `distill_off_epochs`)."""
-        x = self.alpha if alpha is None else alpha
-        lam = self.lam if lam is None else lam
+    def forward(self, inputs: LossInputs) -> LossTerms:
+        """`inputs.maps`: K maps N×C×h×w (the last the deepest); `inputs.alpha`/`lam` override
+        the configured weights (the engine zeroes them for the last `distill_off_epochs`)."""
+        logits, target = inputs.logits, inputs.target
+        assert inputs.maps is not None  # needs maps
+        features = inputs.maps
+        x = self.alpha if inputs.alpha is None else inputs.alpha
+        lam = self.lam if inputs.lam is None else inputs.lam
         k_exits = len(logits)
         last = F.softmax(logits[-1].detach(), dim=1)
         deepest = features[-1].detach()

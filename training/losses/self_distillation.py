@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .inputs import ExitLoss, LossInputs
 from .registry import register_loss
 
 PATHS = ("deepest", "ensemble", "transitive", "dense")
@@ -144,7 +145,7 @@ def check_options(
             )
 
 
-class SelfDistillationLoss(nn.Module):
+class SelfDistillationLoss(ExitLoss):
     def __init__(
         self,
         path: str = "deepest",
@@ -196,17 +197,12 @@ class SelfDistillationLoss(nn.Module):
         assert self.adapters is not None  # built in __init__ for feature == "adapter"
         return feature_distance(self.adapters[str(i + 1)](student), teacher)
 
-    def forward(
-        self,
-        logits: list[torch.Tensor],
-        features: list[torch.Tensor],
-        target: torch.Tensor,
-        alpha: float | None = None,
-        lam: float | None = None,
-    ) -> LossTerms:
-        """`alpha`/`lam` override the configured weights (the engine zeroes them at the end)."""
-        alpha = self.alpha if alpha is None else alpha
-        lam = self.lam if lam is None else lam
+    def forward(self, inputs: LossInputs) -> LossTerms:
+        """`inputs.alpha`/`lam` override the configured weights (the engine zeroes them at
+        the end)."""
+        logits, features, target = inputs.logits, inputs.features, inputs.target
+        alpha = self.alpha if inputs.alpha is None else inputs.alpha
+        lam = self.lam if inputs.lam is None else inputs.lam
         t = self.temperature
         k_exits = len(logits)
         ce_terms = [
@@ -244,7 +240,7 @@ class SelfDistillationLoss(nn.Module):
         return LossTerms(total=ce + kl + feat, ce=ce, kl=kl, feature=feat)
 
 
-class CrossEntropyExits(nn.Module):
+class CrossEntropyExits(ExitLoss):
     """Plain CE over the exits it is given, summed (``mean``: divided by the exit count); one
     exit = the baseline backbone, where both reductions agree."""
 
@@ -253,15 +249,8 @@ class CrossEntropyExits(nn.Module):
         check_common(reduction, label_smoothing)
         self.reduction, self.label_smoothing = reduction, label_smoothing
 
-    def forward(
-        self,
-        logits: list[torch.Tensor],
-        features: list[torch.Tensor],
-        target: torch.Tensor,
-        alpha: float | None = None,
-        lam: float | None = None,
-    ) -> LossTerms:
-        del features, alpha, lam  # the common loss signature; CE uses neither
+    def forward(self, inputs: LossInputs) -> LossTerms:
+        logits, target = inputs.logits, inputs.target
         ce = sum(F.cross_entropy(z, target, label_smoothing=self.label_smoothing) for z in logits)
         if self.reduction == "mean":
             ce = ce / len(logits)

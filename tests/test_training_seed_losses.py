@@ -1,0 +1,136 @@
+"""Seed methods with teachers and loss state (issue #17): the loss-input interface, the
+teacher slot, KD + SD, DRG / DSR, CKDF, SFR; hand-computed values on tiny tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from training.losses import LossInputs, TeacherOutputs, create_loss, loss_needs
+from training.losses.drg import ranked
+
+
+def _kl(p: list[float], q: list[float]) -> float:
+    return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
+
+
+def _softmax(z: list[float], t: float = 1.0) -> list[float]:
+    e = [math.exp(v / t) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def _ce(z: list[float], label: int) -> float:
+    return -math.log(_softmax(z)[label])
+
+
+# ----------------------------------------------------------------------------- interface
+
+
+def test_losses_declare_what_they_need():
+    assert loss_needs("self_distillation") == frozenset()
+    assert loss_needs("resnet_kl") == {"maps"}
+    assert loss_needs("kd_self_distillation") == {"teacher"}
+    assert loss_needs("drg") == frozenset() and loss_needs("dsr") == frozenset()
+
+
+def test_short_call_and_inputs_object_agree():
+    torch.manual_seed(0)
+    logits = [torch.randn(3, 4) for _ in range(2)]
+    feats = [torch.randn(3, 5) for _ in range(2)]
+    y = torch.tensor([0, 1, 3])
+    loss = create_loss("self_distillation", alpha=0.5)
+    assert torch.equal(loss(logits, feats, y).total, loss(LossInputs(logits, feats, y)).total)
+
+
+# ----------------------------------------------------------------------------- KD + SD
+
+
+def test_kd_self_distillation_adds_the_teachers_kl_on_the_deepest_exit():
+    z1, z2, t = [1.0, 0.0, -1.0], [0.5, 2.0, 0.0], [2.0, 1.0, 0.0]
+    logits = [torch.tensor([z1]), torch.tensor([z2])]
+    feats = [torch.zeros(1, 2), torch.zeros(1, 2)]
+    y = torch.tensor([1])
+    teacher = TeacherOutputs(torch.tensor([t]))
+    loss = create_loss("kd_self_distillation", alpha=0.0, kd_weight=0.7, kd_temperature=2.0)
+    terms = loss(LossInputs(logits, feats, y, teacher=teacher))
+    kd = 0.7 * 4.0 * _kl(_softmax(t, 2.0), _softmax(z2, 2.0))
+    assert float(terms.kl) == pytest.approx(kd, rel=1e-5)
+    assert float(terms.total) == pytest.approx(_ce(z1, 1) + _ce(z2, 1) + kd, rel=1e-5)
+    every = create_loss("kd_self_distillation", alpha=0.0, kd_temperature=2.0, kd_exits="all")
+    kd_all = 4.0 * (
+        _kl(_softmax(t, 2.0), _softmax(z1, 2.0)) + _kl(_softmax(t, 2.0), _softmax(z2, 2.0))
+    )
+    assert float(every(LossInputs(logits, feats, y, teacher=teacher)).kl) == pytest.approx(
+        kd_all, rel=1e-5
+    )
+
+
+def test_kd_needs_the_teachers_outputs():
+    loss = create_loss("kd_self_distillation")
+    with pytest.raises(ValueError, match="teacher"):
+        loss(LossInputs([torch.zeros(1, 3)], [torch.zeros(1, 2)], torch.tensor([0])))
+
+
+# ----------------------------------------------------------------------------- DRG / DSR
+
+
+def test_ranked_outputs_sort_each_row_ascending():
+    z = torch.tensor([[3.0, -1.0, 2.0], [0.0, 5.0, 1.0]], requires_grad=True)
+    r = ranked(z)
+    assert r.tolist() == [[-1.0, 2.0, 3.0], [0.0, 1.0, 5.0]]
+    r[:, -1].sum().backward()  # the gradient reaches each row's largest logit
+    assert z.grad.tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+
+
+def test_drg_is_hl_plus_alpha_times_the_poor_teachers_kl():
+    ac, final = [2.0, 0.0, 1.0], [0.0, 1.0, 3.0]
+    logits = [torch.tensor([ac], requires_grad=True), torch.tensor([final], requires_grad=True)]
+    y = torch.tensor([2])
+    terms = create_loss("drg")(LossInputs(logits, [torch.zeros(1, 2)] * 2, y))
+    rg = _kl(_softmax(ac), _softmax(final))  # τ = 1
+    got = terms.as_floats()
+    assert got["ce"] == pytest.approx(_ce(ac, 2) + _ce(final, 2), rel=1e-6)
+    assert got["kl"] == pytest.approx(0.2 * rg, rel=1e-5)
+    terms.total.backward()
+    # the AC is the teacher in (9): its gradient is its CE's alone
+    want = torch.softmax(torch.tensor(ac), 0) - F.one_hot(torch.tensor(2), 3)
+    assert torch.allclose(logits[0].grad[0], want, atol=1e-6)
+
+
+def test_dsr_compares_ranked_outputs_with_the_previous_steps():
+    loss = create_loss("dsr")  # β = 1, τ = 4
+    a, b = [3.0, 1.0, 2.0], [0.0, 4.0, -2.0]
+    y = torch.tensor([0])
+    first = loss(LossInputs([torch.tensor([a])], [torch.zeros(1, 2)], y))
+    # z̃^{−1} = 0: the previous distribution is uniform
+    sr0 = 16.0 * _kl([1 / 3] * 3, _softmax(sorted(a), 4.0))
+    assert float(first.kl) == pytest.approx(sr0, rel=1e-5)
+    assert float(first.total) == pytest.approx(_ce(a, 0) + sr0, rel=1e-5)
+    second = loss(LossInputs([torch.tensor([b])], [torch.zeros(1, 2)], y))
+    sr1 = 16.0 * _kl(_softmax(sorted(a), 4.0), _softmax(sorted(b), 4.0))
+    assert float(second.kl) == pytest.approx(sr1, rel=1e-5)
+    assert loss.state_dict()["_extra_state"]["prev_ranked"].tolist() == [sorted(b)]
+    with pytest.raises(ValueError, match="previous batch"):
+        loss(LossInputs([torch.zeros(2, 3)], [torch.zeros(2, 2)], torch.tensor([0, 1])))
+
+
+def test_drg_dsr_is_eq_13_with_a_temperature_per_term():
+    ac, final = [1.0, 0.0, 0.5], [0.0, 2.0, 1.0]
+    loss = create_loss("drg_dsr", drg_alpha=0.5, dsr_beta=2.0)
+    terms = loss(LossInputs([torch.tensor([ac]), torch.tensor([final])], [torch.zeros(1, 2)] * 2,
+                            torch.tensor([1])))  # fmt: skip
+    rg = _kl(_softmax(ac), _softmax(final))
+    sr = 16.0 * _kl([1 / 3] * 3, _softmax(sorted(final), 4.0))
+    assert float(terms.kl) == pytest.approx(0.5 * rg + 2.0 * sr, rel=1e-5)
+    assert float(terms.total) == pytest.approx(_ce(ac, 1) + _ce(final, 1) + 0.5 * rg + 2 * sr,
+                                               rel=1e-5)  # fmt: skip
+
+
+def test_drg_refuses_a_single_exit_and_bad_weights():
+    with pytest.raises(ValueError, match="auxiliary classifier"):
+        create_loss("drg", num_exits=1)
+    with pytest.raises(ValueError, match="≥ 0"):
+        create_loss("dsr", dsr_beta=-1.0)
