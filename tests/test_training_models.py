@@ -83,7 +83,7 @@ def test_pool_heads_have_no_convolution_and_almost_no_macs():
 
 
 def test_unknown_exit_head_lists_valid_names():
-    with pytest.raises(ValueError, match="attention, lite, pool"):
+    with pytest.raises(ValueError, match="attention, ckdf, lite, pool"):
         create_model("resnet18", 10, exits=4, width=0.125, head="transformer")
 
 

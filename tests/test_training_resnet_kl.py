@@ -245,11 +245,14 @@ def test_every_loss_takes_mixed_targets_as_the_mix_of_its_labels(name):
     kwargs = {"label_smoothing": 0.1}
     if name == "resnet_kl":
         kwargs["lam"] = 0.5
-    teacher = TeacherOutputs(torch.randn(4, 5))
+    teacher = TeacherOutputs(torch.randn(4, 5), stage_maps=[torch.randn(4, 6, 2, 2)])
+    stage_maps = [torch.randn(4, 3, 2, 2)]
 
     def total(target: torch.Tensor) -> float:
         # A fresh loss per call: stateful losses (dsr) compare with the previous call.
-        inputs = LossInputs(logits, feats, target, maps=feats, teacher=teacher)
+        inputs = LossInputs(
+            logits, feats, target, maps=feats, stage_maps=stage_maps, teacher=teacher
+        )
         return float(create_loss(name, **kwargs)(inputs).total)
 
     assert total(mixed) == pytest.approx(lam * total(a) + (1 - lam) * total(b), rel=1e-5)

@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from training.losses import LossInputs, TeacherOutputs, create_loss, loss_needs
+from training.losses.ckdf import attention_map
 from training.losses.drg import ranked
 
 
@@ -134,3 +135,50 @@ def test_drg_refuses_a_single_exit_and_bad_weights():
         create_loss("drg", num_exits=1)
     with pytest.raises(ValueError, match="≥ 0"):
         create_loss("dsr", dsr_beta=-1.0)
+
+
+# ----------------------------------------------------------------------------- CKDF
+
+
+def test_attention_map_is_the_normalised_channel_mean_of_squares():
+    x = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])  # N=1, C=2, H=1, W=2
+    means = [(1 + 9) / 2, (4 + 0) / 2]  # 5, 2
+    norm = math.hypot(*means)
+    assert attention_map(x)[0].tolist() == pytest.approx([m / norm for m in means])
+
+
+def test_ckdf_is_loss1_to_loss4_by_hand():
+    z = [[1.0, 0.0], [0.0, 1.0], [2.0, 0.5]]  # three exits, two classes
+    t = [0.5, -0.5]
+    feats = [torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[0.5, 1.0]])]
+    x = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])
+    tx = torch.tensor([[[[2.0, 1.0]]]])
+    teacher = TeacherOutputs(torch.tensor([t]), stage_maps=[tx])
+    inputs = LossInputs([torch.tensor([r]) for r in z], feats, torch.tensor([1]),
+                        stage_maps=[x], teacher=teacher)  # fmt: skip
+    a, b, temp = 0.3, 0.6, 3.0
+    terms = create_loss("ckdf", ckdf_alpha=a, ckdf_beta=b, kd_temperature=temp)(inputs)
+    loss1 = (1 - a) * _ce(z[2], 1) + (1 - b) * (_ce(z[0], 1) + _ce(z[1], 1))
+    pt = _softmax(t, temp)
+    loss2 = a * temp**2 * (_kl(pt, _softmax(z[1], temp)) + _kl(pt, _softmax(z[2], temp)))
+    loss3 = b * ((1 - 0.5) ** 2 + (2 - 1) ** 2)  # exit 1 only (K − 2 = 1)
+    s_at = [5 / math.sqrt(29), 2 / math.sqrt(29)]
+    t_at = [4 / math.sqrt(17), 1 / math.sqrt(17)]
+    loss4 = b * sum((u - v) ** 2 for u, v in zip(s_at, t_at, strict=True)) / 2
+    got = terms.as_floats()
+    assert got["ce"] == pytest.approx(loss1, rel=1e-5)
+    assert got["kl"] == pytest.approx(loss2, rel=1e-5)
+    assert got["feature"] == pytest.approx(loss3 + loss4, rel=1e-5)
+    assert got["total"] == pytest.approx(loss1 + loss2 + loss3 + loss4, rel=1e-5)
+
+
+def test_ckdf_head_has_two_pair_attention_and_an_fc_layer_when_two_halvings_deep():
+    from training.models.exits import CKDFExit
+
+    deep = CKDFExit([8, 16, 32], 5)
+    assert len(deep.attention.down) == 8  # two depthwise-pointwise pairs
+    assert isinstance(deep.fc_layer[0], torch.nn.Linear) and len(deep.align) == 2
+    near = CKDFExit([16, 32], 5)
+    assert isinstance(near.fc_layer, torch.nn.Identity)
+    feat, logits, fmap = deep(torch.randn(2, 8, 8, 8), with_map=True)
+    assert feat.shape == (2, 32) and logits.shape == (2, 5) and fmap.shape == (2, 32, 2, 2)

@@ -28,6 +28,7 @@ def teacher_ckpt(tmp_path_factory) -> Path:
 
 METHODS = {
     "kd_self_distillation": dict(loss="kd_self_distillation", kd_exits="all"),
+    "ckdf": dict(loss="ckdf", head="ckdf", exits=4),
     "drg": dict(loss="drg"),
     "dsr": dict(loss="dsr"),
     "drg_dsr": dict(loss="drg_dsr"),
@@ -65,6 +66,14 @@ def test_teacher_outputs_are_cached_per_batch(tmp_path, teacher_ckpt):
     x = torch.randn(2, 3, 16, 16)
     assert teacher.outputs(x) is teacher.outputs(x)
     assert teacher.outputs(x.clone()) is not teacher.outputs(x)
+
+
+def test_ckdf_refuses_a_teacher_whose_stage_maps_do_not_pair(tmp_path):
+    from training.teacher import TeacherError
+
+    tiny_trainer(tmp_path / "t", stem="imagenet").fit(max_steps=1, progress=False)
+    with pytest.raises(TeacherError, match="stage maps"):
+        tiny_trainer(tmp_path / "s", loss="ckdf", teacher=str(tmp_path / "t" / "best.pt"))
 
 
 # ----------------------------------------------------------------------------- resume

@@ -10,6 +10,8 @@
 - "pool": global pool, FC to the deepest width + ReLU (the hint's feature), FC: no
   convolution at all, ≈ 0.05 % of the MACs, for when rows that reach the last exit must cost
   about what the plain model does (docs/export-and-runtime.md measures the trade).
+- "ckdf": seed 001's (CKDF) classifier: two-pair attention, SepConv bottleneck, an FC_layer
+  on heads two or more halvings deep, FC.
 - "st": seed 000's ST layer (ResNet-KL): the SepConv steps that resize a stage's map to the
   deepest map's width and resolution (004's align net without the attention, the reading
   SEED_METHODS suggests for the paper's "SepConv and average pooling layers"), then global
@@ -52,11 +54,15 @@ class SepConv(nn.Module):
 
 
 class AttentionModule(nn.Module):
-    """Depthwise+pointwise downsample, bilinear upsample, sigmoid mask multiplied into x."""
+    """Depthwise+pointwise downsample, bilinear upsample, sigmoid mask multiplied into x.
+    `pairs` = 2: a second depthwise-pointwise pair (stride 1) after the first (seed 001)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, pairs: int = 1) -> None:
         super().__init__()
-        self.down = nn.Sequential(*depthwise_pointwise(channels, channels, 2))
+        layers = depthwise_pointwise(channels, channels, 2)
+        for _ in range(pairs - 1):
+            layers += depthwise_pointwise(channels, channels, 1)
+        self.down = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = F.interpolate(self.down(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
@@ -85,6 +91,36 @@ class ShallowExit(nn.Module):
         x = self.align(self.attention(x))
         feat = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return (feat, self.fc(feat), x) if with_map else (feat, self.fc(feat))
+
+
+class CKDFExit(nn.Module):
+    """Seed 001's (CKDF) shallow classifier: attention of two depthwise-separable pairs (the
+    first strided; upsample, sigmoid, multiply), a bottleneck of N = len(channel_path) − 1
+    `SepConv` subgroups walking to the deepest width, global pool, then, for a head two or more
+    halvings from the deepest stage (ResNet18's classifiers 1–2), an FC_layer to the deepest
+    width (Linear + ReLU, the feature eq. 5 compares; [R] the activation is unstated), then FC.
+    Returns (feature vector, logits[, aligned map])."""
+
+    provides_map = True
+
+    def __init__(self, channel_path: list[int], num_classes: int) -> None:
+        super().__init__()
+        self.attention = AttentionModule(channel_path[0], pairs=2)
+        self.align = nn.Sequential(
+            *(SepConv(a, b) for a, b in zip(channel_path, channel_path[1:], strict=False))
+        )
+        width = channel_path[-1]
+        self.fc_layer: nn.Module = (
+            nn.Sequential(nn.Linear(width, width), nn.ReLU())
+            if len(channel_path) > 2
+            else nn.Identity()
+        )
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor, with_map: bool = False) -> tuple[torch.Tensor, ...]:
+        aligned = self.align(self.attention(x))
+        feat = self.fc_layer(torch.flatten(F.adaptive_avg_pool2d(aligned, 1), 1))
+        return (feat, self.fc(feat), aligned) if with_map else (feat, self.fc(feat))
 
 
 class DepthwisePointwise(nn.Module):
@@ -159,6 +195,7 @@ EXIT_HEADS: dict[str, type[nn.Module]] = {
     "lite": LiteExit,
     "pool": PoolExit,
     "st": STExit,
+    "ckdf": CKDFExit,
 }
 
 
