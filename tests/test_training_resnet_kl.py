@@ -237,7 +237,7 @@ def test_every_loss_takes_mixed_targets_as_the_mix_of_its_labels(name):
     k = 1 if name == "baseline" else 3
     logits = [torch.randn(4, 5) for _ in range(k)]
     feats = [torch.randn(4, 6, 2, 2) for _ in range(k)]
-    if name != "resnet_kl":
+    if name not in ("resnet_kl", "sfr"):  # the map losses take the maps
         feats = [f.flatten(1) for f in feats]
     a, b = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 4, 0, 1])
     lam = 0.3
@@ -245,11 +245,15 @@ def test_every_loss_takes_mixed_targets_as_the_mix_of_its_labels(name):
     kwargs = {"label_smoothing": 0.1}
     if name == "resnet_kl":
         kwargs["lam"] = 0.5
+    if name == "sfr":
+        kwargs["feature_dim"] = 6
     teacher = TeacherOutputs(torch.randn(4, 5), stage_maps=[torch.randn(4, 6, 2, 2)])
     stage_maps = [torch.randn(4, 3, 2, 2)]
 
     def total(target: torch.Tensor) -> float:
-        # A fresh loss per call: stateful losses (dsr) compare with the previous call.
+        # A fresh loss per call (stateful losses, dsr, compare with the previous call), its
+        # parameters (sfr's projections) initialised alike.
+        torch.manual_seed(1)
         inputs = LossInputs(
             logits, feats, target, maps=feats, stage_maps=stage_maps, teacher=teacher
         )

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from training.losses import LossInputs, TeacherOutputs, create_loss, loss_needs
 from training.losses.ckdf import attention_map
 from training.losses.drg import ranked
+from training.losses.sfr import dls_target, emd_distance, sinkhorn_cost
 
 
 def _kl(p: list[float], q: list[float]) -> float:
@@ -182,3 +183,63 @@ def test_ckdf_head_has_two_pair_attention_and_an_fc_layer_when_two_halvings_deep
     assert isinstance(near.fc_layer, torch.nn.Identity)
     feat, logits, fmap = deep(torch.randn(2, 8, 8, 8), with_map=True)
     assert feat.shape == (2, 32) and logits.shape == (2, 5) and fmap.shape == (2, 32, 2, 2)
+
+
+# ----------------------------------------------------------------------------- SFR
+
+
+def test_sinkhorn_cost_of_a_plan_free_cost_matrix_is_exact():
+    # With uniform marginals every feasible plan of this cost costs 1.5 (C22 − C12 − C21 = 0),
+    # so the entropic plan's cost is the exact EMD.
+    cost = torch.tensor([[[0.0, 2.0], [1.0, 3.0]]])
+    assert float(sinkhorn_cost(cost)[0]) == pytest.approx(1.5, abs=1e-4)
+    # a permutation's cost: the optimal plan pairs 1↔2 and 2↔1 at zero cost
+    perm = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    assert float(sinkhorn_cost(perm, eps=0.01, iters=200)[0]) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_emd_distance_is_zero_for_the_same_set_in_another_order():
+    a = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # positions (1, 0) and (0, 1)
+    b = a.flip(-1)  # the same two vectors, swapped
+    assert float(emd_distance(a, b)[0]) == pytest.approx(0.0, abs=1e-3)
+    # against {(−1, 0), (0, −1)}: each vector moves to an orthogonal one (cost 1), not to its
+    # opposite (cost 2)
+    assert float(emd_distance(a, -a)[0]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_dynamic_label_smoothing_target_by_hand():
+    target = F.one_hot(torch.tensor([0]), 3).float()
+    previous = torch.tensor([[0.5, 0.3, 0.2]])
+    got = dls_target(target, previous, 0.1)
+    assert got[0].tolist() == pytest.approx([0.9, 0.1 * 0.6, 0.1 * 0.4])
+
+
+def test_sfr_smooths_with_the_previous_epochs_predictions():
+    loss = create_loss("sfr", sfr_weight=0.0, dls_epsilon=0.1, num_exits=2, feature_dim=2,
+                       num_classes=3, train_rows=4)  # fmt: skip
+    maps = [torch.zeros(1, 2, 1, 1)] * 2
+    y, row = torch.tensor([0]), torch.tensor([2])
+    seen = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2)]])
+    first = loss(LossInputs([seen, seen], [], y, maps=maps, rows=row, epoch=0))
+    assert first.as_floats()["ce"] == pytest.approx(2 * -math.log(0.5), rel=1e-5)  # hard target
+    z = [0.2, 0.1, -0.4]
+    later = loss(LossInputs([torch.tensor([z])] * 2, [], y, maps=maps, rows=row, epoch=1))
+    smooth = [0.9, 0.06, 0.04]
+    want = -sum(t * math.log(p) for t, p in zip(smooth, _softmax(z), strict=True))
+    assert later.as_floats()["ce"] == pytest.approx(2 * want, rel=1e-5)
+    other = loss(LossInputs([torch.tensor([z])] * 2, [], y, maps=maps, rows=torch.tensor([1]),
+                            epoch=1))  # fmt: skip
+    assert other.as_floats()["ce"] == pytest.approx(2 * _ce(z, 0), rel=1e-5)  # row 1 unseen
+
+
+def test_sfr_feature_term_weights_the_shallow_exits_by_attention():
+    torch.manual_seed(0)
+    loss = create_loss("sfr", dls_epsilon=0.0, sfr_weight=2.0, num_exits=3, feature_dim=2)
+    maps = [torch.randn(2, 2, 1, 1) for _ in range(3)]
+    weights = loss.attention_weights(maps)
+    assert weights.shape == (2, 2) and torch.allclose(weights.sum(1), torch.ones(2))
+    dists = torch.stack([(m - maps[2]).pow(2).flatten(1).mean(1) for m in maps[:2]], 1)
+    want = 2.0 * float((weights * dists).sum(1).mean().detach())
+    got = loss(LossInputs([torch.zeros(2, 3)] * 3, [], torch.tensor([0, 1]), maps=maps))
+    assert got.as_floats()["feature"] == pytest.approx(want, rel=1e-5)
+    assert [n for n, _ in loss.named_parameters()] == ["query.weight", "key.weight"]

@@ -80,4 +80,4 @@ def create_loss(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _ensure_registered() -> None:
-    from . import ckdf, drg, kd, resnet_kl, self_distillation  # noqa: F401
+    from . import ckdf, drg, kd, resnet_kl, self_distillation, sfr  # noqa: F401
