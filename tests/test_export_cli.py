@@ -12,7 +12,7 @@ from core.bundle import load_manifest, read_thresholds
 from core.decision import decide
 from tests.conftest import build_tiny_model, tiny_checkpoint
 from tests.data_fixtures import write_tiny_cifar10
-from training.export import greedy_thresholds
+from thresholds.greedy import greedy_thresholds
 from training.export_cli import main
 
 
