@@ -3,7 +3,6 @@ the MACs counted on the ONNX graph against torch's count."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,6 @@ from ..models import MultiExitNetwork
 from ..onnx_macs import count_onnx_macs, macs_by_op, relative_difference
 from .graphs import GraphJob
 from .options import FULL_MODEL_FILE, ExportError
-
-logger = logging.getLogger(__name__)
 
 
 def ort_session(path: Path) -> Any:

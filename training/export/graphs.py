@@ -3,15 +3,12 @@ alone (features only), and the plain single graph."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..models import MultiExitNetwork
-
-logger = logging.getLogger(__name__)
 
 
 class SegmentGraph(nn.Module):

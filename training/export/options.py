@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,6 @@ from core.bundle import (
 )
 
 from ..models import MultiExitNetwork
-
-logger = logging.getLogger(__name__)
-
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 FULL_MODEL_FILE = "full_model.onnx"
