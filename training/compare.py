@@ -32,6 +32,49 @@ class Arm:
     config: TrainConfig  # the recipe with the comparison's overrides applied (seed excluded)
 
 
+def parse_arm_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """An arm named by the loss registry: ``LOSS[:FIELD=VALUE,...][@LABEL]`` → (label, loss,
+    config overrides). Values are YAML scalars or flow lists (``feature_exits=[1, 2]``); the
+    label (default: LOSS) names the run directories and the report's row. ValueError on a
+    malformed spec."""
+    import re
+
+    import yaml
+
+    body, _, label = spec.partition("@")
+    loss, _, rest = body.partition(":")
+    loss, label = loss.strip(), (label.strip() or loss.strip())
+    if not re.fullmatch(r"[A-Za-z0-9_]+", loss):
+        raise ValueError(f"arm {spec!r}: expected LOSS[:FIELD=VALUE,...][@LABEL]")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", label):
+        raise ValueError(f"arm {spec!r}: the label may hold letters, digits, '_', '.', '-'")
+    overrides: dict[str, Any] = {}
+    for item in re.split(r",(?=\s*[A-Za-z_]+\s*=)", rest) if rest.strip() else []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"arm {spec!r}: {item!r} is not FIELD=VALUE")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"arm {spec!r}: cannot read {value!r} ({exc})") from None
+    if "loss" in overrides:
+        raise ValueError(f"arm {spec!r}: the loss is the name before ':'")
+    return label, loss, overrides
+
+
+def run_costs(run: Path) -> dict[str, int] | None:
+    """Parameters and MACs of the network a run trained (its costs.json), or None."""
+    path = run / "costs.json"
+    if not path.is_file():
+        return None
+    costs = json.loads(path.read_text(encoding="utf-8"))
+    return {
+        "params": int(sum(costs["segment_params"])),
+        "macs_deepest_path": int(costs["exit_path_macs"][-1]),
+        "macs_all_exits": int(sum(costs["segment_macs"])),
+    }
+
+
 def run_dir(runs: Path, arm: str, seed: int) -> Path:
     return runs / f"{arm}_s{seed}"
 
@@ -88,7 +131,8 @@ def measure_step_times(
     one process (the same batch, the same threads), so machine noise hits them alike."""
     import torch
 
-    from .engine import loss_from_config, network_from_config
+    from .engine import forward_for_loss, loss_from_config, network_from_config
+    from .teacher import Teacher
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -102,7 +146,14 @@ def measure_step_times(
             for param in model.backbone.parameters():
                 param.requires_grad_(False)
             model.backbone.eval()
-        loss = loss_from_config(cfg, model)
+        loss = loss_from_config(cfg, model, train_rows=cfg.batch_size)
+        needs = frozenset(getattr(loss, "needs", ()))
+        # A teacher's forward is part of what its arm's step costs.
+        teacher = (
+            Teacher(str(cfg.teacher), num_classes, input_shape, "cpu", "stage_maps" in needs)
+            if "teacher" in needs
+            else None
+        )
         opt = torch.optim.SGD(
             [p for p in (*model.parameters(), *loss.parameters()) if p.requires_grad],
             lr=0.01,
@@ -113,13 +164,18 @@ def measure_step_times(
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, num_classes, (cfg.batch_size,))
-        variants[arm.name] = (model, opt, loss, x, y)
+        variants[arm.name] = (model, opt, loss, needs, teacher, x, y)
     times: dict[str, list[float]] = {name: [] for name in variants}
+    rows = torch.arange(max(arm.config.batch_size for arm in arms))
     for step in range(steps + 2):  # two warm-up rounds
-        for name, (model, opt, loss_fn, x, y) in variants.items():
+        for name, (model, opt, loss_fn, needs, teacher, x, y) in variants.items():
             t0 = time.perf_counter()
-            out = model(x)
-            loss_fn(out.logits, out.features, y).total.backward()
+            # a new view of the batch each step: the teacher's per-batch cache does not hide
+            # its forward's cost
+            inputs, _ = forward_for_loss(
+                model, model, needs, x.view_as(x), y, teacher=teacher, rows=rows[: len(y)]
+            )
+            loss_fn(inputs).total.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if step >= 2:
@@ -175,6 +231,9 @@ def summarize(
             for k in range(exits)
         ]
         summary: dict[str, Any] = {"per_seed": per_seed, "mean_exit_accuracy": mean_acc}
+        costs = run_costs(run_dir(runs, arm.name, seeds[0]))
+        if costs is not None:
+            summary["costs"] = costs
         if arm.name != reference:
             diffs = [per_seed[str(s)]["deepest_vs_reference"]["difference_points"] for s in seeds]
             summary["deepest_difference_points"] = {
@@ -184,6 +243,8 @@ def summarize(
                     per_seed[str(s)]["deepest_vs_reference"]["p_value"] for s in seeds
                 ),
             }
+        if step_times and arm.name in step_times:
+            summary["step_seconds"] = step_times[arm.name]["step_s"]
         if step_times and reference in step_times and arm.name in step_times:
             summary["step_time_ratio"] = (
                 step_times[arm.name]["step_s"] / step_times[reference]["step_s"]
@@ -198,6 +259,9 @@ def summarize(
             "batch_size": first.batch_size,
             "train_subset": first.train_subset,
             "schedule": first.schedule,
+            "dataset": first.dataset,
+            "arch": first.arch,
+            "width": first.width,
         },
         "arms": table,
         "recipes": {arm.name: arm.config.to_dict() for arm in arms},
@@ -214,8 +278,11 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
     ref = report["reference"]
     seeds = report["seeds"]
     budget = report["budget"]
+    dataset = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}.get(
+        budget.get("dataset", "cifar10"), budget.get("dataset", "")
+    )
     lines = [
-        "# Training recipes compared on the CIFAR-10 test split",
+        f"# Training recipes compared on the {dataset} test split",
         "",
         f"Produced by: `{command}`",
         "",
@@ -225,12 +292,15 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
         + f"; seeds {', '.join(map(str, seeds))}; reference arm `{ref}`.",
         "",
         "Accuracy (%) per exit, mean over seeds; the deepest exit's difference from the "
-        "reference per seed with the exact McNemar p-value on the same 10 000 test rows.",
+        "reference per seed with the exact McNemar p-value on the same test rows. Parameters: "
+        "the trained network with every exit; MACs: one image through the deepest exit's path; "
+        "step time: one SGD step (a teacher's forward included), the arms interleaved in one "
+        "process.",
         "",
     ]
     width = max(len(a["mean_exit_accuracy"]) for a in report["arms"].values())
     head = ["arm", *[f"exit {k + 1}" for k in range(width)], "deepest − ref (per seed, p)"]
-    head.append("step time ÷ ref")
+    head += ["params", "MACs", "step ms", "step time ÷ ref"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, arm in report["arms"].items():
         accs = arm["mean_exit_accuracy"]
@@ -244,9 +314,15 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
                 parts.append(f"{mc['difference_points']:+.2f} (p={mc['p_value']:.3g})")
             diff = f"**{arm['deepest_difference_points']['mean']:+.2f}**: " + "; ".join(parts)
         ratio = arm.get("step_time_ratio")
-        lines.append(
-            "| " + " | ".join([f"`{name}`", *cells, diff, f"{ratio:.2f}" if ratio else "–"]) + " |"
-        )
+        costs = arm.get("costs") or {}
+        step = arm.get("step_seconds")
+        extra = [
+            f"{costs['params'] / 1e6:.3f} M" if costs else "–",
+            f"{costs['macs_deepest_path'] / 1e6:.1f} M" if costs else "–",
+            f"{1e3 * step:.1f}" if step else "–",
+            f"{ratio:.2f}" if ratio else "–",
+        ]
+        lines.append("| " + " | ".join([f"`{name}`", *cells, diff, *extra]) + " |")
     lines += ["", "![per-exit accuracy](compare.png)", ""]
     return "\n".join(lines)
 

@@ -4,6 +4,13 @@ compare per-exit test accuracy with a paired McNemar test against a reference ar
     earlyexit-compare --arms configs/compare/*.yaml --reference baseline --seeds 0,1 \\
         --runs runs/compare --out docs/results/compare --epochs 10 --parallel 2
 
+Arms may also be loss registry names with overrides on a shared --base recipe (an ablation):
+
+    earlyexit-compare --base configs/ablation/base.yaml --reference baseline \\
+        --arms baseline deep_supervision self_distillation drg dsr drg_dsr sfr \\
+               kd_self_distillation:teacher=runs/teacher/best.pt \\
+        --runs runs/ablation --out docs/results/ablation --epochs 2 --seeds 0
+
 Each arm × seed is an `earlyexit-train` run in RUNS/ARM_sSEED, started in the background
 (PARALLEL at a time, log in the run directory) and resumed from its checkpoint when the
 command is run again; finished runs are not retrained.
@@ -54,7 +61,19 @@ PROTOCOL_FIELDS = (
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="earlyexit-compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arms", nargs="+", required=True, help="YAML recipes, one per arm")
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        required=True,
+        help="one per arm: a YAML recipe, or a loss registry name with config overrides, "
+        "LOSS[:FIELD=VALUE,...][@LABEL] (e.g. drg, ckdf:head=ckdf,teacher=t.pt@ckdf_head), "
+        "built on --base",
+    )
+    p.add_argument(
+        "--base",
+        help="YAML recipe the registry-name arms start from (the shared protocol: arch, data, "
+        "epochs, ...); its loss is replaced by the arm's",
+    )
     p.add_argument("--reference", required=True, help="arm the others are tested against")
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds (default 0,1)")
     p.add_argument("--runs", required=True, help="directory for the arms' run directories")
@@ -80,15 +99,32 @@ def _parse_seeds(text: str) -> list[int]:
 
 
 def load_arms(args: argparse.Namespace):
-    from .compare import Arm, with_overrides
+    from .compare import Arm, parse_arm_spec, with_overrides
     from .config import TrainConfig, load_yaml_config
 
+    base: dict = {}
+    if args.base:
+        if not Path(args.base).is_file():
+            raise UsageError(f"--base recipe not found: {args.base}")
+        try:
+            base = load_yaml_config(args.base)
+        except Exception as exc:  # yaml errors, bad structure
+            raise UsageError(f"cannot read --base {args.base}: {exc}") from exc
     arms = []
     for path in args.arms:
-        if not Path(path).is_file():
-            raise UsageError(f"arm recipe not found: {path}")
+        if path.endswith((".yaml", ".yml", ".json")):
+            if not Path(path).is_file():
+                raise UsageError(f"arm recipe not found: {path}")
+            name, recipe = Path(path).stem, None
+        else:
+            try:
+                name, loss, overrides = parse_arm_spec(path)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from exc
+            recipe = {**base, "loss": loss, **overrides}
         try:
-            cfg = TrainConfig.from_dict(load_yaml_config(path))
+            data = recipe if recipe is not None else load_yaml_config(path)
+            cfg = TrainConfig.from_dict(data)
             cfg = with_overrides(
                 cfg,
                 epochs=args.epochs,
@@ -99,10 +135,12 @@ def load_arms(args: argparse.Namespace):
             cfg.validate()
         except (TypeError, ValueError) as exc:
             raise UsageError(f"{path}: {exc}") from exc
-        arms.append(Arm(Path(path).stem, cfg))
+        arms.append(Arm(name, cfg))
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
-        raise UsageError(f"arm names (file stems) must be distinct: {', '.join(names)}")
+        raise UsageError(
+            f"arm names (file stems, loss names or @LABELs) must be distinct: {', '.join(names)}"
+        )
     if args.reference not in names:
         raise UsageError(f"--reference {args.reference!r} is not an arm: {', '.join(names)}")
     first = arms[0]

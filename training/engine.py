@@ -217,6 +217,40 @@ def load_backbone(model: MultiExitNetwork, cfg: TrainConfig) -> None:
         logger.info("exit heads initialised from %s", path.name)
 
 
+def forward_for_loss(
+    net: nn.Module,
+    model: MultiExitNetwork,
+    needs: frozenset[str],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    teacher: Teacher | None = None,
+    rows: torch.Tensor | None = None,
+    epoch: int = 0,
+    step: int = 0,
+    alpha: float | None = None,
+    lam: float | None = None,
+) -> tuple[LossInputs, list[torch.Tensor]]:
+    """Run `net` (the model, or its DDP wrapper) on `x` and gather what a loss `needs`:
+    (its `LossInputs`, the exits' logits as computed). Exit maps, stage maps, the teacher's
+    outputs and rows are computed or kept only when asked for."""
+    with capture_stage_maps(model, "stage_maps" in needs) as stage_maps:
+        out = net(x, with_maps=True) if "maps" in needs else net(x)
+    inputs = LossInputs(
+        logits=[z.float() for z in out.logits],
+        features=[f.float() for f in out.features],
+        target=y,
+        maps=[m.float() for m in out.maps] if out.maps is not None else None,
+        stage_maps=[m.float() for m in stage_maps] if "stage_maps" in needs else None,
+        teacher=teacher.outputs(x) if teacher is not None and "teacher" in needs else None,
+        rows=rows.to(y.device) if rows is not None and "rows" in needs else None,
+        epoch=epoch,
+        step=step,
+        alpha=alpha,
+        lam=lam,
+    )
+    return inputs, out.logits
+
+
 @torch.no_grad()
 def check_teacher_maps(
     teacher: Teacher,
@@ -524,25 +558,20 @@ class Trainer:
     ) -> tuple[LossInputs, list[torch.Tensor]]:
         """Forward the network on `x` and gather what the loss needs (`ExitLoss.needs`):
         (the loss's inputs, the exits' logits as computed)."""
-        needs = self.loss_needs
         alpha, lam = distill_weights(self.cfg, self.epoch)
-        with capture_stage_maps(self.model, "stage_maps" in needs) as stage_maps:
-            out = self.net(x, with_maps=True) if "maps" in needs else self.net(x)
-        teacher = self.teacher.outputs(x) if self.teacher is not None else None
-        inputs = LossInputs(
-            logits=[z.float() for z in out.logits],
-            features=[f.float() for f in out.features],
-            target=y,
-            maps=[m.float() for m in out.maps] if out.maps is not None else None,
-            stage_maps=[m.float() for m in stage_maps] if "stage_maps" in needs else None,
-            teacher=teacher,
-            rows=rows.to(y.device) if rows is not None and "rows" in needs else None,
+        return forward_for_loss(
+            self.net,
+            self.model,
+            self.loss_needs,
+            x,
+            y,
+            teacher=self.teacher,
+            rows=rows,
             epoch=self.epoch,
             step=self.global_step,
             alpha=alpha,
             lam=lam,
         )
-        return inputs, out.logits
 
     def train_step(
         self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None = None
