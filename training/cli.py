@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=float, help="channel width multiplier")
     p.add_argument("--stem", choices=["cifar", "imagenet"])
     p.add_argument("--exits", type=int, help="number of exits K (≤ backbone stages)")
-    p.add_argument("--head", help="exit-head variant: attention (seed 004), lite or pool")
+    p.add_argument(
+        "--head",
+        help="exit-head variant: attention (seed 004), lite, pool, st (seed 000) or ckdf (seed 001)",
+    )
     p.add_argument(
         "--act",
         help="activation of the backbone and every exit head: relu | trelu (seed 000's "

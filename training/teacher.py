@@ -78,7 +78,8 @@ class Teacher:
                 f"{where}: input shape {list(shape)}, this run's is {list(input_shape)}"
             )
         self.path = Path(path)
-        self.model = build_teacher_model(state, where).to(device)
+        with torch.random.fork_rng(devices=[]):  # rebuilding draws fresh weights first
+            self.model = build_teacher_model(state, where).to(device)
         self.with_stage_maps = with_stage_maps
         self._batch: torch.Tensor | None = None  # the batch cached (held, so never reused)
         self._version = -1
