@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -327,7 +328,7 @@ def _counted(figure: str, rows: int) -> str:
     return f"{figure} ({rows} rows{flag})"
 
 
-def _summary(report: dict) -> None:
+def _summary(report: dict[str, Any]) -> None:
     dyn = report["dynamic"]
     lines = [
         f"exit accuracy (%): {', '.join(f'{a:.2f}' for a in report['exit_accuracy'])}",

@@ -92,7 +92,9 @@ def agreement(
         agreed[str(answer.get("exit"))] += int(agrees)
 
     def accuracy(answers: Sequence[dict[str, Any]]) -> float:
-        right = sum(a.get("class_index") == int(y) for a, y in zip(answers, labels, strict=True))
+        right = sum(
+            1 for a, y in zip(answers, labels, strict=True) if a.get("class_index") == int(y)
+        )
         return round(100.0 * right / rows, 3)
 
     return {
@@ -117,7 +119,9 @@ def _median(values: Sequence[float | None]) -> float | None:
     return round(float(np.median(known)), 3) if known else None
 
 
-def pair_rows(early: Sequence[dict[str, Any]], plain: Sequence[dict[str, Any]]) -> list[dict]:
+def pair_rows(
+    early: Sequence[dict[str, Any]], plain: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """Per pair of passes: both throughputs, early exit ÷ plain for throughput, and plain ÷
     early exit for latency percentiles (> 1: early exit is faster either way)."""
     rows = []
@@ -162,14 +166,16 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _models(early: HttpClient, plain: HttpClient, urls: tuple[str, str]) -> tuple:
+async def _models(
+    early: HttpClient, plain: HttpClient, urls: tuple[str, str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     models = []
     for client, url in zip((early, plain), urls, strict=True):
         try:
             models.append(await get_model(client))
         except HttpClientError as exc:
             raise LoadTestError(f"cannot reach {url}: {exc}") from exc
-    return tuple(models)
+    return models[0], models[1]
 
 
 async def _run_pair(

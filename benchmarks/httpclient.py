@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -108,7 +108,10 @@ def parse_base_url(url: str) -> Origin:
     return Origin(parts.hostname, 80 if port is None else port, parts.path.rstrip("/"))
 
 
-async def _within(coro: Any, timeout_s: float) -> Any:
+_T = TypeVar("_T")
+
+
+async def _within(coro: Awaitable[_T], timeout_s: float) -> _T:
     if hasattr(asyncio, "timeout"):  # 3.11+: no extra task per call, unlike wait_for
         async with asyncio.timeout(timeout_s):
             return await coro

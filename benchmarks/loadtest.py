@@ -22,16 +22,17 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from benchmarks.httpclient import HttpClient, HttpClientError, HttpConnection, parse_base_url
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class LoadTestError(RuntimeError):
@@ -224,7 +225,10 @@ async def get_model(client: HttpClient) -> dict[str, Any]:
     response = await client.request("GET", "/v1/model")
     if response.status != 200:
         raise LoadTestError(f"GET /v1/model answered {response.status}: {response.text}")
-    return response.json()
+    model = response.json()
+    if not isinstance(model, dict):
+        raise LoadTestError(f"GET /v1/model answered {type(model).__name__}, not an object")
+    return model
 
 
 async def _put_thresholds(
@@ -402,7 +406,7 @@ def add_in_process_reference(
         )
 
 
-def run_event_loop(coro: Any) -> Any:
+def run_event_loop(coro: Coroutine[Any, Any, _T]) -> _T:
     """Run the load generator on uvloop when it is installed (it is with the serve extra): the
     client shares the machine with the server it measures, so its own per-request cost should
     be as small as a Python client's can be."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import os
 import pickle
 import struct
 import tarfile
@@ -267,7 +268,7 @@ def val_indices(labels: np.ndarray, val_size: int, seed: int = DEFAULT_SPLIT_SEE
 
 def load_split(
     dataset: str,
-    data_dir: str | Path,
+    data_dir: str | os.PathLike[str],
     split: str,
     val_size: int = DEFAULT_VAL_SIZE,
     split_seed: int = DEFAULT_SPLIT_SEED,
@@ -277,12 +278,13 @@ def load_split(
         raise DatasetError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
-    if not Path(data_dir).is_dir():
+    root = Path(data_dir)
+    if not root.is_dir():
         raise DatasetError(f"data directory not found: {data_dir}")
     reader = READERS[dataset]
     if split == "test":
-        return reader(data_dir, train=False)
-    full = reader(data_dir, train=True)
+        return reader(root, train=False)
+    full = reader(root, train=True)
     held = val_indices(full.labels, val_size, split_seed)
     if split == "val":
         return full.subset(held)

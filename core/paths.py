@@ -6,6 +6,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import overload
+
+
+@overload
+def portable_path(
+    path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None
+) -> str: ...
+@overload
+def portable_path(path: None, base: str | os.PathLike[str] | None = None) -> None: ...
+@overload
+def portable_path(
+    path: str | os.PathLike[str] | None, base: str | os.PathLike[str] | None = None
+) -> str | None: ...
 
 
 def portable_path(

@@ -32,5 +32,7 @@ fi
 
 ruff check core training thresholds serving benchmarks tests scripts
 ruff format --check core training thresholds serving benchmarks tests scripts
+# Strict types on the torch-free packages (settings and plugins in pyproject's [tool.mypy]).
+mypy core thresholds serving benchmarks
 # pytest exits 5 when it collects nothing, so an empty suite fails here too.
 python -m pytest -q "$@"

@@ -81,22 +81,28 @@ def _detail_text(exc: RequestValidationError) -> str:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    """Every error is JSON {"detail": ...}: 404, 405 and 500 included."""
+    """Every error is JSON {"detail": ...}: 404, 405 and 500 included. (FastAPI's decorator
+    registers each handler: it types a handler for its own exception class, which
+    `add_exception_handler`'s signature cannot.)"""
 
+    @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(
             {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
         )
 
+    @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # A bad query parameter is the contract's 400; a malformed body stays 422.
         locations = {err.get("loc", ("body",))[0] for err in exc.errors()}
         status = 400 if locations <= {"query", "path"} else 422
         return JSONResponse({"detail": _detail_text(exc)}, status_code=status)
 
+    @app.exception_handler(BodyTooLargeError)
     async def body_too_large(request: Request, exc: BodyTooLargeError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=413, headers={"Connection": "close"})
 
+    @app.exception_handler(ClientDisconnect)
     async def client_disconnected(request: Request, exc: ClientDisconnect) -> Response:
         # Not a server error: one line, no traceback, and a status code of its own.
         logger.info(
@@ -105,15 +111,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
+    @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"detail": "internal server error"}, status_code=500)
-
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(BodyTooLargeError, body_too_large)
-    app.add_exception_handler(ClientDisconnect, client_disconnected)
-    app.add_exception_handler(Exception, server_error)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -26,11 +26,12 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from serving.metrics import ServingMetrics
+from serving.runtime import BatchResult
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,7 +45,7 @@ class ClassifyingRuntime(Protocol):
     @property
     def thresholds(self) -> tuple[float, ...]: ...
 
-    def classify(self, batch: np.ndarray, full: bool = False) -> Any: ...
+    def classify(self, batch: np.ndarray, full: bool = False) -> BatchResult: ...
 
 
 class QueueFullError(RuntimeError):
@@ -248,7 +249,7 @@ class DynamicBatcher:
                     await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
                 except asyncio.TimeoutError:
                     break
-            batch = []
+            batch: list[_Job] = []
             while queue and len(batch) < self.max_batch_size:
                 job = queue.popleft()
                 if not job.future.done():  # cancelled: the client went away
@@ -257,7 +258,7 @@ class DynamicBatcher:
             if batch:
                 return batch
 
-    def _run_batch(self, images: np.ndarray, full: bool) -> tuple[Any, tuple[float, ...]]:
+    def _run_batch(self, images: np.ndarray, full: bool) -> tuple[BatchResult, tuple[float, ...]]:
         # Read under the run lock: no swap can land between this and the classify call.
         thresholds = tuple(float(t) for t in self._runtime.thresholds)
         started = time.perf_counter()
@@ -302,7 +303,7 @@ class DynamicBatcher:
                         job.future.set_exception(exc)
 
     def _resolve(
-        self, batch: list[_Job], result: Any, thresholds: tuple[float, ...], started: float
+        self, batch: list[_Job], result: BatchResult, thresholds: tuple[float, ...], started: float
     ) -> None:
         probs = np.asarray(result.probs)
         exits = np.asarray(result.exits)

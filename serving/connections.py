@@ -99,7 +99,7 @@ class _Guard:
     connections: set[Any]
     server_state: Any
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
         self._head_bytes = 0
         self._head_tail = b""
@@ -270,7 +270,7 @@ def guarded_protocol(
 
         base = H11Protocol
     namespace = {"limits": limits, "metrics": metrics}
-    return type("GuardedHTTPProtocol", (_Guard, base), namespace)  # type: ignore[return-value]
+    return type("GuardedHTTPProtocol", (_Guard, base), namespace)
 
 
 def bind_listener(host: str, port: int, backlog: int = 2048) -> socket.socket:

@@ -129,16 +129,18 @@ class DecodePool:
         count = len(payloads)
         opened: list[Image.Image | None] = [None] * count
         if all(inline_candidate(data) for data in payloads):
+            inline: list[Image.Image] = []
             for i, data in enumerate(payloads):
                 with _naming(i, count):
-                    opened[i] = open_image(data, self.max_pixels)
-            if sum(im.width * im.height for im in opened if im is not None) <= INLINE_DECODE_PIXELS:
+                    inline.append(open_image(data, self.max_pixels))
+            if sum(im.width * im.height for im in inline) <= INLINE_DECODE_PIXELS:
                 self.inline_requests += 1
                 out = []
-                for i, image in enumerate(opened):
+                for i, small in enumerate(inline):
                     with _naming(i, count):
-                        out.append(decode_image(image, spec))
+                        out.append(decode_image(small, spec))
                 return out
+            opened[:] = inline
         results = []
         total = 0
         for i, data in enumerate(payloads):

@@ -7,7 +7,7 @@ status code, exit number (or "fallback"; "full" for the plain model) and segment
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 from prometheus_client import (
@@ -29,10 +29,10 @@ SEGMENT_BUCKETS = (
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 0.999, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-FALLBACK = "fallback"
+FALLBACK: Final = "fallback"
 # The plain single graph (`earlyexit-serve --full-model`): its answers' exit, and the `exit` and
 # `segment` label of its rows and of its one graph run per batch.
-FULL = "full"
+FULL: Final = "full"
 FULL_EXIT = -1
 CONNECTION_CLOSE_REASONS = ("limit", "header_timeout", "body_timeout", "header_too_large")
 

@@ -11,6 +11,7 @@ and its run time is the one segment of `BatchResult`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,7 +49,7 @@ class PlainModelRuntime:
 
     def __init__(
         self,
-        bundle_dir: str | Path,
+        bundle_dir: str | os.PathLike[str],
         providers: Sequence[str] = ("cpu",),
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
@@ -120,7 +121,8 @@ class PlainModelRuntime:
             )
         if x.shape[0] == 0:
             return np.empty((0, self.manifest.num_classes), dtype=np.float32)
-        return self._session.run([self._output_name], {self._input_name: x})[0]
+        probs: np.ndarray = self._session.run([self._output_name], {self._input_name: x})[0]
+        return probs
 
     def classify(
         self, batch: np.ndarray, full: bool = False, thresholds: Sequence[float] | None = None

@@ -21,6 +21,7 @@ device, so features are never copied to the host.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -80,11 +81,13 @@ class BatchResult:
     @property
     def labels(self) -> np.ndarray:
         """Predicted class index per row."""
-        return self.probs.argmax(axis=1)
+        labels: np.ndarray = self.probs.argmax(axis=1)
+        return labels
 
     @property
     def confidences(self) -> np.ndarray:
-        return self.probs.max(axis=1)
+        confidences: np.ndarray = self.probs.max(axis=1)
+        return confidences
 
 
 def provider_list(providers: str | Sequence[str]) -> list[str]:
@@ -107,7 +110,7 @@ class EarlyExitRuntime:
 
     def __init__(
         self,
-        bundle_dir: str | Path,
+        bundle_dir: str | os.PathLike[str],
         providers: Sequence[str] = ("cpu",),
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
@@ -295,7 +298,8 @@ class EarlyExitRuntime:
         """The plain single-graph model (no exits): N×C probabilities."""
         x = self._check_batch(batch)
         full = self.manifest.full_model
-        return self._full.run([full.probs_output], {full.input_name: x})[0]
+        probs: np.ndarray = self._full.run([full.probs_output], {full.input_name: x})[0]
+        return probs
 
     def classify(
         self,
@@ -373,15 +377,15 @@ class EarlyExitRuntime:
         (`_device`: IOBinding + Gather graph); they differ only in the step and in `_keep`."""
         m = self.manifest
         n = x.shape[0]
-        on_device = self._device is not None
+        device = self._device
         skips, keep_all = self._plan(thresholds)
         answers, exits, seen = self._new_outputs(n, keep_all)
         rows = np.arange(n)
         rows_per_segment: list[int] = []
         seconds: list[float] = []
         feats: Any = x
-        if on_device and n:
-            feats = self._ort.OrtValue.ortvalue_from_numpy(x, *self._device)
+        if device is not None and n:
+            feats = self._ort.OrtValue.ortvalue_from_numpy(x, *device)
         last_probs = None
         for k in range(m.num_exits):
             rows_per_segment.append(int(rows.size))
@@ -389,8 +393,8 @@ class EarlyExitRuntime:
                 seconds.append(0.0)
                 continue
             probs, next_feats = (
-                self._step_on_device(k, feats, skips[k], seconds)
-                if on_device
+                self._step_on_device(k, feats, skips[k], seconds, device)
+                if device is not None
                 else self._step_on_host(k, feats, skips[k], seconds)
             )
             if probs is None:  # a stage file: no head, every row continues
@@ -398,7 +402,7 @@ class EarlyExitRuntime:
                 continue
             rows, probs, stay = self._accept(k, probs, rows, thresholds, answers, exits, seen)
             if next_feats is not None and rows.size:
-                feats = next_feats if stay is None else self._keep(next_feats, stay, on_device)
+                feats = next_feats if stay is None else self._keep(next_feats, stay, device)
             last_probs = probs
         self._fallback(answers, rows, seen, last_probs)
         return BatchResult(answers, exits, None, rows_per_segment, seconds)
@@ -413,18 +417,18 @@ class EarlyExitRuntime:
         return outputs[0], outputs[1] if len(outputs) > 1 else None
 
     def _step_on_device(
-        self, k: int, feats: Any, skip: bool, seconds: list[float]
+        self, k: int, feats: Any, skip: bool, seconds: list[float], device: tuple[str, int]
     ) -> tuple[np.ndarray | None, Any]:
         """As `_step_on_host` with features as device OrtValues; probabilities come to the
         host."""
         spec = self.manifest.segments[k]
-        session = self._stages[k] if skip else self._segments[k]
+        session = self._session(k, skip)
         binding = session.io_binding()
         binding.bind_ortvalue_input(spec.input_name, feats)
         if not skip:
             binding.bind_output(spec.probs_output, "cpu")
         if spec.feature_output:
-            binding.bind_output(spec.feature_output, *self._device)
+            binding.bind_output(spec.feature_output, *device)
         start = time.perf_counter()
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
@@ -433,16 +437,17 @@ class EarlyExitRuntime:
             return None, outputs[0]
         return outputs[0].numpy(), outputs[1] if spec.feature_output else None
 
-    def _keep(self, feats: Any, stay: np.ndarray, on_device: bool) -> Any:
+    def _keep(self, feats: Any, stay: np.ndarray, device: tuple[str, int] | None) -> Any:
         """The feature rows of the rows that continue (a copy on the host, a Gather on the
         device, so feature maps never visit the host)."""
-        if not on_device:
+        gather = self._gather  # opened exactly when there is a device
+        if device is None or gather is None:
             return feats[stay]
-        binding = self._gather.io_binding()
+        binding = gather.io_binding()
         binding.bind_ortvalue_input("data", feats)
         binding.bind_cpu_input("indices", np.flatnonzero(stay).astype(np.int64))
-        binding.bind_output("rows", *self._device)
-        self._gather.run_with_iobinding(binding)
+        binding.bind_output("rows", *device)
+        gather.run_with_iobinding(binding)
         return binding.get_outputs()[0]
 
     def _run_segment(
@@ -451,13 +456,21 @@ class EarlyExitRuntime:
         """Segment k+1 on host features: [probs, features] (features only when `skip`, which
         runs the stage file without its head). Appends the wall time to `seconds`."""
         spec = self.manifest.segments[k]
+        session = self._session(k, skip)
+        names = [spec.feature_output] if skip else self._outputs[k]
         start = time.perf_counter()
-        if skip:
-            outputs = self._stages[k].run([spec.feature_output], {spec.input_name: feats})
-        else:
-            outputs = self._segments[k].run(self._outputs[k], {spec.input_name: feats})
+        outputs: list[np.ndarray] = session.run(names, {spec.input_name: feats})
         seconds.append(time.perf_counter() - start)
         return outputs
+
+    def _session(self, k: int, skip: bool) -> Any:
+        """Segment k+1's session, or its stage file's (no head) when `skip`."""
+        if not skip:
+            return self._segments[k]
+        stage = self._stages[k]
+        if stage is None:  # stage_skips skips only segments that have a stage file
+            raise RuntimeError(f"segment {k + 1} has no stage file to run without its head")
+        return stage
 
     def _classify_one(self, x: np.ndarray, thresholds: tuple[float, ...]) -> BatchResult:
         """`_classify_rows` on the host for a single row, the latency-critical case: the same

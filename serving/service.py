@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 from core.bundle import (
     MANIFEST_FILE,
@@ -28,9 +28,11 @@ from core.bundle import (
 from serving.batching import DynamicBatcher
 from serving.decode_pool import DecodePool
 from serving.metrics import ServingMetrics
+from serving.plain_runtime import PlainModelRuntime
+from serving.runtime import EarlyExitRuntime
 from serving.settings import Settings
 from serving.shadow import ShadowSampler, agreement_signals, drift_signal
-from serving.shadow_store import ShadowStore, store_path
+from serving.shadow_store import ShadowRows, ShadowStore, store_path
 from serving.state_dir import default_state_dir, serving_dir
 
 logger = logging.getLogger(__name__)
@@ -85,8 +87,10 @@ NO_THRESHOLDS = (
 SHADOW_OFF = "shadow sampling is off: set EARLYEXIT_SHADOW_RATE above 0 to collect a live sample"
 # Prometheus gauges are refreshed from the sample at most this often (by the shadow thread).
 SIGNALS_REFRESH_S = 2.0
-MODE_EARLY_EXIT = "early_exit"
-MODE_FULL_MODEL = "full_model"
+MODE_EARLY_EXIT: Final = "early_exit"
+MODE_FULL_MODEL: Final = "full_model"
+# What a server runs: the early-exit chain, or the plain model with `--full-model`.
+ServedRuntime = EarlyExitRuntime | PlainModelRuntime
 
 
 class ServingState:
@@ -95,7 +99,7 @@ class ServingState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = ServingMetrics()
-        self.runtime: Any | None = None
+        self.runtime: ServedRuntime | None = None
         self.batcher: DynamicBatcher | None = None
         self.load_error: str | None = None
         self.tuned: dict[str, Any] = {}
@@ -122,24 +126,31 @@ class ServingState:
         return bool(self.settings.full_model)
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Literal["early_exit", "full_model"]:
         return MODE_FULL_MODEL if self.serves_plain_model else MODE_EARLY_EXIT
 
     def served_graph(self) -> dict[str, Any] | None:
         """The plain graph served with `--full-model` (file, sha256, source, macs), else None."""
-        describe = getattr(self.runtime, "describe", None)
-        return describe() if self.serves_plain_model and callable(describe) else None
+        return self.runtime.describe() if isinstance(self.runtime, PlainModelRuntime) else None
 
     @property
     def ready(self) -> bool:
         return self.runtime is not None and self.batcher is not None
 
-    def require_ready(self) -> tuple[Any, DynamicBatcher]:
+    def require_ready(self) -> tuple[ServedRuntime, DynamicBatcher]:
         if self.runtime is None or self.batcher is None:
             if self.load_error:
                 raise NotReadyError(f"bundle failed to load: {self.load_error}")
             raise NotReadyError("model is loading")
         return self.runtime, self.batcher
+
+    def require_thresholds(self) -> tuple[EarlyExitRuntime, DynamicBatcher]:
+        """The early-exit runtime and its batcher. NotReadyError while loading,
+        NoThresholdsError when the plain model is served."""
+        runtime, batcher = self.require_ready()
+        if not isinstance(runtime, EarlyExitRuntime):
+            raise NoThresholdsError(NO_THRESHOLDS)
+        return runtime, batcher
 
     @property
     def manifest(self) -> Manifest:
@@ -153,21 +164,15 @@ class ServingState:
 
     @property
     def providers(self) -> list[str]:
-        if self.runtime is not None:
-            active = getattr(self.runtime, "providers", None)
-            if active:
-                return [str(p) for p in active]
+        if self.runtime is not None and self.runtime.providers:
+            return list(self.runtime.providers)
         return list(self.settings.providers)
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _load_runtime(self) -> Any:
-        # Imported here: onnxruntime is heavy and must not load when the app module is imported.
-        from serving.runtime import EarlyExitRuntime
-
+    def _load_runtime(self) -> ServedRuntime:
+        # onnxruntime is imported by the runtime's constructor, not when the app is imported.
         if self.serves_plain_model:
-            from serving.plain_runtime import PlainModelRuntime
-
             # Served in place, also the packaged default bundle: nothing is ever written.
             return PlainModelRuntime(
                 self.bundle_dir,
@@ -220,10 +225,10 @@ class ServingState:
             metrics=self.metrics,
         )
         batcher.start()
-        self.tuned = dict(getattr(runtime, "tuned", None) or {})
+        self.tuned = dict(runtime.tuned)
         self.metrics.set_model(manifest.name, manifest.version, runtime.thresholds)
         self.runtime, self.batcher = runtime, batcher
-        if self.settings.shadow_rate > 0 and not self.serves_plain_model:
+        if self.settings.shadow_rate > 0 and isinstance(runtime, EarlyExitRuntime):
             try:
                 await self._start_shadow(runtime, batcher)
             except Exception as exc:  # noqa: BLE001 - sampling is optional; answers are not
@@ -288,9 +293,7 @@ class ServingState:
         path). BundleError on invalid values or tuning record, PersistError when the file cannot
         be written; either way the old thresholds stay in force. NoThresholdsError when the
         plain model is served."""
-        runtime, batcher = self.require_ready()
-        if self.serves_plain_model:
-            raise NoThresholdsError(NO_THRESHOLDS)
+        runtime, batcher = self.require_thresholds()
         checked = validate_threshold_values(values, runtime.manifest.num_exits)
         if self.read_only_reason:
             raise PersistError(f"thresholds not changed: {self.read_only_reason}")
@@ -323,9 +326,7 @@ class ServingState:
         """Re-read thresholds.json (SIGHUP, reload endpoint). A missing, unreadable or invalid
         file is a BundleError and the thresholds in force stay: full depth is only ever set by
         asking for it (all 1.0). NoThresholdsError when the plain model is served."""
-        runtime, batcher = self.require_ready()
-        if self.serves_plain_model:
-            raise NoThresholdsError(NO_THRESHOLDS)
+        runtime, batcher = self.require_thresholds()
         async with self._threshold_lock:
             loaded = await asyncio.to_thread(
                 read_thresholds, self.bundle_dir, runtime.manifest.num_exits, False
@@ -352,7 +353,7 @@ class ServingState:
 
     # ------------------------------------------------------------------ shadow sample
 
-    async def _start_shadow(self, runtime: Any, batcher: DynamicBatcher) -> None:
+    async def _start_shadow(self, runtime: EarlyExitRuntime, batcher: DynamicBatcher) -> None:
         """Open the sample's store and start sampling; a store that cannot be opened at all
         (unwritable state directory) turns sampling off with a logged reason, never a crash."""
         settings = self.settings
@@ -413,9 +414,11 @@ class ServingState:
 
     def _tuned_window(self) -> tuple[float, float] | None:
         """The live window the thresholds in force were tuned on, if they were."""
-        data = self.tuned.get("data") if isinstance(self.tuned, dict) else None
-        window = data.get("window") if isinstance(data, dict) else None
-        if not isinstance(window, dict) or data.get("source") != "live":
+        data = self.tuned.get("data")
+        if not isinstance(data, dict) or data.get("source") != "live":
+            return None
+        window = data.get("window")
+        if not isinstance(window, dict):
             return None
         try:
             return float(window["from"]), float(window["to"])
@@ -426,7 +429,7 @@ class ServingState:
         """Everything GET /v1/shadow answers (blocking: call from a thread). Also refreshes the
         Prometheus gauges."""
         sampler = self.require_shadow()
-        runtime = self.runtime
+        runtime, _ = self.require_thresholds()
         store = sampler.store
         settings = self.settings
         recent = store.recent(settings.shadow_window)
@@ -470,7 +473,7 @@ class ServingState:
         self.require_shadow()
         return await asyncio.to_thread(self.shadow_signals_sync)
 
-    def shadow_rows_sync(self, limit: int) -> Any:
+    def shadow_rows_sync(self, limit: int) -> ShadowRows:
         return self.require_shadow().store.recent(limit)
 
     # ------------------------------------------------------------------ live retune
@@ -503,7 +506,7 @@ class ServingState:
                 raise TuneUnavailableError(
                     f"retuning needs the tune extra (pip install 'earlyexit[tune]'): {exc}"
                 ) from exc
-            runtime = self.runtime
+            runtime, _ = self.require_thresholds()
             manifest = runtime.manifest
             rows = await asyncio.to_thread(sampler.store.recent, self.settings.shadow_window)
             before_thresholds = tuple(float(t) for t in runtime.thresholds)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from core.decision import decide
+from serving.runtime import EarlyExitRuntime
 from serving.shadow_store import ShadowRows, ShadowStore
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class ShadowSampler:
 
     def __init__(
         self,
-        runtime: Any,
+        runtime: EarlyExitRuntime,
         store: ShadowStore,
         rate: float,
         queue_size: int,
@@ -156,13 +157,19 @@ class ShadowSampler:
     def _store(self, jobs: list[_ShadowJob]) -> None:
         manifest = self._runtime.manifest
         probs = np.empty((len(jobs), manifest.num_exits, manifest.num_classes), dtype=np.float32)
-        to_run = [i for i, job in enumerate(jobs) if job.exit_probs is None]
+        to_run: list[int] = []
+        images: list[np.ndarray] = []
         for i, job in enumerate(jobs):
             if job.exit_probs is not None:
                 probs[i] = job.exit_probs
+            elif job.image is not None:
+                to_run.append(i)
+                images.append(job.image)
+            else:
+                raise ValueError("a shadow job carries neither an image nor exit probabilities")
         if to_run:
-            images = np.stack([jobs[i].image for i in to_run])
-            result = self._runtime.classify(self._runtime.preprocess(images), full=True)
+            batch = self._runtime.preprocess(np.stack(images))
+            result = self._runtime.classify(batch, full=True)
             probs[to_run] = np.asarray(result.exit_probs)
         self.store.append(
             np.array([j.answered_at for j in jobs]), np.array([j.served_exit for j in jobs]), probs

@@ -45,7 +45,8 @@ class ShadowRows:
 
     @property
     def final_predictions(self) -> np.ndarray:
-        return self.exit_probs[:, -1, :].argmax(axis=1)
+        predictions: np.ndarray = self.exit_probs[:, -1, :].argmax(axis=1)
+        return predictions
 
 
 def store_path(state_dir: Path, model_name: str, manifest_bytes: bytes) -> Path:
@@ -170,7 +171,7 @@ class ShadowStore:
         """Rows sampled in [start, end], oldest first."""
         return self._select("WHERE t >= ? AND t <= ? ORDER BY id", (start, end), reverse=False)
 
-    def _select(self, clause: str, params: tuple, reverse: bool) -> ShadowRows:
+    def _select(self, clause: str, params: tuple[float, ...], reverse: bool) -> ShadowRows:
         with self._lock:
             found = self._db.execute(
                 f"SELECT t, served_exit, probs FROM rows {clause}", params

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +80,8 @@ def _exit_part(hist: np.ndarray, k: int, steps: int) -> np.ndarray:
     # exit k accepts: bin > grid index
     part = part.sum(axis=k, keepdims=True) - np.cumsum(part, axis=k)
     part = part[(slice(0, steps),) * (k + 1)]
-    return part.reshape(part.shape + (1,) * (num_exits - k - 1))
+    shaped: np.ndarray = part.reshape(part.shape + (1,) * (num_exits - k - 1))
+    return shaped
 
 
 def _fallback_part(hist: np.ndarray, steps: int) -> np.ndarray:
@@ -110,7 +112,7 @@ def _histogram(flat: np.ndarray, shape: tuple[int, ...], weights: np.ndarray | N
 
 def _chunk_rows(num_exits: int, steps: int) -> int:
     """Slices of exit 1's grid axis combined at once, so temporaries stay bounded."""
-    return max(1, _CHUNK_CELLS // steps ** max(num_exits - 1, 0))
+    return max(1, _CHUNK_CELLS // math.prod([steps] * (num_exits - 1)))
 
 
 def _flagged_answers(

@@ -76,7 +76,7 @@ def _mean_cost(
     cheapest = float(exit_costs[np.flatnonzero(allowed)[0]])  # costs grow along the chain
     earliest = usable.argmax(axis=1)
     extra = np.sort(exit_costs[earliest[answered]] - cheapest)[:needed]
-    return cheapest + float(extra.sum()) / correct.shape[0]
+    return cheapest + float(extra.sum()) / int(correct.shape[0])
 
 
 def oracle_ceiling(table: ExitTable, costs: CostModel, accuracy: float) -> Ceiling:
@@ -120,7 +120,8 @@ def consistency_ceiling(table: ExitTable, costs: CostModel) -> ConsistencyCeilin
     if table.agrees_final is None:
         return None
     k = table.num_exits
-    best_cost, best_enabled = math.inf, (k,)
+    best_cost = math.inf
+    best_enabled: tuple[int, ...] = (k,)
     for allowed, exit_costs in _configurations(table, costs):
         if allowed[k]:  # the configuration that also lets the fallback answer: not this router
             continue

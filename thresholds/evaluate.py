@@ -161,7 +161,8 @@ class PopulationMetrics:
 
     @property
     def exit_fractions(self) -> np.ndarray:
-        return self.exit_counts / self.exit_counts.sum(axis=1, keepdims=True)
+        fractions: np.ndarray = self.exit_counts / self.exit_counts.sum(axis=1, keepdims=True)
+        return fractions
 
     def row(self, p: int) -> Metrics:
         return Metrics(

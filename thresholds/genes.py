@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -72,8 +72,8 @@ def make_types(weights: tuple[float, ...]) -> tuple[type, type]:
 
     fitness_cls = type("ThresholdFitness", (base.Fitness,), {"weights": weights})
 
-    class ThresholdIndividual(list):
-        def __init__(self, genes: Any = ()) -> None:
+    class ThresholdIndividual(list[int]):
+        def __init__(self, genes: Iterable[int] = ()) -> None:
             super().__init__(genes)
             self.fitness = fitness_cls()
 

@@ -14,6 +14,7 @@ import logging
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -30,7 +31,9 @@ class LiveSampleError(RuntimeError):
     """The server could not be reached or answered something unusable (exit 1)."""
 
 
-def fetch_live_sample(url: str, rows: int = DEFAULT_LIVE_ROWS, timeout_s: float = 60.0) -> dict:
+def fetch_live_sample(
+    url: str, rows: int = DEFAULT_LIVE_ROWS, timeout_s: float = 60.0
+) -> dict[str, Any]:
     """The `/v1/shadow` answer with its `sample` (sent with $EARLYEXIT_ADMIN_TOKEN: the rows
     are admin-only). TuningError when the server refuses (no sample: sampling off,
     --full-model; no or a wrong token); LiveSampleError when it cannot be reached."""

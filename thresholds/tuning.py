@@ -237,7 +237,7 @@ def tune(
         else split_report(test_table, thresholds, costs, test_options or options),
     )
     ratio = outcome.ratio_to(grid)
-    if ratio is not None:
+    if grid is not None and ratio is not None:
         logger.info(
             "%s fitness %.4f = %.2f%% of the grid optimum %.4f (%.2fs vs %.2fs)",
             method,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import ValidationError
 
 from core.bundle import BundleError
-from serving.routes.deps import require_admin, require_ready
+from serving.routes.deps import ReadyDep, require_admin
 from serving.schemas import (
     ErrorResponse,
     InputSummary,
@@ -21,7 +22,7 @@ from serving.schemas import (
 from serving.service import NO_THRESHOLDS, NoThresholdsError, PersistError, ServingState
 
 router = APIRouter(prefix="/v1")
-_ADMIN_ERRORS = {
+_ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": why}
     for code, why in (
         (400, "invalid thresholds (wrong count, outside [0, 1]), tuned record or file"),
@@ -40,11 +41,11 @@ _UPDATE_BODY = {
 
 
 @router.get("/model", response_model=ModelResponse, tags=["model"])
-async def model_info(request: Request) -> ModelResponse:
+async def model_info(ready: ReadyDep) -> ModelResponse:
     """Manifest summary, what is served (mode, and the plain graph in full_model mode) and the
     thresholds in force now."""
-    state, runtime, _ = require_ready(request)
-    manifest = runtime.manifest
+    state = ready.state
+    manifest = ready.runtime.manifest
     spec = manifest.input
     graph = state.served_graph()
     return ModelResponse(
@@ -83,9 +84,9 @@ async def model_info(request: Request) -> ModelResponse:
     openapi_extra={"requestBody": _UPDATE_BODY},
     tags=["admin"],
 )
-async def put_thresholds(request: Request) -> ThresholdsResponse:
+async def put_thresholds(request: Request, ready: ReadyDep) -> ThresholdsResponse:
     """Validate, persist thresholds.json atomically and swap between batches."""
-    state, _, _ = require_ready(request)
+    state = ready.state
     _refuse_plain_model(state)
     # The body is parsed after the auth check, so anonymous callers learn nothing from it.
     raw = await request.body()
@@ -119,9 +120,9 @@ async def put_thresholds(request: Request) -> ThresholdsResponse:
     dependencies=[Depends(require_admin)],
     tags=["admin"],
 )
-async def reload_thresholds(request: Request) -> ThresholdsResponse:
+async def reload_thresholds(ready: ReadyDep) -> ThresholdsResponse:
     """Re-read thresholds.json from the bundle (what SIGHUP does)."""
-    state, _, _ = require_ready(request)
+    state = ready.state
     _refuse_plain_model(state)
     previous = state.thresholds
     try:

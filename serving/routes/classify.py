@@ -26,7 +26,7 @@ from serving.imaging import (
     structure_check,
 )
 from serving.metrics import FULL, FULL_EXIT
-from serving.routes.deps import RETRY_AFTER_S, require_ready
+from serving.routes.deps import RETRY_AFTER_S, ready_or_503, serving_state
 from serving.schemas import (
     BatchClassifyResponse,
     ClassifyResponse,
@@ -224,7 +224,8 @@ def build_answer(
 # profile of this route, FastAPI's parameter solving was its largest framework cost, and the
 # event loop's per-request CPU is what bounds throughput when inference takes under a
 # millisecond (the measured saving is small, tens of µs). Their OpenAPI description is kept
-# through `openapi_extra`; bad values answer 400 as before.
+# through `openapi_extra`; bad values answer 400 as before. Readiness is checked the same way
+# (`ready_or_503`), not as a `ReadyDep` parameter, so these two routes solve no dependencies.
 TOP_K_MAX = 10_000
 _TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
 _FALSE = frozenset({"0", "false", "f", "no", "n", "off"})
@@ -280,7 +281,7 @@ async def classify(request: Request) -> ClassifyResponse:
     """Classify one image with the early-exit model (or the plain model with --full-model)."""
     started = time.perf_counter()
     full, top_k = query_options(request)
-    state, runtime, batcher = require_ready(request)
+    state, runtime, batcher = ready_or_503(serving_state(request))
     manifest = runtime.manifest
     payload = await _read_single(request, state.settings)
     images = await _decode([payload], manifest, state, batcher)
@@ -301,7 +302,7 @@ async def classify_batch(request: Request) -> BatchClassifyResponse:
     """Classify several images (multipart field `files`, repeated); answers keep their order."""
     started = time.perf_counter()
     full, top_k = query_options(request)
-    state, runtime, batcher = require_ready(request)
+    state, runtime, batcher = ready_or_503(serving_state(request))
     settings = state.settings
     media = _media_type(request.headers.get("content-type"))
     if media != "multipart/form-data":

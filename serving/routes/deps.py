@@ -1,35 +1,57 @@
-"""Dependencies shared by the routers: the serving state, readiness and admin auth."""
+"""Dependencies shared by the routers: the serving state, readiness and admin auth.
+
+Routes declare them as `Annotated` parameters (`state: StateDep`, `ready: ReadyDep`); the
+dependencies are `async def` so FastAPI calls them on the event loop, not through its thread
+pool. The classify routes call `ready_or_503` themselves (see `serving.routes.classify`).
+"""
 
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from typing import Annotated, NamedTuple
 
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Request
 
 from serving.batching import DynamicBatcher
-from serving.service import NotReadyError, ServingState
+from serving.service import NotReadyError, ServedRuntime, ServingState
 
 RETRY_AFTER_S = "1"
 
 
-def get_state(request: Request) -> ServingState:
-    return request.app.state.serving
+class Ready(NamedTuple):
+    """A loaded server: its state, the runtime answering requests and the batcher feeding it."""
+
+    state: ServingState
+    runtime: ServedRuntime
+    batcher: DynamicBatcher
 
 
-def require_ready(request: Request) -> tuple[ServingState, Any, DynamicBatcher]:
-    """(state, runtime, batcher), or 503 with Retry-After while the bundle loads."""
-    state = get_state(request)
+def serving_state(request: Request) -> ServingState:
+    """The app's `ServingState` (set by `create_app`)."""
+    state: ServingState = request.app.state.serving
+    return state
+
+
+def ready_or_503(state: ServingState) -> Ready:
+    """The loaded runtime and batcher, or 503 with Retry-After while the bundle loads."""
     try:
         runtime, batcher = state.require_ready()
     except NotReadyError as exc:
         raise HTTPException(503, str(exc), headers={"Retry-After": RETRY_AFTER_S}) from exc
-    return state, runtime, batcher
+    return Ready(state, runtime, batcher)
 
 
-def require_admin(request: Request) -> None:
+async def get_state(request: Request) -> ServingState:
+    return serving_state(request)
+
+
+async def require_ready(request: Request) -> Ready:
+    return ready_or_503(serving_state(request))
+
+
+async def require_admin(request: Request) -> None:
     """403 when no admin token is configured, 401 when the bearer token is missing or wrong."""
-    token = get_state(request).settings.admin_token
+    token = serving_state(request).settings.admin_token
     if token is None:
         raise HTTPException(403, "admin endpoints are disabled: set EARLYEXIT_ADMIN_TOKEN")
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
@@ -41,3 +63,7 @@ def require_admin(request: Request) -> None:
         raise HTTPException(
             401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
         )
+
+
+StateDep = Annotated[ServingState, Depends(get_state)]
+ReadyDep = Annotated[Ready, Depends(require_ready)]

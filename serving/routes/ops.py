@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from serving.metrics import CONTENT_TYPE
-from serving.routes.deps import RETRY_AFTER_S, get_state
+from serving.routes.deps import RETRY_AFTER_S, StateDep
 from serving.schemas import HealthResponse
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -35,9 +35,8 @@ async def healthz() -> HealthResponse:
     responses={503: {"description": "bundle loading or failed to load"}},
     tags=["ops"],
 )
-async def readyz(request: Request) -> Response:
+async def readyz(state: StateDep) -> Response:
     """200 once the bundle is loaded, 503 before (readiness)."""
-    state = get_state(request)
     if state.ready:
         return JSONResponse({"status": "ready"})
     status = "failed" if state.load_error else "loading"
@@ -52,9 +51,8 @@ async def readyz(request: Request) -> Response:
 
 
 @router.get("/metrics", response_class=Response, tags=["ops"])
-async def metrics(request: Request) -> Response:
+async def metrics(state: StateDep) -> Response:
     """Prometheus text format."""
-    state = get_state(request)
     if state.batcher is not None:
         state.metrics.queue_depth.set(state.batcher.depth)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)

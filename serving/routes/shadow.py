@@ -10,14 +10,13 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.bundle import BundleError
-from serving.routes.deps import require_admin, require_ready
+from serving.routes.deps import ReadyDep, require_admin
 from serving.schemas import ErrorResponse
 from serving.service import (
     NoThresholdsError,
     PersistError,
     RetuneBusyError,
     RetuneInputError,
-    ServingState,
     ShadowSampleTooSmallError,
     ShadowUnavailableError,
     TuneUnavailableError,
@@ -42,7 +41,7 @@ class RetuneRequest(BaseModel):
     generations: int | None = Field(None, ge=1, le=10_000, description="GA generations")
 
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": why}
     for code, why in (
         (401, "missing or wrong bearer token"),
@@ -56,24 +55,20 @@ _ERRORS = {
 }
 
 
-def _state(request: Request) -> ServingState:
-    state, _, _ = require_ready(request)
-    return state
-
-
 @router.get("/shadow", responses=_ERRORS, tags=["shadow"])
 async def shadow(
     request: Request,
+    ready: ReadyDep,
     rows: int = Query(0, ge=0, le=MAX_EXPORT_ROWS, description="also return the newest N rows"),
 ) -> dict[str, Any]:
     """Live signals from the shadow sample: rows, window, per-exit agreement with the final exit,
     estimated drop vs full depth with its bound, drift vs the tuned window. `?rows=N` adds the
     newest N rows' per-exit probabilities (admin token; what `earlyexit-tune --from-server`
     reads)."""
-    state = _state(request)
+    state = ready.state
     if rows:
         # Per-row outputs of users' traffic are more than a dashboard needs: admin only.
-        require_admin(request)
+        await require_admin(request)
     try:
         signals = await state.shadow_signals()
         if rows:
@@ -97,10 +92,10 @@ async def shadow(
     dependencies=[Depends(require_admin)],
     tags=["admin"],
 )
-async def retune(request: Request) -> dict[str, Any]:
+async def retune(request: Request, ready: ReadyDep) -> dict[str, Any]:
     """Tune on the live sample (agreement with full depth ≥ 100 − EPS at confidence Z) and swap
     atomically only if the guard holds on the held-out rows; `swapped` says whether it did."""
-    state = _state(request)
+    state = ready.state
     raw = await request.body()
     try:
         body = RetuneRequest.model_validate_json(raw or b"{}")
