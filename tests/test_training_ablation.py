@@ -68,8 +68,13 @@ def test_registry_arms_train_and_report_costs_and_step_time(ablation_setup):
     assert kd["costs"]["macs_deepest_path"] == drg["costs"]["macs_deepest_path"]
     assert kd["costs"]["params"] > drg["costs"]["params"]
     assert drg["step_seconds"] > 0 and kd["step_time_ratio"] > 0
+    assert drg["exit_points"] == ["layer2.1", "layer4.1"]
+    assert kd["exit_points"] == ["layer2.1", "layer3.1", "layer4.1"]
     md = (out / "README.md").read_text()
-    assert "| `kd_sd` |" in md and "params" in md and "step ms" in md
+    assert "| arm | layer2.1 | layer3.1 | layer4.1 |" in md and "step ms" in md
+    row = next(line for line in md.splitlines() if line.startswith("| `drg` |"))
+    cells = [c.strip() for c in row.split("|")[2:5]]
+    assert cells[0] and not cells[1] and cells[2]  # the AC sits under its block, layer2.1
 
 
 @pytest.mark.parametrize(

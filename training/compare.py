@@ -75,6 +75,37 @@ def run_costs(run: Path) -> dict[str, int] | None:
     }
 
 
+def exit_points(cfg: TrainConfig) -> list[str]:
+    """The blocks the recipe's exits follow ("layer2.1", ...), the last the final exit."""
+    import torch
+
+    from .engine import network_from_config
+
+    with torch.device("meta"):  # the layout only: no memory, no initialisation cost
+        return list(network_from_config(cfg.resolved(), 10).exit_points)
+
+
+def exit_columns(report: dict[str, Any]) -> list[str]:
+    """Column names of the per-exit table: the exit points of the arm with the most exits."""
+    widest = max(report["arms"].values(), key=lambda a: len(a["mean_exit_accuracy"]))
+    points = widest.get("exit_points")
+    return (
+        list(points)
+        if points
+        else [f"exit {k + 1}" for k in range(len(widest["mean_exit_accuracy"]))]
+    )
+
+
+def exit_positions(arm: dict[str, Any], columns: list[str]) -> list[int]:
+    """Where an arm's exits sit among `columns`: by exit point when every one of its exits is
+    a column (DRG's stage-2 classifier under the stage-2 column), else right-aligned."""
+    accs = arm["mean_exit_accuracy"]
+    points = arm.get("exit_points") or []
+    if len(points) == len(accs) and all(p in columns for p in points):
+        return [columns.index(p) for p in points]
+    return list(range(len(columns) - len(accs), len(columns)))
+
+
 def run_dir(runs: Path, arm: str, seed: int) -> Path:
     return runs / f"{arm}_s{seed}"
 
@@ -234,6 +265,7 @@ def summarize(
         costs = run_costs(run_dir(runs, arm.name, seeds[0]))
         if costs is not None:
             summary["costs"] = costs
+        summary["exit_points"] = exit_points(arm.config)
         if arm.name != reference:
             diffs = [per_seed[str(s)]["deepest_vs_reference"]["difference_points"] for s in seeds]
             summary["deepest_difference_points"] = {
@@ -298,13 +330,14 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
         "process.",
         "",
     ]
-    width = max(len(a["mean_exit_accuracy"]) for a in report["arms"].values())
-    head = ["arm", *[f"exit {k + 1}" for k in range(width)], "deepest − ref (per seed, p)"]
+    columns = exit_columns(report)
+    head = ["arm", *columns, "deepest − ref (per seed, p)"]
     head += ["params", "MACs", "step ms", "step time ÷ ref"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, arm in report["arms"].items():
-        accs = arm["mean_exit_accuracy"]
-        cells = [""] * (width - len(accs)) + [f"{a:.2f}" for a in accs]
+        cells = [""] * len(columns)
+        for k, acc in zip(exit_positions(arm, columns), arm["mean_exit_accuracy"], strict=True):
+            cells[k] = f"{acc:.2f}"
         if name == ref:
             diff = "reference"
         else:
@@ -332,16 +365,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    columns = exit_columns(report)
     for name, arm in report["arms"].items():
         accs = arm["mean_exit_accuracy"]
-        xs = list(range(1, len(accs) + 1))
-        if len(accs) == 1:  # a single-exit arm sits at the deepest exit's position
-            width = max(len(a["mean_exit_accuracy"]) for a in report["arms"].values())
-            xs = [width]
+        # each exit at its block's position (a single-exit arm at the deepest exit's)
+        xs = [k + 1 for k in exit_positions(arm, columns)]
         (line,) = ax.plot(xs, accs, "o-", label=name)
         for seed_entry in arm["per_seed"].values():
             ax.plot(xs, seed_entry["exit_accuracy"], ".", color=line.get_color(), alpha=0.5)
-    ax.set_xlabel("exit")
+    ax.set_xticks(range(1, len(columns) + 1), columns)
+    ax.set_xlabel("exit (the block it follows)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
