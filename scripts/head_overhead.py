@@ -136,7 +136,7 @@ def time_bundle(bundle: Path, rows: int, repeats: int) -> dict[str, Any]:
         "chain_stage_files": lambda x: runtime.classify(x, thresholds=stages),
         "raw_segments": raw_segments,
         "raw_stage_files": raw_stages,
-        "session_floor": lambda x: floor.run(["y"], {"x": features}),
+        "session_floor": lambda _x: floor.run(["y"], {"x": features}),
     }
     runs = time_variant_runs(variants, xs, repeats)  # warm loops, turns rotated per repeat
     us = {name: 1e6 * np.asarray(totals) / len(xs) for name, totals in runs.items()}

@@ -86,24 +86,24 @@ def _install_error_handlers(app: FastAPI) -> None:
     `add_exception_handler`'s signature cannot.)"""
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(
             {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
         )
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         # A bad query parameter is the contract's 400; a malformed body stays 422.
         locations = {err.get("loc", ("body",))[0] for err in exc.errors()}
         status = 400 if locations <= {"query", "path"} else 422
         return JSONResponse({"detail": _detail_text(exc)}, status_code=status)
 
     @app.exception_handler(BodyTooLargeError)
-    async def body_too_large(request: Request, exc: BodyTooLargeError) -> JSONResponse:
+    async def body_too_large(_request: Request, exc: BodyTooLargeError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=413, headers={"Connection": "close"})
 
     @app.exception_handler(ClientDisconnect)
-    async def client_disconnected(request: Request, exc: ClientDisconnect) -> Response:
+    async def client_disconnected(request: Request, _exc: ClientDisconnect) -> Response:
         # Not a server error: one line, no traceback, and a status code of its own.
         logger.info(
             "client disconnected before its request was read",

@@ -155,7 +155,8 @@ class _Guard:
             self._guard.idle[self] = None
             self._guard.idle.move_to_end(self)
 
-    def send_400_response(self, msg: str) -> None:
+    def send_400_response(self, msg: str) -> None:  # noqa: ARG002 - uvicorn's signature
+        # The parser's message is not echoed: a generic JSON error, like every other refusal.
         self._send_json(400, "invalid HTTP request")
 
     # ---------------------------------------------------------------- internals

@@ -76,10 +76,10 @@ def tiny_trainer(out: Path, **overrides: Any):
     from training.config import TrainConfig
     from training.engine import Trainer
 
-    cfg = dict(
-        arch="resnet18", width=0.125, exits=3, epochs=3, batch_size=8, lr=0.05, val_size=0,
-        num_threads=1, head="lite",
-    )  # fmt: skip
+    cfg = {
+        "arch": "resnet18", "width": 0.125, "exits": 3, "epochs": 3, "batch_size": 8,
+        "lr": 0.05, "val_size": 0, "num_threads": 1, "head": "lite",
+    }  # fmt: skip
     cfg.update(overrides)
     return Trainer(
         TrainConfig(**cfg), out, train_data=tiny_arrays(32, 0), val_data=tiny_arrays(16, 1)

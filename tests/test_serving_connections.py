@@ -166,7 +166,7 @@ def test_a_stalled_body_is_closed_and_counted_as_a_client_disconnect(server) -> 
     assert 'code="500"' not in httpx.get(server.url + "/metrics").text
 
 
-def test_the_guard_works_on_the_h11_parser_too(tmp_path) -> None:
+def test_the_guard_works_on_the_h11_parser_too() -> None:
     """Without httptools uvicorn parses with h11; the same limits and JSON errors apply."""
     import uvicorn
     from fastapi import FastAPI

@@ -351,7 +351,7 @@ def test_interrupted_write_keeps_old_thresholds(failing, setup, capsys, monkeypa
     old = '{"thresholds": [0.9, 0.8, 0.7, 0.6], "tuned": {"method": "by-hand"}}\n'
     (bundle / "thresholds.json").write_text(old, encoding="utf-8")
 
-    def crash(*args, **kwargs):
+    def crash(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, failing, crash)

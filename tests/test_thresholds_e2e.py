@@ -102,7 +102,7 @@ def test_tune_from_dataset_collects_and_caches(bundle_copy, tmp_path, capsys, mo
     val_path = cache_path(cache_dir, runtime.manifest, "cifar10", "val", data_dir)
     save_calibration(val_path, probs, labels, {"split": "val", "dataset": "cifar10"})
 
-    def no_collecting(*args, **kwargs):
+    def no_collecting(*_args, **_kwargs):
         raise AssertionError("calibration should come from the cache")
 
     monkeypatch.setattr(thresholds.calibrate, "collect_calibration", no_collecting)

@@ -133,5 +133,5 @@ def test_ga_reaches_grid_optimum_on_10k_by_4(record_property, capsys):
         )
         record_property(f"ga_vs_grid_{objective.mode}", line)
         with capsys.disabled():
-            print("\n" + line)
+            print("\n" + line)  # noqa: T201 - the comparison is shown on purpose
         assert ratio >= 0.995

@@ -198,7 +198,7 @@ def _build_like(trainer):
 
 @pytest.mark.parametrize("stop_at", [3, 5])  # before and after the round at step 4
 def test_a_pruned_run_resumes_bit_exactly(tmp_path, stop_at):
-    kw = dict(prune_ratio=0.4, prune_epochs=(1,), ema_decay=0.9)
+    kw = {"prune_ratio": 0.4, "prune_epochs": (1,), "ema_decay": 0.9}
     straight = tiny_trainer(tmp_path / "a", **kw)
     straight.fit(max_steps=7, progress=False)
     first = tiny_trainer(tmp_path / "b", **kw)

@@ -13,7 +13,7 @@ def _run_dir(path, config: dict, test_final: dict, val_keys: list[str]):
     path.mkdir()
     (path / "config.json").write_text(json.dumps(config))
     lines = [
-        json.dumps({"epoch": e, "epoch_seconds": 10.0 + e, **{k: 10.0 * e for k in val_keys}})
+        json.dumps({"epoch": e, "epoch_seconds": 10.0 + e, **dict.fromkeys(val_keys, 10.0 * e)})
         for e in (1, 2)
     ]
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")

@@ -268,8 +268,8 @@ def test_every_loss_takes_mixed_targets_as_the_mix_of_its_labels(name):
 
 
 def test_resnet_kl_with_cutmix_trains_resumes_bit_exactly_and_exports(tmp_path):
-    kw = dict(arch="resnet18_kl", loss="resnet_kl", head="st", lam=1.0, alpha=0.5, cutmix=0.5,
-              exits=4)  # fmt: skip
+    kw = {"arch": "resnet18_kl", "loss": "resnet_kl", "head": "st", "lam": 1.0, "alpha": 0.5,
+          "cutmix": 0.5, "exits": 4}  # fmt: skip
     straight = tiny_trainer(tmp_path / "a", **kw)
     stats = straight.train_step(*next(iter(straight.train_loader.epoch(0))))
     assert stats["feature"] > 0 and stats["kl"] > 0

@@ -27,12 +27,12 @@ def teacher_ckpt(tmp_path_factory) -> Path:
 
 
 METHODS = {
-    "kd_self_distillation": dict(loss="kd_self_distillation", kd_exits="all"),
-    "ckdf": dict(loss="ckdf", head="ckdf", exits=4),
-    "drg": dict(loss="drg"),
-    "dsr": dict(loss="dsr"),
-    "drg_dsr": dict(loss="drg_dsr"),
-    "sfr": dict(loss="sfr", sfr_distance="emd"),
+    "kd_self_distillation": {"loss": "kd_self_distillation", "kd_exits": "all"},
+    "ckdf": {"loss": "ckdf", "head": "ckdf", "exits": 4},
+    "drg": {"loss": "drg"},
+    "dsr": {"loss": "dsr"},
+    "drg_dsr": {"loss": "drg_dsr"},
+    "sfr": {"loss": "sfr", "sfr_distance": "emd"},
 }
 
 

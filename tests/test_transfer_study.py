@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import transfer_study  # noqa: E402
 
 
-def test_study_reports_every_cell_over_the_same_partitions(tmp_path, caplog):
+def test_study_reports_every_cell_over_the_same_partitions(tmp_path):
     bundle, val, test = tune_inputs(tmp_path)
     out = tmp_path / "study"
     argv = ["--bundle", str(bundle), "--calibration", str(val), "--test-calibration", str(test)]
