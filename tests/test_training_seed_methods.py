@@ -199,6 +199,9 @@ def test_a_teacher_of_another_input_shape_or_class_count_is_refused(
     err = _train(tmp_path, capsys, "--loss", "kd_self_distillation", "--teacher",
                  str(tmp_path / "missing.pt"), *_data(tiny_cifar))  # fmt: skip
     assert "not found" in err
+    err = _train(tmp_path, capsys, "--loss", "kd_self_distillation", "--teacher", str(tmp_path),
+                 *_data(tiny_cifar))  # fmt: skip
+    assert "is a directory (a bundle?)" in err
 
 
 def test_dsr_with_a_batch_that_cannot_align_rows_is_refused(tmp_path, capsys, tiny_cifar):

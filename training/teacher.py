@@ -27,6 +27,11 @@ class TeacherError(ValueError):
 def load_teacher_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint dict at `path`, checked to be one this project wrote."""
     source = Path(path)
+    if source.is_dir():
+        raise TeacherError(
+            f"--teacher {source} is a directory (a bundle?): pass a training checkpoint such "
+            "as a run's best.pt; the torch model is needed for its stage maps"
+        )
     if not source.is_file():
         raise TeacherError(f"--teacher checkpoint not found: {source}")
     try:
