@@ -779,7 +779,7 @@ class Trainer:
             if self.dist.is_main:
                 logger.info("epoch %d: %s", self.epoch, _brief(record))
             self.save()
-            metric = record.get(self.cfg.best_metric)
+            metric = selection_metric(self.cfg, record)
             if metric is not None and metric > self.best_value:
                 self.best_value = metric
                 self.save(BEST_CKPT)
@@ -790,6 +790,25 @@ class Trainer:
             logger.info("no validated best yet: %s holds the current weights", BEST_CKPT)
             self.save(BEST_CKPT)
         return {"epoch": self.epoch, "global_step": self.global_step, "val": self.last_val}
+
+
+def selection_metric(cfg: TrainConfig, record: dict[str, Any]) -> float | None:
+    """The value best.pt is chosen on: `cfg.best_metric` from this epoch's record.
+
+    On a frozen backbone the final exit is the trained model itself and its accuracy never
+    changes, so "best last exit" would keep the first epoch's half-trained heads forever; the
+    default metric then becomes the mean validation accuracy of the exits being trained.
+    """
+    if cfg.freeze_backbone and cfg.best_metric == "val_acc_last":
+        heads = sorted(
+            (int(k.removeprefix("val_acc_exit")), float(v))
+            for k, v in record.items()
+            if k.startswith("val_acc_exit") and k.removeprefix("val_acc_exit").isdigit()
+        )
+        if len(heads) > 1:
+            return sum(v for _, v in heads[:-1]) / (len(heads) - 1)
+    value = record.get(cfg.best_metric)
+    return None if value is None else float(value)
 
 
 def _brief(record: dict[str, Any]) -> str:
