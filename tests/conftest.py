@@ -171,3 +171,12 @@ def copy_bundle(src: Path, dst: Path) -> Path:
 @pytest.fixture
 def bundle_copy(tiny_bundle, tmp_path) -> Path:
     return copy_bundle(tiny_bundle, tmp_path / "bundle")
+
+
+@pytest.fixture(scope="session")
+def plain_graph(tmp_path_factory) -> Path:
+    """The single-graph ONNX of another tiny network (tests.plain_fixtures), exported once for
+    the `--full-model` and two-server comparison tests."""
+    from tests.plain_fixtures import export_plain_graph
+
+    return export_plain_graph(tmp_path_factory.mktemp("plain-graph"))

@@ -1,12 +1,17 @@
-"""Start a real `earlyexit-serve` (uvicorn, subprocess) on 127.0.0.1 for tests.
+"""Servers for tests: the app in process, or a real `earlyexit-serve` (uvicorn, subprocess).
 
-    with running_server(bundle_dir) as base_url:            # just the URL
+    with app_client(bundle_dir, admin_token=...) as http:   # in process: TestClient, ready
+        http.post("/classify", ...)
+    with running_server(bundle_dir) as base_url:            # a process: just the URL
         ...
-    with server_process(bundle_dir, env={...}) as server:   # URL, pid, logs, signals
+    with server_process(bundle_dir, env={...}) as server:   # a process: URL, pid, logs, signals
         server.url, server.pid, server.logs()
 
-The server runs `python -m serving.cli` from the repo root (the package need not be installed),
-on one CPU thread, with every EARLYEXIT_* variable of the caller's environment removed.
+Route behaviour (status codes, query parsing, schemas, threshold and shadow endpoints) runs in
+process: no interpreter to start, nothing to import twice. What needs a process (signals,
+shutdown, start-up failures, connection limits, the access log's output, load and the page)
+gets one. A server process runs `python -m serving.cli` from the repo root (the package need
+not be installed), on one CPU thread; both kinds ignore the caller's EARLYEXIT_* variables.
 """
 
 from __future__ import annotations
@@ -20,11 +25,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
+
+    from serving.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,6 +161,54 @@ def running_server(
     """The base URL of a ready server on `bundle_dir`; stopped (SIGTERM) on exit."""
     with server_process(bundle_dir, env=env, args=args) as server:
         yield server.url
+
+
+def app_settings(bundle_dir: str | os.PathLike[str], **overrides: Any) -> Settings:
+    """Settings for an in-process app, as `server_env` sets up a process: CPU, one inference
+    thread, no warm-up (nothing a test checks depends on it); EARLYEXIT_* variables of the
+    caller's environment are not read."""
+    from serving.settings import Settings
+
+    values: dict[str, Any] = {"bundle": Path(bundle_dir), "providers": ["cpu"],
+                              "intra_op_threads": 1, "warmup": False}  # fmt: skip
+    values.update(overrides)
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("EARLYEXIT_")}
+    try:
+        return Settings(**values)
+    finally:
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def app_client(
+    bundle_dir: str | os.PathLike[str], wait: bool = True, **overrides: Any
+) -> Iterator[TestClient]:
+    """`TestClient(create_app(app_settings(bundle_dir, **overrides)))` with its lifespan running
+    (bundle load, batcher, shadow sampler); with `wait`, once /readyz answers 200. Requests
+    from several threads at once run concurrently in the app's event loop."""
+    with warnings.catch_warnings():
+        # Starlette's own deprecation notice about the httpx it imports; nothing of ours.
+        warnings.filterwarnings("ignore", "Using .httpx. with .starlette.testclient.")
+        from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+
+    with TestClient(create_app(app_settings(bundle_dir, **overrides))) as http:
+        if wait:
+            wait_until_ready(http)
+        yield http
+
+
+def wait_until_ready(http: httpx.Client | TestClient, timeout: float = 120.0) -> None:
+    """Poll /readyz until 200; AssertionError with its last answer when it fails or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ready = http.get("/readyz")
+        if ready.status_code == 200:
+            return
+        assert ready.json().get("status") != "failed", ready.json()
+        assert time.monotonic() < deadline, ready.json()
+        time.sleep(0.02)
 
 
 def png_bytes(array) -> bytes:

@@ -1,5 +1,5 @@
 """Retuning without restart (admin API, SIGHUP), the queue limit and graceful shutdown, against
-real uvicorn servers on copies of the tiny bundle."""
+real uvicorn servers on copies of the tiny bundle; answers that need no process in process."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ import pytest
 
 from core.bundle import THRESHOLDS_FILE, Thresholds, read_thresholds, write_thresholds
 from tests.conftest import copy_bundle
-from tests.serving_helpers import metric_value, png_bytes, server_process, start_server
+from tests.serving_helpers import (
+    app_client,
+    metric_value,
+    png_bytes,
+    server_process,
+    start_server,
+)
 
 TOKEN = "test-admin-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -240,16 +246,15 @@ def test_no_token_means_403_and_full_queue_means_503(bundle_copy, pngs, tmp_path
         assert 'earlyexit_requests_total{code="503"} 1.0' in metrics
 
 
-def test_a_batch_larger_than_the_queue_is_413_not_a_permanent_503(bundle_copy, pngs, tmp_path):
+def test_a_batch_larger_than_the_queue_is_413_not_a_permanent_503(bundle_copy, pngs):
     """Regression: on an idle server a batch of more images than the queue holds got 503 "queue
     full" with Retry-After, and every retry would get it again."""
-    with server_process(bundle_copy, env={"EARLYEXIT_QUEUE_SIZE": "2"}, log_dir=tmp_path) as server:
-        with httpx.Client(base_url=server.url, timeout=300.0) as http:
-            files = [("files", (f"{i}.png", pngs[i], "image/png")) for i in range(3)]
-            response = http.post("/classify/batch", files=files)
-            assert response.status_code == 413 and "retry-after" not in response.headers
-            assert "exceed the queue size (2)" in response.json()["detail"]
-            assert http.post("/classify/batch", files=files[:2]).status_code == 200
+    with app_client(bundle_copy, queue_size=2) as http:
+        files = [("files", (f"{i}.png", pngs[i], "image/png")) for i in range(3)]
+        response = http.post("/classify/batch", files=files)
+        assert response.status_code == 413 and "retry-after" not in response.headers
+        assert "exceed the queue size (2)" in response.json()["detail"]
+        assert http.post("/classify/batch", files=files[:2]).status_code == 200
 
 
 def test_graceful_shutdown_answers_queued_requests(tiny_bundle, pngs, tmp_path) -> None:
@@ -286,7 +291,7 @@ def test_graceful_shutdown_answers_queued_requests(tiny_bundle, pngs, tmp_path) 
     assert "server stopped" in logs
 
 
-def test_a_bundle_that_fails_to_load_is_alive_but_not_ready(bundle_copy, pngs, tmp_path) -> None:
+def test_a_bundle_that_fails_to_load_is_alive_but_not_ready(bundle_copy, pngs, caplog) -> None:
     from core.atomic import atomic_write_json
     from core.bundle import MANIFEST_FILE, sha256_file
 
@@ -297,31 +302,18 @@ def test_a_bundle_that_fails_to_load_is_alive_but_not_ready(bundle_copy, pngs, t
     manifest["segments"][1]["sha256"] = sha256_file(segment)
     atomic_write_json(bundle_copy / MANIFEST_FILE, manifest)
 
-    server = start_server(bundle_copy, log_dir=tmp_path, wait=False)
-    try:
+    with app_client(bundle_copy, wait=False) as http:
         deadline = time.monotonic() + 180
-        ready = None
-        while time.monotonic() < deadline:
-            try:
-                ready = httpx.get(server.url + "/readyz", timeout=2)
-                if ready.json().get("status") == "failed":
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.process.poll() is None, server.logs()
-            time.sleep(0.1)
-        assert ready is not None and ready.status_code == 503 and ready.headers["retry-after"]
+        ready = http.get("/readyz")
+        while ready.json().get("status") != "failed":
+            assert time.monotonic() < deadline, ready.json()
+            time.sleep(0.05)
+            ready = http.get("/readyz")
+        assert ready.status_code == 503 and ready.headers["retry-after"]
         assert "bundle failed to load" in ready.json()["detail"]
-        assert httpx.get(server.url + "/healthz", timeout=60).status_code == 200
-        response = httpx.post(
-            server.url + "/classify",
-            content=pngs[0],
-            headers={"Content-Type": "image/png"},
-            timeout=60,
-        )
+        assert http.get("/healthz").status_code == 200
+        response = http.post("/classify", content=pngs[0], headers={"Content-Type": "image/png"})
         assert response.status_code == 503 and "failed to load" in response.json()["detail"]
-        assert httpx.get(server.url + "/v1/model", timeout=60).status_code == 503
-        assert "earlyexit_ready 0.0" in httpx.get(server.url + "/metrics", timeout=60).text
-    finally:
-        server.stop()
-    assert "bundle failed to load" in server.logs()
+        assert http.get("/v1/model").status_code == 503
+        assert "earlyexit_ready 0.0" in http.get("/metrics").text
+    assert "bundle failed to load" in caplog.text

@@ -14,7 +14,7 @@ import pytest
 
 from core.bundle import MANIFEST_FILE, THRESHOLDS_FILE, BundleError, load_manifest
 from tests.conftest import normalise
-from tests.plain_fixtures import BASELINE_FILE, export_plain_graph, with_baseline
+from tests.plain_fixtures import BASELINE_FILE, with_baseline
 from tests.serving_helpers import metric_value, png_bytes
 
 TOKEN = "full-model-token"
@@ -24,9 +24,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using .httpx. with .starlette.te
 
 
 @pytest.fixture(scope="module")
-def plain_bundle(tiny_bundle, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("plain")
-    return with_baseline(tiny_bundle, export_plain_graph(root), root / "bundle")
+def plain_bundle(tiny_bundle, plain_graph, tmp_path_factory) -> Path:
+    return with_baseline(tiny_bundle, plain_graph, tmp_path_factory.mktemp("plain") / "bundle")
 
 
 def _client(bundle: Path, **settings_kwargs):

@@ -1,4 +1,5 @@
-"""The HTTP API against a real uvicorn server (subprocess) serving the tiny bundle."""
+"""The HTTP API on the tiny bundle: routes, answers and errors in process (`app_client`);
+concurrent requests, their metrics and the access log against a real uvicorn server."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.serving_helpers import metric_value, png_bytes, server_process
+from tests.serving_helpers import app_client, metric_value, png_bytes, server_process
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -28,6 +29,13 @@ def server(tiny_bundle, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(server):
     with httpx.Client(base_url=server.url, timeout=300.0) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def app(tiny_bundle):
+    """The app in process, for what a route answers (no process, no sockets)."""
+    with app_client(tiny_bundle, max_batch_wait_ms=20.0) as http:
         yield http
 
 
@@ -89,26 +97,26 @@ def check_answer(body: dict, num_exits: int) -> None:
 # ------------------------------------------------------------------ endpoints
 
 
-def test_health_ready_model_and_metrics(client, tiny_bundle) -> None:
+def test_health_ready_model_and_metrics(app, tiny_bundle) -> None:
     from core.bundle import read_thresholds
 
-    assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").status_code == 200
-    model = client.get("/v1/model").json()
+    assert app.get("/healthz").json() == {"status": "ok"}
+    assert app.get("/readyz").status_code == 200
+    model = app.get("/v1/model").json()
     assert model["name"] == "tiny-resnet18" and model["num_exits"] == 3
     assert model["labels"] == [f"class{i}" for i in range(10)]
     assert model["input"]["shape"] == [3, 32, 32]
     assert model["thresholds"] == pytest.approx(list(read_thresholds(tiny_bundle, 3).values))
-    metrics = client.get("/metrics", follow_redirects=False)
+    metrics = app.get("/metrics", follow_redirects=False)
     assert metrics.status_code == 200
     assert metrics.headers["content-type"].startswith("text/plain")
     for name in ("earlyexit_queue_depth", "earlyexit_batch_size_bucket", "earlyexit_exit_total",
                  "earlyexit_threshold", "earlyexit_model_info"):  # fmt: skip
         assert name in metrics.text
-    page = client.get("/")
+    page = app.get("/")
     assert page.status_code == 200 and "file-input" in page.text
-    assert client.get("/static/app.js").status_code == 200
-    schema = client.get("/openapi.json").json()
+    assert app.get("/static/app.js").status_code == 200
+    schema = app.get("/openapi.json").json()
     assert {"/classify", "/classify/batch", "/v1/model", "/v1/thresholds"} <= set(schema["paths"])
     for path in ("/classify", "/classify/batch"):  # query options parsed by hand, still documented
         params = {p["name"]: p for p in schema["paths"][path]["post"]["parameters"]}
@@ -116,10 +124,10 @@ def test_health_ready_model_and_metrics(client, tiny_bundle) -> None:
         assert params["top_k"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 10_000}
 
 
-def test_answers_match_the_in_process_runtime(client, pngs, expected) -> None:
+def test_answers_match_the_in_process_runtime(app, pngs, expected) -> None:
     seen_exits = set()
     for i, data in enumerate(pngs):
-        response = post_image(client, data)
+        response = post_image(app, data)
         assert response.status_code == 200, response.text
         body = response.json()
         check_answer(body, 3)
@@ -132,8 +140,8 @@ def test_answers_match_the_in_process_runtime(client, pngs, expected) -> None:
     assert seen_exits == {1, 2, 3, "fallback"}
 
 
-def test_multipart_full_mode_and_top_k(client, pngs, expected) -> None:
-    response = client.post("/classify", params={"full": "true", "top_k": 3},
+def test_multipart_full_mode_and_top_k(app, pngs, expected) -> None:
+    response = app.post("/classify", params={"full": "true", "top_k": 3},
                            files={"file": ("x.png", pngs[0], "image/png")})  # fmt: skip
     assert response.status_code == 200, response.text
     body = response.json()
@@ -147,28 +155,28 @@ def test_multipart_full_mode_and_top_k(client, pngs, expected) -> None:
     assert len(ranked) == 3 and ranked[0]["class_index"] == body["class_index"]
     assert ranked[0]["confidence"] >= ranked[1]["confidence"] >= ranked[2]["confidence"]
     # top_k larger than the class count is clamped, not an error.
-    everything = post_image(client, pngs[0], params={"top_k": 50}).json()["top_k"]
+    everything = post_image(app, pngs[0], params={"top_k": 50}).json()["top_k"]
     assert sorted(e["class_index"] for e in everything) == list(range(10))
     assert sum(e["confidence"] for e in everything) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_batch_endpoint_keeps_order(client, pngs, expected) -> None:
+def test_batch_endpoint_keeps_order(app, pngs, expected) -> None:
     files = [("files", (f"{i}.png", pngs[i], "image/png")) for i in range(5)]
-    response = client.post("/classify/batch", files=files)
+    response = app.post("/classify/batch", files=files)
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     assert [r["class_index"] for r in results] == expected["class_index"][:5]
     assert [r["exit"] for r in results] == expected["exit"][:5]
-    assert client.post("/classify/batch", files={"other": ("a.png", pngs[0])}).status_code == 422
+    assert app.post("/classify/batch", files={"other": ("a.png", pngs[0])}).status_code == 422
     bad = [("files", ("0.png", pngs[0], "image/png")), ("files", ("1.png", b"junk", "image/png"))]
-    response = client.post("/classify/batch", files=bad)
+    response = app.post("/classify/batch", files=bad)
     assert response.status_code == 400 and "files[1]" in response.json()["detail"]
 
 
 # ------------------------------------------------------------------ bad and odd inputs
 
 
-def test_odd_but_valid_images_are_classified(client) -> None:
+def test_odd_but_valid_images_are_classified(app) -> None:
     frames = [Image.new("RGB", (20, 20), c) for c in ((0, 0, 255), (255, 0, 0))]
     gif = io.BytesIO()
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=40)
@@ -185,49 +193,49 @@ def test_odd_but_valid_images_are_classified(client) -> None:
         "palette png": encode(noise((40, 40)).convert("P"), "PNG"),
     }
     for name, data in valid.items():
-        response = post_image(client, data, content_type="image/*")
+        response = post_image(app, data, content_type="image/*")
         assert response.status_code == 200, (name, response.text)
         check_answer(response.json(), 3)
 
 
-def test_bad_inputs_get_the_right_status_and_json(client, pngs) -> None:
+def test_bad_inputs_get_the_right_status_and_json(app, pngs) -> None:
     png = pngs[0]
     cases = [
-        ("empty body", post_image(client, b""), 400),
-        ("text as image", post_image(client, b"hello, world"), 400),
-        ("text content type", post_image(client, b"hello", "text/plain"), 415),
-        ("json content type", post_image(client, png, "application/json"), 415),
-        ("no content type", client.post("/classify", content=png), 415),
-        ("truncated png", post_image(client, encode(noise((64, 64)), "PNG")[:700]), 400),
-        ("declared 100000x100000", post_image(client, png_claiming(100_000, 100_000)), 413),
-        ("declared 5000x5000", post_image(client, png_claiming(5000, 5000)), 413),
-        ("oversized body", post_image(client, b"\0" * (10 * 1024 * 1024 + 1)), 413),
-        ("tiff", post_image(client, encode(noise((8, 8)), "TIFF"), "image/tiff"), 415),
-        ("missing field", client.post("/classify", files={"image": ("a.png", png)}), 422),
-        ("text part", client.post("/classify", files={"file": ("a.txt", b"x", "text/plain")}), 415),
-        ("bad top_k", post_image(client, png, params={"top_k": 0}), 400),
-        ("top_k not a number", post_image(client, png, params={"top_k": "ten"}), 400),
-        ("full as a number", post_image(client, png, params={"full": "2"}), 400),
-        ("bad full", post_image(client, png, params={"full": "maybe"}), 400),
-        ("unknown path", client.get("/nope"), 404),
-        ("wrong method", client.get("/classify"), 405),
+        ("empty body", post_image(app, b""), 400),
+        ("text as image", post_image(app, b"hello, world"), 400),
+        ("text content type", post_image(app, b"hello", "text/plain"), 415),
+        ("json content type", post_image(app, png, "application/json"), 415),
+        ("no content type", app.post("/classify", content=png), 415),
+        ("truncated png", post_image(app, encode(noise((64, 64)), "PNG")[:700]), 400),
+        ("declared 100000x100000", post_image(app, png_claiming(100_000, 100_000)), 413),
+        ("declared 5000x5000", post_image(app, png_claiming(5000, 5000)), 413),
+        ("oversized body", post_image(app, b"\0" * (10 * 1024 * 1024 + 1)), 413),
+        ("tiff", post_image(app, encode(noise((8, 8)), "TIFF"), "image/tiff"), 415),
+        ("missing field", app.post("/classify", files={"image": ("a.png", png)}), 422),
+        ("text part", app.post("/classify", files={"file": ("a.txt", b"x", "text/plain")}), 415),
+        ("bad top_k", post_image(app, png, params={"top_k": 0}), 400),
+        ("top_k not a number", post_image(app, png, params={"top_k": "ten"}), 400),
+        ("full as a number", post_image(app, png, params={"full": "2"}), 400),
+        ("bad full", post_image(app, png, params={"full": "maybe"}), 400),
+        ("unknown path", app.get("/nope"), 404),
+        ("wrong method", app.get("/classify"), 405),
     ]
     for name, response, status in cases:
         assert response.status_code == status, (name, response.status_code, response.text)
         detail = response.json()["detail"]
         assert isinstance(detail, str) and detail, name
-    assert client.get("/healthz").status_code == 200
-    assert post_image(client, png).status_code == 200
+    assert app.get("/healthz").status_code == 200
+    assert post_image(app, png).status_code == 200
 
 
-def test_streamed_oversized_body_is_cut_off(client) -> None:
+def test_streamed_oversized_body_is_cut_off(app) -> None:
     def chunks():
         for _ in range(12):
             yield b"\0" * (1024 * 1024)
 
-    response = client.post("/classify", content=chunks(), headers={"Content-Type": "image/png"})
+    response = app.post("/classify", content=chunks(), headers={"Content-Type": "image/png"})
     assert response.status_code == 413
-    assert client.get("/healthz").status_code == 200
+    assert app.get("/healthz").status_code == 200
 
 
 # ------------------------------------------------------------------ concurrency and metrics

@@ -12,7 +12,7 @@ from benchmarks.cli import main as bench_main
 from benchmarks.http_compare import run_http_comparison
 from benchmarks.loadtest import LoadTestError
 from tests.data_fixtures import write_tiny_cifar10
-from tests.plain_fixtures import export_plain_graph, with_baseline
+from tests.plain_fixtures import with_baseline
 from tests.serving_helpers import server_process
 
 # Short passes: the tests check what is reported, not how fast the machine is.
@@ -20,9 +20,8 @@ PASS_S = 0.5
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_bundle, tmp_path_factory):
-    root = tmp_path_factory.mktemp("compare")
-    return with_baseline(tiny_bundle, export_plain_graph(root), root / "bundle")
+def bundle(tiny_bundle, plain_graph, tmp_path_factory):
+    return with_baseline(tiny_bundle, plain_graph, tmp_path_factory.mktemp("compare") / "bundle")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
-"""Shadow sampling, live signals and the guarded retune, against real uvicorn servers on copies of
-the tiny bundle (plus one in-process check of the failed-guard branch)."""
+"""Shadow sampling, live signals and the guarded retune on copies of the tiny bundle: against real
+uvicorn servers wherever rows are sampled (the sampler's thread runs at a lower priority, which an
+in-process app shares with the test driving it), in process where nothing is sampled, and on the
+serving state itself for branches forced by hand."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from core.bundle import THRESHOLDS_FILE
 from serving.runtime import EarlyExitRuntime
 from serving.shadow_store import ShadowStore
 from tests.conftest import copy_bundle, tiny_uint8_images
-from tests.serving_helpers import metric_value, png_bytes, server_process
+from tests.serving_helpers import app_client, metric_value, png_bytes, server_process
 
 TOKEN = "shadow-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -208,18 +210,17 @@ def test_bad_settings_and_modes_without_a_sample(tiny_bundle, tmp_path) -> None:
     assert refused.returncode == 2 and "EARLYEXIT_SHADOW_RATE" in refused.stderr
     # Sampling off (the default): the endpoint says how to turn it on.
     bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
-    off = {"EARLYEXIT_STATE_DIR": str(tmp_path / "state"), "EARLYEXIT_ADMIN_TOKEN": TOKEN}
-    with server_process(bundle, env=off) as server:
-        with httpx.Client(base_url=server.url, timeout=60.0) as client:
-            response = client.get("/v1/shadow")
-            assert response.status_code == 409
-            assert "EARLYEXIT_SHADOW_RATE" in response.json()["detail"]
+    with app_client(bundle, state_dir=tmp_path / "state", admin_token=TOKEN) as client:
+        response = client.get("/v1/shadow")
+        assert response.status_code == 409
+        assert "EARLYEXIT_SHADOW_RATE" in response.json()["detail"]
     assert not (tmp_path / "state" / "shadow").exists()
-    with server_process(bundle, env=shadow_env(tmp_path / "state"), args=["--full-model"]) as srv:
-        with httpx.Client(base_url=srv.url, timeout=60.0) as client:
-            assert client.get("/v1/shadow").status_code == 409
-            retune = client.post("/v1/thresholds/retune", headers=AUTH)
-            assert retune.status_code == 409 and "--full-model" in retune.json()["detail"]
+    with app_client(
+        bundle, full_model=True, shadow_rate=1.0, state_dir=tmp_path / "state", admin_token=TOKEN
+    ) as client:
+        assert client.get("/v1/shadow").status_code == 409
+        retune = client.post("/v1/thresholds/retune", headers=AUTH)
+        assert retune.status_code == 409 and "--full-model" in retune.json()["detail"]
 
 
 def consistent(answer: dict, thresholds: list[float]) -> bool:

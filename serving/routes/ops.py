@@ -15,10 +15,11 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 router = APIRouter()
 
 
-# HEAD too: load balancers and uptime checkers probe with it, and a 405 reads as "down".
-@router.api_route(
+# HEAD too: load balancers and uptime checkers probe with it, and a 405 reads as "down". It is
+# left out of the OpenAPI schema, where it would repeat GET's operation under the same id.
+@router.head("/healthz", include_in_schema=False)
+@router.get(
     "/healthz",
-    methods=["GET", "HEAD"],
     response_model=HealthResponse,
     response_model_exclude_none=True,
     tags=["ops"],
@@ -28,9 +29,9 @@ async def healthz() -> HealthResponse:
     return HealthResponse(status="ok")
 
 
-@router.api_route(
+@router.head("/readyz", include_in_schema=False)
+@router.get(
     "/readyz",
-    methods=["GET", "HEAD"],
     response_model=HealthResponse,
     responses={503: {"description": "bundle loading or failed to load"}},
     tags=["ops"],
