@@ -460,5 +460,6 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> list[str]:
         ),
     ]
     paths = [str(out / REPORT_FILE)] + [str(f) for f in files]
-    atomic_write_json(out / REPORT_FILE, {**report, "files": paths})
+    # The report names its files relative to its own folder: no machine path in an artifact.
+    atomic_write_json(out / REPORT_FILE, {**report, "files": [Path(p).name for p in paths]})
     return paths

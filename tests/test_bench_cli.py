@@ -93,6 +93,8 @@ def test_bench_writes_json_and_plots(tiny_bundle, cifar_dir, tmp_path, capsys):
     assert reached == [seg["rows"] for seg in report["timing"]["1"]["segments"]]
     saved = json.loads((out / "bench.json").read_text())
     assert saved["dynamic"] == dynamic
+    # files named relative to the report's folder: no machine path in the artifact
+    assert saved["files"] == ["bench.json", "exit_histogram.png", "accuracy_vs_speedup.png"]
     for name in ("exit_histogram.png", "accuracy_vs_speedup.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
