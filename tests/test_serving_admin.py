@@ -7,6 +7,7 @@ import asyncio
 import json
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -207,43 +208,33 @@ def test_swap_during_a_burst_loses_no_request(admin_server, client, bundle, pngs
 # ------------------------------------------------------------------ other configurations
 
 
-def test_no_token_means_403_and_full_queue_means_503(bundle_copy, pngs, tmp_path) -> None:
+def test_no_token_means_403_and_full_queue_means_503(bundle_copy, pngs) -> None:
     # A long fixed batch window keeps two requests queued while a third arrives.
-    env = {"EARLYEXIT_QUEUE_SIZE": "2", "EARLYEXIT_BATCH_WAIT": "fixed",
-           "EARLYEXIT_MAX_BATCH_WAIT_MS": "3000", "EARLYEXIT_MAX_BATCH_SIZE": "64"}  # fmt: skip
-    with server_process(bundle_copy, env=env, log_dir=tmp_path) as server:
-        with httpx.Client(base_url=server.url, timeout=300.0) as http:
-            body = {"thresholds": [0.5, 0.5, 0.5]}
-            assert http.put("/v1/thresholds", json=body).status_code == 403
-            assert http.put("/v1/thresholds", json=body, headers=AUTH).status_code == 403
-            assert http.post("/v1/thresholds/reload", headers=AUTH).status_code == 403
+    settings = {"queue_size": 2, "batch_wait": "fixed", "max_batch_wait_ms": 3000.0,
+                "max_batch_size": 64}  # fmt: skip
+    png = {"Content-Type": "image/png"}
+    with app_client(bundle_copy, **settings) as http:
+        body = {"thresholds": [0.5, 0.5, 0.5]}
+        assert http.put("/v1/thresholds", json=body).status_code == 403
+        assert http.put("/v1/thresholds", json=body, headers=AUTH).status_code == 403
+        assert http.post("/v1/thresholds/reload", headers=AUTH).status_code == 403
 
-        async def overload() -> tuple[list[httpx.Response], httpx.Response, float]:
-            async with httpx.AsyncClient(base_url=server.url, timeout=300) as http:
-                queued = [
-                    asyncio.ensure_future(
-                        http.post("/classify", content=p, headers={"Content-Type": "image/png"})
-                    )
-                    for p in pngs[:2]
-                ]
-                depth = 0.0
-                deadline = time.monotonic() + 60
-                while depth < 2 and time.monotonic() < deadline:
-                    await asyncio.sleep(0.02)
-                    depth = metric_value((await http.get("/metrics")).text, "earlyexit_queue_depth")
-                started = time.monotonic()
-                third = await http.post(
-                    "/classify", content=pngs[2], headers={"Content-Type": "image/png"}
-                )
-                seconds = time.monotonic() - started
-                return list(await asyncio.gather(*queued)), third, seconds
-
-        queued, third, seconds = asyncio.run(overload())
+        # Requests from several threads run concurrently in the app's event loop.
+        with ThreadPoolExecutor(2) as pool:
+            queued = [pool.submit(http.post, "/classify", content=p, headers=png) for p in pngs[:2]]
+            depth = 0.0
+            deadline = time.monotonic() + 60
+            while depth < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+                depth = metric_value(http.get("/metrics").text, "earlyexit_queue_depth")
+            started = time.monotonic()
+            third = http.post("/classify", content=pngs[2], headers=png)
+            seconds = time.monotonic() - started
+            answers = [future.result() for future in queued]
         assert third.status_code == 503 and third.headers["retry-after"]
         assert "queue full" in third.json()["detail"] and seconds < 2.5
-        assert [r.status_code for r in queued] == [200, 200]
-        metrics = httpx.get(server.url + "/metrics", timeout=60).text
-        assert 'earlyexit_requests_total{code="503"} 1.0' in metrics
+        assert [r.status_code for r in answers] == [200, 200]
+        assert 'earlyexit_requests_total{code="503"} 1.0' in http.get("/metrics").text
 
 
 def test_a_batch_larger_than_the_queue_is_413_not_a_permanent_503(bundle_copy, pngs):
