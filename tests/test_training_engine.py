@@ -28,17 +28,17 @@ def _arrays(n: int, seed: int) -> ImageArrays:
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(
-        arch="resnet18",
-        width=0.125,
-        exits=3,
-        epochs=3,
-        batch_size=8,
-        lr=0.05,
-        val_size=0,
-        cutout=4,
-        num_threads=1,
-    )
+    base = {
+        "arch": "resnet18",
+        "width": 0.125,
+        "exits": 3,
+        "epochs": 3,
+        "batch_size": 8,
+        "lr": 0.05,
+        "val_size": 0,
+        "cutout": 4,
+        "num_threads": 1,
+    }
     base.update(kw)
     return TrainConfig(**base)
 
@@ -65,7 +65,7 @@ def test_resume_is_bitwise_exact(tmp_path):
 
 
 def test_resume_is_bitwise_exact_with_adapters_and_ema(tmp_path):
-    kw = dict(feature_hint="adapter", lam=0.03, feature_exits=(1,), ema_decay=0.9)
+    kw = {"feature_hint": "adapter", "lam": 0.03, "feature_exits": (1,), "ema_decay": 0.9}
     straight = _trainer(tmp_path / "a", **kw)
     assert [n for n, _ in straight.loss_fn.named_parameters()] == ["adapters.1.weight"]
     adapter_before = straight.loss_fn.adapters["1"].weight.detach().clone()

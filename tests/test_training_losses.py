@@ -141,7 +141,7 @@ def test_default_is_the_authors_code_sum_soft_ce_no_feature(tiny):
 
 def test_sum_is_k_times_mean(tiny):
     logits, feats, target = tiny
-    kw = dict(alpha=0.6, lam=0.04, feature="l2", distill="kl_t2")
+    kw = {"alpha": 0.6, "lam": 0.04, "feature": "l2", "distill": "kl_t2"}
     summed = float(
         create_loss("self_distillation", reduction="sum", **kw)(logits, feats, target).total
     )
