@@ -24,18 +24,19 @@ def portable_path(
 def portable_path(
     path: str | os.PathLike[str] | None, base: str | os.PathLike[str] | None = None
 ) -> str | None:
-    """`path` as an artifact may record it: unchanged when relative, relative to `base` when
-    it lies inside it, else its last name. None and "" pass through."""
+    """`path` as an artifact may record it: relative to `base` when it lies inside it (so a
+    bundle's cache reads the same wherever the bundle was tuned from), else unchanged when
+    relative, else its last name. None and "" pass through."""
     if path is None:
         return None
     if str(path) == "":
         return ""
     p = Path(path)
-    if not p.is_absolute():
-        return os.fspath(path)
     if base is not None:
         try:
             return p.resolve().relative_to(Path(base).resolve()).as_posix()
         except ValueError:
             pass
+    if not p.is_absolute():
+        return os.fspath(path)
     return p.name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -38,4 +39,14 @@ def test_portable_path(tmp_path):
     assert portable_path(inside, tmp_path / "bundle") == "calibration_cache/x.npz"
     assert portable_path(tmp_path / "elsewhere" / "y.npz", tmp_path / "bundle") == "y.npz"
     assert portable_path("relative/z.npz") == "relative/z.npz"
+    # a relative path inside the bundle is recorded relative to the bundle, not the cwd
+    (tmp_path / "bundle" / "calibration_cache").mkdir(parents=True)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert (
+            portable_path("bundle/calibration_cache/x.npz", "bundle") == "calibration_cache/x.npz"
+        )
+    finally:
+        os.chdir(cwd)
     assert portable_path(None) is None and portable_path("") == ""
