@@ -23,10 +23,10 @@ earlyexit-bench --bundle "$bundle" --dataset cifar10 --data-dir "$data" --split 
 
 state=$(mktemp -d)
 earlyexit-serve --bundle "$bundle" --port "$port" --providers cpu --intra-op-threads 1 \
-    --no-access-log --state-dir "$state/ee" > "$out/server_early_exit.log" 2>&1 &
+    --no-access-log --state-dir "$state/ee" > "$state/server_early_exit.log" 2>&1 &
 ee_pid=$!
 earlyexit-serve --bundle "$bundle" --full-model --port $((port + 1)) --providers cpu \
-    --intra-op-threads 1 --no-access-log --state-dir "$state/plain" > "$out/server_plain.log" 2>&1 &
+    --intra-op-threads 1 --no-access-log --state-dir "$state/plain" > "$state/server_plain.log" 2>&1 &
 plain_pid=$!
 trap 'kill "$ee_pid" "$plain_pid" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$state"' EXIT
 for p in "$port" $((port + 1)); do
@@ -34,6 +34,11 @@ for p in "$port" $((port + 1)); do
         if curl -fsS "http://127.0.0.1:$p/readyz" > /dev/null 2>&1; then break; fi
         sleep 1
     done
+    if ! curl -fsS "http://127.0.0.1:$p/readyz" > /dev/null 2>&1; then
+        echo "server on port $p did not become ready:" >&2
+        cat "$state"/server_*.log >&2
+        exit 1
+    fi
 done
 
 for c in 1 32; do
