@@ -86,17 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exits", type=int, help="number of exits K (≤ backbone stages)")
     p.add_argument(
         "--head",
-        help="exit-head variant: attention (seed 004), lite, pool, st (seed 000) or ckdf (seed 001)",
+        help="exit-head variant: attention (Zhang et al. 2021), lite, pool, st (ResNet-KL paper) or ckdf (Ni et al. 2024)",
     )
     p.add_argument(
         "--act",
-        help="activation of the backbone and every exit head: relu | trelu (seed 000's "
+        help="activation of the backbone and every exit head: relu | trelu (the ResNet-KL paper's "
         "T-ReLU: x for x > 0, tanh(x) otherwise); default: the architecture's own",
     )
     p.add_argument(
         "--groups",
         type=int,
-        help="group convolutions (seed 001 §3.4): groups of every residual 3×3 conv (ResNet) or "
+        help="group convolutions (Ni et al. 2024, §3.4): groups of every residual 3×3 conv (ResNet) or "
         "of the last two modules' convs (VGG-BN); must divide the channel widths",
     )
     p.add_argument(
@@ -123,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument(
         "--loss",
-        help="self_distillation | baseline | deep_supervision | resnet_kl (seed 000) | ckdf "
-        "(seed 001) | sfr (seed 002) | drg | dsr | drg_dsr (seed 003) | kd_self_distillation "
-        "(seed 004 Table 3)",
+        help="self_distillation | baseline | deep_supervision | resnet_kl (ResNet-KL paper) | ckdf "
+        "(Ni et al. 2024) | sfr (Hou & Fan 2025) | drg | dsr | drg_dsr (Wang et al.) | kd_self_distillation "
+        "(Zhang et al. 2021, Table 3)",
     )
     p.add_argument(
         "--teacher",
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cutmix",
         type=float,
-        help="CutMix (seed 000): probability a batch is mixed, box area ~ U(0, 1) (0 = off)",
+        help="CutMix (ResNet-KL paper): probability a batch is mixed, box area ~ U(0, 1) (0 = off)",
     )
     p.add_argument("--autoaugment", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune-ratio",
         type=float,
         help="structured L1 channel pruning: fraction of every block-internal channel set "
-        "removed per round, in (0, 1) (seed 000 / 004 §4.6)",
+        "removed per round, in (0, 1) (ResNet-KL paper; Zhang et al. 2021, §4.6)",
     )
     p.add_argument(
         "--prune-epochs",
