@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +217,6 @@ def http_main(args: argparse.Namespace) -> int:
         run_http_bench,
         write_report,
     )
-    from core.bundle import BundleError
 
     try:
         images, labels, concurrency, duration = http_inputs(args)
@@ -225,7 +225,6 @@ def http_main(args: argparse.Namespace) -> int:
         return 2
     if getattr(args, "compare_url", None):
         return compare_main(args, images, labels, concurrency, duration)
-    local = getattr(args, "local_bundle", None)
     try:
         report = run_http_bench(
             args.http,
@@ -243,12 +242,8 @@ def http_main(args: argparse.Namespace) -> int:
         print(f"earlyexit-bench: error: {exc}", file=sys.stderr)
         return 1
     report["dataset"] = args.dataset
-    if local:
-        try:
-            add_in_process_reference(report, local, images, int(getattr(args, "threads", 0) or 0))
-        except (BundleError, ValueError) as exc:
-            print(f"earlyexit-bench: error: --local-bundle: {exc}", file=sys.stderr)
-            return 2
+    if _local_reference(add_in_process_reference, report, args, images) != 0:
+        return 2
     if getattr(args, "out", None):
         path = write_report(report, args.out)
         logger.info("wrote %s", path)
@@ -256,6 +251,27 @@ def http_main(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         print(format_report(report))
+    return 0
+
+
+def _local_reference(
+    add: Callable[[dict[str, Any], str, np.ndarray, int], None],
+    report: dict[str, Any],
+    args: argparse.Namespace,
+    images: np.ndarray,
+) -> int:
+    """With --local-bundle, add the in-process reference (`add`) to `report`; 2 (after one
+    error line) when that bundle cannot be used, else 0."""
+    from core.bundle import BundleError
+
+    local = getattr(args, "local_bundle", None)
+    if not local:
+        return 0
+    try:
+        add(report, local, images, int(getattr(args, "threads", 0) or 0))
+    except (BundleError, ValueError) as exc:
+        print(f"earlyexit-bench: error: --local-bundle: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -278,7 +294,6 @@ def compare_main(
     )
     from benchmarks.loadtest import LoadTestError
     from core.atomic import atomic_write_json
-    from core.bundle import BundleError
 
     try:
         report = run_http_comparison(
@@ -298,13 +313,8 @@ def compare_main(
         print(f"earlyexit-bench: error: {exc}", file=sys.stderr)
         return 1
     report["dataset"] = args.dataset
-    local = getattr(args, "local_bundle", None)
-    if local:
-        try:
-            add_in_process_reference(report, local, images, int(getattr(args, "threads", 0) or 0))
-        except (BundleError, ValueError) as exc:
-            print(f"earlyexit-bench: error: --local-bundle: {exc}", file=sys.stderr)
-            return 2
+    if _local_reference(add_in_process_reference, report, args, images) != 0:
+        return 2
     if getattr(args, "out", None):
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
