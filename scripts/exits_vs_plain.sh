@@ -5,7 +5,7 @@
 #   bash scripts/exits_vs_plain.sh BUNDLE DATA_DIR OUT [PORT]
 # Writes OUT/inprocess/bench.json (+ PNGs), OUT/http_c1/ and OUT/http_c32/. Both servers and the
 # client use one onnxruntime thread, as the in-process benchmark does, so the ratios compare like
-# with like on a small host.
+# with like on a small host. SKIP_INPROCESS=1 keeps an existing OUT/inprocess and runs only HTTP.
 set -euo pipefail
 if [ $# -lt 3 ]; then
     echo "usage: bash scripts/exits_vs_plain.sh BUNDLE DATA_DIR OUT [PORT]" >&2
@@ -18,8 +18,10 @@ port=${4:-18300}
 export OMP_NUM_THREADS=1
 mkdir -p "$out"
 
-earlyexit-bench --bundle "$bundle" --dataset cifar10 --data-dir "$data" --split test \
-    --batch-sizes 1,32 --threads 1 --out "$out/inprocess" --json > "$out/inprocess.json"
+if [ "${SKIP_INPROCESS:-0}" != 1 ]; then
+    earlyexit-bench --bundle "$bundle" --dataset cifar10 --data-dir "$data" --split test \
+        --batch-sizes 1,32 --threads 1 --out "$out/inprocess" --json > "$out/inprocess.json"
+fi
 
 state=$(mktemp -d)
 earlyexit-serve --bundle "$bundle" --port "$port" --providers cpu --intra-op-threads 1 \
