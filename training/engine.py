@@ -24,6 +24,7 @@ from core.atomic import atomic_write_bytes, atomic_write_json
 from core.datasets import ImageArrays, load_split, val_indices
 from core.normalize import normalization
 
+from .checkpoint_io import read_checkpoint
 from .config import TrainConfig, write_config
 from .costs import measure_costs
 from .data import AugmentConfig, BatchLoader
@@ -163,12 +164,7 @@ def load_backbone(model: MultiExitNetwork, cfg: TrainConfig) -> None:
     (keys with or without a "backbone." prefix). Exit heads keep their fresh initialisation.
     """
     path = Path(str(cfg.init))
-    if not path.is_file():
-        raise InitError(f"--init checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch.load raises many types on a corrupt or foreign file
-        raise InitError(f"--init {path}: not a readable torch checkpoint ({exc})") from exc
+    state = read_checkpoint(path, InitError, "--init")
     if not isinstance(state, dict):
         raise InitError(f"--init {path}: expected a dict, got {type(state).__name__}")
     if "config" in state and "model" in state:  # this project's checkpoint

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint_io import read_checkpoint
 from .losses.inputs import TeacherOutputs, capture_stage_maps
 
 
@@ -32,12 +33,7 @@ def load_teacher_checkpoint(path: str | Path) -> dict[str, Any]:
             f"--teacher {source} is a directory (a bundle?): pass a training checkpoint such "
             "as a run's best.pt; the torch model is needed for its stage maps"
         )
-    if not source.is_file():
-        raise TeacherError(f"--teacher checkpoint not found: {source}")
-    try:
-        state = torch.load(source, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch.load raises many types on a corrupt or foreign file
-        raise TeacherError(f"--teacher {source}: not a readable torch checkpoint ({exc})") from exc
+    state = read_checkpoint(source, TeacherError, "--teacher")
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise TeacherError(f"--teacher {source}: not a checkpoint of earlyexit-train")
     return state

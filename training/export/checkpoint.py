@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint_io import read_checkpoint
 from ..models import MultiExitNetwork, create_model
 from .options import CheckpointError, ExportOptions, PlainBaseline
 
@@ -23,14 +24,8 @@ REQUIRED_CONFIG = ("arch", "exits")
 
 def load_for_export(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a training checkpoint on CPU and check it holds what export needs."""
-    source = Path(path)
-    if not source.is_file():
-        raise CheckpointError(f"checkpoint not found: {source}")
-    try:
-        checkpoint = torch.load(source, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch.load raises many types on a corrupt or foreign file
-        raise CheckpointError(f"{source}: not a readable torch checkpoint ({exc})") from exc
-    validate_checkpoint(checkpoint, str(source))
+    checkpoint = read_checkpoint(path, CheckpointError)
+    validate_checkpoint(checkpoint, str(Path(path)))
     return checkpoint
 
 
