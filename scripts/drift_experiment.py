@@ -4,9 +4,11 @@ and a guarded live retune, measured against a real `earlyexit-serve` over HTTP.
 Phases, all through one server started on a temporary copy of the bundle (a temporary state
 directory: nothing in the repository is written), shadow sampling at 100 %:
 
-1. ``clean``: the first N CIFAR-10 test images, offline-tuned thresholds.
-2. ``POST /v1/thresholds/retune`` on the clean window: the live reference the drift statistic
-   is measured against (the statistic is null until the thresholds were tuned on live rows).
+1. ``clean``: the first N CIFAR-10 test images, offline-tuned thresholds; the drift statistic
+   compares them with the reference those thresholds carry (exit-1 confidence quantiles on the
+   split they were tuned on).
+2. ``POST /v1/thresholds/retune`` on the clean window: from then on the drift statistic is
+   measured against that live window.
 3. ``shifted``: the SAME N images corrupted (default Gaussian noise, severity 3).
 4. ``POST /v1/thresholds/retune`` on the shifted window.
 5. ``shifted_heldout``: M further test images (never in a retune sample), same corruption.
@@ -16,6 +18,8 @@ probabilities, in answer order; concurrency 1) give the full-depth answer of the
 so agreement with full depth is measured per request, and the offline thresholds are also
 replayed on every row (`core.decision.decide`) to show what they would have done on the same
 traffic. Every `window` requests the script reads `GET /v1/shadow` (drift, estimated drop).
+Each phase's rows are also compared with the offline reference directly
+(`drift_vs_offline_reference`): what a server that never retuned would report.
 
     python scripts/drift_experiment.py --data-dir DATA --out docs/results/online_retune
 """
@@ -44,6 +48,7 @@ from core.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
 from core.costs import acceleration, exit_fractions  # noqa: E402
 from core.datasets import read_cifar10  # noqa: E402
 from core.decision import decide  # noqa: E402
+from core.drift import exit1_confidence, ks_against_quantiles, read_reference  # noqa: E402
 
 TOKEN = "drift-experiment-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -271,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     segments = [float(s["macs"]) for s in manifest["segments"]]
     full_macs = float(manifest["full_model"]["macs"])
     num_exits, fallback = len(segments), manifest["fallback"]
-    offline = json.loads((Path(args.bundle) / "thresholds.json").read_text())["thresholds"]
+    offline_file = json.loads((Path(args.bundle) / "thresholds.json").read_text())
+    offline = offline_file["thresholds"]
+    # The drift reference shipped with the offline thresholds (exit-1 confidence quantiles on
+    # the split they were tuned on): what a freshly deployed server compares traffic with.
+    offline_reference = read_reference(offline_file.get("tuned", {}).get("reference"))
 
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="drift-") as tmp:
@@ -365,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         sel = phase_of == phase
         phases[phase] = {
             "thresholds": thresholds_used[phase],
+            "drift_vs_offline_reference": None
+            if offline_reference is None
+            else ks_against_quantiles(offline_reference.quantiles, exit1_confidence(probs[sel])),
             "served": summarize(
                 exits[sel], served[sel], full[sel], label[sel], segments, full_macs, num_exits
             ),  # fmt: skip

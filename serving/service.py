@@ -25,6 +25,7 @@ from core.bundle import (
     validate_threshold_values,
     write_thresholds,
 )
+from core.drift import QuantileReference, confidence_reference, read_reference
 from serving.batching import DynamicBatcher
 from serving.decode_pool import DecodePool
 from serving.metrics import ServingMetrics
@@ -103,6 +104,9 @@ class ServingState:
         self.batcher: DynamicBatcher | None = None
         self.load_error: str | None = None
         self.tuned: dict[str, Any] = {}
+        # tuned.reference read once per thresholds record (a bad one is logged once).
+        self._reference_of: dict[str, Any] | None = None
+        self._reference: QuantileReference | None = None
         self.decoder = DecodePool(
             workers=settings.decode_workers,
             memory_budget_bytes=settings.decode_memory_mb * 1024 * 1024,
@@ -425,6 +429,14 @@ class ServingState:
         except (KeyError, TypeError, ValueError):
             return None
 
+    def _tuned_reference(self) -> QuantileReference | None:
+        """The drift reference the thresholds in force carry (`tuned.reference`), if any."""
+        tuned = self.tuned
+        if self._reference_of is not tuned:
+            self._reference = read_reference(tuned.get("reference"))
+            self._reference_of = tuned
+        return self._reference
+
     def shadow_signals_sync(self) -> dict[str, Any]:
         """Everything GET /v1/shadow answers (blocking: call from a thread). Also refreshes the
         Prometheus gauges."""
@@ -458,7 +470,7 @@ class ServingState:
             "over_budget": bool(upper is not None and upper > settings.shadow_drop_budget),
             "live": live,
             "drift": {
-                **drift_signal(reference, recent),
+                **drift_signal(reference, recent, self._tuned_reference()),
                 "tuned_window": None
                 if tuned_window is None
                 else {"from": tuned_window[0], "to": tuned_window[1]},
@@ -543,6 +555,8 @@ class ServingState:
                 return answer
             record = {
                 "method": "live-retune",
+                # Drift keeps a reference after the window has left the store.
+                "reference": confidence_reference(rows.exit_probs, "live"),
                 "source": trigger,
                 "max_drop": eps,
                 "confidence": confidence,

@@ -24,6 +24,12 @@ from typing import Any
 import numpy as np
 
 from core.decision import decide
+from core.drift import (
+    QuantileReference,
+    exit1_confidence,
+    ks_against_quantiles,
+    ks_statistic,
+)
 from serving.runtime import EarlyExitRuntime
 from serving.shadow_store import ShadowRows, ShadowStore
 
@@ -222,32 +228,37 @@ def agreement_signals(
     }
 
 
-def ks_statistic(reference: np.ndarray, recent: np.ndarray) -> float:
-    """Two-sample Kolmogorov–Smirnov statistic (0 = same distribution, 1 = disjoint)."""
-    a, b = np.sort(reference), np.sort(recent)
-    grid = np.concatenate([a, b])
-    cdf_a = np.searchsorted(a, grid, side="right") / a.size
-    cdf_b = np.searchsorted(b, grid, side="right") / b.size
-    return float(np.max(np.abs(cdf_a - cdf_b)))
-
-
-def drift_signal(reference: ShadowRows | None, recent: ShadowRows) -> dict[str, Any]:
+def drift_signal(
+    reference: ShadowRows | None,
+    recent: ShadowRows,
+    tuned_reference: QuantileReference | None = None,
+) -> dict[str, Any]:
     """KS statistic of exit 1's confidence between the rows the thresholds were tuned on and the
-    recent window: it moves when the traffic's difficulty moves, before agreement can be
-    measured on many rows. None when the thresholds were not tuned on live rows still stored."""
-    if reference is None or reference.num_rows == 0 or recent.num_rows == 0:
-        reason = (
-            "the thresholds were not tuned on a live window still in the sample"
-            if recent.num_rows
-            else "no recent rows"
-        )
-        return {"statistic": None, "reference_rows": 0, "recent_rows": recent.num_rows,
-                "reason": reason}  # fmt: skip
-    return {
-        "statistic": ks_statistic(
-            reference.exit_probs[:, 0].max(axis=1), recent.exit_probs[:, 0].max(axis=1)
-        ),  # fmt: skip
-        "reference_rows": reference.num_rows,
-        "recent_rows": recent.num_rows,
-        "reason": None,
-    }
+    recent window (core.drift says why this signal). The tuned rows themselves when the
+    thresholds were tuned on a live window still in the store; else the quantiles that
+    thresholds.json carries (`tuned.reference`); None when neither exists (thresholds tuned
+    before references were written: retune once to get one)."""
+    base = {"recent_rows": recent.num_rows}
+    if recent.num_rows == 0:
+        return {"statistic": None, "reference": None, "reference_rows": 0, **base,
+                "reason": "no recent rows"}  # fmt: skip
+    values = exit1_confidence(recent.exit_probs)
+    if reference is not None and reference.num_rows:
+        return {
+            "statistic": ks_statistic(exit1_confidence(reference.exit_probs), values),
+            "reference": "live window",
+            "reference_rows": reference.num_rows,
+            **base,
+            "reason": None,
+        }
+    if tuned_reference is not None:
+        return {
+            "statistic": ks_against_quantiles(tuned_reference.quantiles, values),
+            "reference": tuned_reference.source,
+            "reference_rows": tuned_reference.rows,
+            **base,
+            "reason": None,
+        }
+    return {"statistic": None, "reference": None, "reference_rows": 0, **base,
+            "reason": "thresholds.json has no tuned.reference and the thresholds were not tuned "
+                      "on a live window still in the sample; retune once to get one"}  # fmt: skip

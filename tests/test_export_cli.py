@@ -95,6 +95,9 @@ def test_data_dir_gives_export_greedy_thresholds(checkpoint_file, tmp_path, caps
     assert tuned["data"] == {"dataset": "cifar10", "split": "val", "rows": 40}
     assert tuned["metrics"]["accuracy"] >= tuned["metrics"]["baseline_accuracy"]
     assert thresholds.values[-1] == 0.0
+    # The drift reference the server compares live traffic with: the 40 val rows.
+    assert tuned["reference"]["source"] == "val" and tuned["reference"]["rows"] == 40
+    assert len(tuned["reference"]["quantiles"]) == 101
 
 
 def test_bad_dataset_dir_exits_2(checkpoint_file, tmp_path, capsys):

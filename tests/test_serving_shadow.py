@@ -5,6 +5,7 @@ serving state itself for branches forced by hand."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from core.bundle import THRESHOLDS_FILE
+from core.drift import confidence_reference
 from serving.runtime import EarlyExitRuntime
 from serving.shadow_store import ShadowStore
 from tests.conftest import copy_bundle, tiny_uint8_images
@@ -67,6 +69,12 @@ def test_sample_holds_exactly_the_answered_rows_full_depth_results(
     tiny_bundle, tiny_images, pngs, tmp_path
 ) -> None:
     bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    runtime = EarlyExitRuntime(tiny_bundle, providers=["cpu"])
+    expected = runtime.classify(runtime.preprocess(tiny_images.images[:20]), full=True)
+    # thresholds.json carries a drift reference made from these very rows: no drift.
+    stored = json.loads((bundle / THRESHOLDS_FILE).read_text())
+    stored["tuned"]["reference"] = confidence_reference(expected.exit_probs, "val")
+    (bundle / THRESHOLDS_FILE).write_text(json.dumps(stored))
     with server_process(bundle, env=shadow_env(tmp_path / "state")) as server:
         with httpx.Client(base_url=server.url, timeout=60.0) as client:
             answers = []
@@ -77,14 +85,14 @@ def test_sample_holds_exactly_the_answered_rows_full_depth_results(
                 answers.append(response.json())
             signals = wait_rows(client, 20)
             assert signals["rows"] == 20 and signals["dropped"] == 0
+            drift = signals["drift"]
+            assert drift["reference"] == "val" and drift["reference_rows"] == 20
+            # 20 rows against the linear CDF through their own quantiles: at most a step apart.
+            assert 0.0 <= drift["statistic"] <= 0.05 + 1e-9
             # The rows themselves are admin-only; the signals are not.
             assert client.get("/v1/shadow", params={"rows": 1}).status_code == 401
             sample = client.get("/v1/shadow", params={"rows": 100}, headers=AUTH).json()["sample"]
             metrics = client.get("/metrics").text
-    expected = EarlyExitRuntime(tiny_bundle, providers=["cpu"]).classify(
-        EarlyExitRuntime(tiny_bundle, providers=["cpu"]).preprocess(tiny_images.images[:20]),
-        full=True,
-    )
     probs = np.asarray(sample["exit_probs"], dtype=np.float32)
     assert probs.shape == (20, 3, 10)
     np.testing.assert_allclose(probs, expected.exit_probs, atol=1e-5)
@@ -283,11 +291,13 @@ def test_retune_swaps_atomically_under_traffic_and_persists_provenance(
             # The recent window is the tuned one plus a few of the same images: little drift.
             assert 0.0 <= signals["drift"]["statistic"] < 0.2
             metrics = client.get("/metrics").text
-    written = __import__("json").loads((bundle / THRESHOLDS_FILE).read_text())
+    written = json.loads((bundle / THRESHOLDS_FILE).read_text())
     assert written["thresholds"] == pytest.approx(new)
     tuned = written["tuned"]
     assert tuned["method"] == "live-retune" and tuned["data"]["source"] == "live"
     assert tuned["data"]["window"]["rows"] == len(many_pngs)
+    assert tuned["reference"]["source"] == "live"
+    assert tuned["reference"]["rows"] == len(many_pngs)
     assert tuned["data"]["tune_rows"] + tuned["data"]["held_out_rows"] == len(many_pngs)
     assert metric_value(metrics, "earlyexit_retunes_total", {"outcome": "swapped"}) == 1
 
@@ -366,7 +376,7 @@ def test_periodic_retune_swaps_on_its_own(tiny_bundle, many_pngs, tmp_path) -> N
             model = client.get("/v1/model").json()
     assert model["thresholds"] != old
     assert model["tuned"]["source"] == "EARLYEXIT_RETUNE_INTERVAL"
-    written = __import__("json").loads((bundle / THRESHOLDS_FILE).read_text())
+    written = json.loads((bundle / THRESHOLDS_FILE).read_text())
     assert written["thresholds"] == pytest.approx(model["thresholds"])
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from core.bundle import read_thresholds
-from core.calibration import save_calibration
+from core.calibration import load_calibration, save_calibration
 from thresholds.cli import main
 from thresholds.frontier import is_nondominated
 from thresholds.synthetic import synthetic_calibration
@@ -134,6 +134,16 @@ def test_json_result_and_thresholds_file(setup, capsys, tmp_path):
     assert str(tmp_path) not in (bundle / "thresholds.json").read_text()
     assert set(tuned["metrics"]) == {"val", "test"}
     assert tuned["metrics"]["val"]["accuracy"] == result["accuracy"]
+    # The drift reference: exit 1's confidence quantiles on the rows tuned on.
+    reference = tuned["reference"]
+    val_probs = load_calibration(val)[0]
+    assert reference["signal"] == "exit_1_max_probability" and reference["source"] == "val"
+    assert reference["rows"] == result["rows"] == len(val_probs)
+    np.testing.assert_allclose(
+        reference["quantiles"],
+        np.quantile(val_probs[:, 0].max(axis=1), np.linspace(0, 1, 101)),
+        atol=1e-6,
+    )
     assert tuned["metrics"]["test"]["vs_tuning"] == moved
     # the oracle ceiling sits at each split's own accuracy and above its acceleration
     for split in (result, result["test"]):

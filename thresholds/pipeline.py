@@ -24,6 +24,7 @@ from core.bundle import (
     validate_threshold_values,
     write_thresholds,
 )
+from core.drift import confidence_reference
 from core.paths import portable_path
 from thresholds.calibrate import (
     Calibration,
@@ -293,6 +294,8 @@ def run(request: TuneRequest) -> dict[str, Any]:
     )
     tuned = tuned_provenance(outcome, request.options, costs, data)
     tuned["baseline"] = baseline.to_dict()
+    # What the server's drift statistic compares live traffic with (core.drift).
+    tuned["reference"] = confidence_reference(tune_cal.exit_probs, split)
     values = validate_threshold_values(list(outcome.thresholds), manifest.num_exits)
     files: dict[str, Any] = {
         "thresholds_file": None,

@@ -352,6 +352,7 @@ def _calibrate(
 ) -> Thresholds:
     """Run the split through the exported bundle (full mode) and pick export-greedy thresholds."""
     from core.calibration import collect_calibration
+    from core.drift import confidence_reference
     from serving.runtime import EarlyExitRuntime
 
     runtime = EarlyExitRuntime(bundle, providers=("cpu",), verify=False)
@@ -378,6 +379,8 @@ def _calibrate(
         "method": "export-greedy",
         "data": {"dataset": dataset, "split": options.calibration_split, "rows": len(labels)},
         "metrics": metrics,
+        # What the server's drift statistic compares live traffic with (core.drift).
+        "reference": confidence_reference(exit_probs, options.calibration_split),
     }
     return Thresholds(values=values, tuned=tuned)
 
