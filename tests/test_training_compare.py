@@ -158,3 +158,34 @@ def test_arms_must_share_one_protocol(tiny_arms, tmp_path):
         "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o"),
     )  # fmt: skip
     assert proc.returncode == 2 and "differs from 'baseline' in epochs" in proc.stderr
+
+
+def test_an_architecture_ablation_with_vary_and_latency(tiny_arms, tmp_path):
+    """--vary arch lets arms differ in the backbone (one budget otherwise); --latency exports
+    each arm and times batch 1 of the exit chain and of the plain graph."""
+    root, base, sd = tiny_arms
+    vgg = tmp_path / "sd_vgg.yaml"
+    vgg.write_text(sd.read_text().replace("arch: resnet18", "arch: vgg11_bn"))
+    args = ["--arms", str(base), str(vgg), "--reference", "baseline", "--seeds", "0"]
+    args += ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--step-steps", "1"]
+    refused = _compare(*args)
+    assert refused.returncode == 2 and "in arch" in refused.stderr and "--vary" in refused.stderr
+    proc = _compare(*args, "--vary", "arch", "--latency")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "o" / "compare.json").read_text())
+    assert report["varied"] == ["arch"]
+    arms = report["arms"]
+    assert arms["baseline"]["protocol"] == {"arch": "resnet18"}
+    assert arms["sd_vgg"]["protocol"] == {"arch": "vgg11_bn"}
+    for arm in arms.values():
+        latency = arm["latency"]
+        assert latency["chain_full_depth_ms"] > 0 and latency["plain_ms"] > 0
+        assert latency["chain_over_plain"] == pytest.approx(
+            latency["chain_full_depth_ms"] / latency["plain_ms"]
+        )
+    md = (tmp_path / "o" / "README.md").read_text()
+    # Exits by position: block names of two backbones are not one axis.
+    assert "| arm | varies | exit 1 | exit 2 |" in md and "arch=vgg11_bn" in md
+    assert "chain ms" in md
+    bad = _compare(*args, "--vary", "arch,colour", "--report-only")
+    assert bad.returncode == 2 and "--vary: colour is not a protocol field" in bad.stderr

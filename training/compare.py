@@ -89,9 +89,10 @@ def exit_columns(report: dict[str, Any]) -> list[str]:
     """Column names of the per-exit table: the exit points of the arm with the most exits."""
     widest = max(report["arms"].values(), key=lambda a: len(a["mean_exit_accuracy"]))
     points = widest.get("exit_points")
+    # Block names of different backbones are not comparable: exits by position then.
     return (
         list(points)
-        if points
+        if points and "arch" not in report.get("varied", ())
         else [f"exit {k + 1}" for k in range(len(widest["mean_exit_accuracy"]))]
     )
 
@@ -101,7 +102,7 @@ def exit_positions(arm: dict[str, Any], columns: list[str]) -> list[int]:
     a column (DRG's stage-2 classifier under the stage-2 column), else right-aligned."""
     accs = arm["mean_exit_accuracy"]
     points = arm.get("exit_points") or []
-    if len(points) == len(accs) and all(p in columns for p in points):
+    if len(points) == len(accs) and points and all(p in columns for p in points):
         return [columns.index(p) for p in points]
     return list(range(len(columns) - len(accs), len(columns)))
 
@@ -223,8 +224,12 @@ def summarize(
     runs: Path,
     reference: str,
     step_times: dict[str, dict[str, float]] | None = None,
+    varied: tuple[str, ...] = (),
+    latency: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """The comparison report (JSON-ready) from finished runs' per-row test predictions."""
+    """The comparison report (JSON-ready) from finished runs' per-row test predictions.
+    `varied`: protocol fields the arms were allowed to differ in (recorded per arm);
+    `latency`: `measure_chain_latency`'s answer."""
     table: dict[str, Any] = {}
     ref_correct: dict[int, np.ndarray] = {}
     for seed in seeds:
@@ -266,6 +271,10 @@ def summarize(
         if costs is not None:
             summary["costs"] = costs
         summary["exit_points"] = exit_points(arm.config)
+        if varied:
+            summary["protocol"] = {f: _plain(getattr(arm.config, f)) for f in varied}
+        if latency and arm.name in latency:
+            summary["latency"] = latency[arm.name]
         if arm.name != reference:
             diffs = [per_seed[str(s)]["deepest_vs_reference"]["difference_points"] for s in seeds]
             summary["deepest_difference_points"] = {
@@ -295,9 +304,73 @@ def summarize(
             "arch": first.arch,
             "width": first.width,
         },
+        "varied": list(varied),
         "arms": table,
         "recipes": {arm.name: arm.config.to_dict() for arm in arms},
         "step_times": step_times,
+    }
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def measure_chain_latency(
+    arms: list[Arm], seed: int, runs: Path, rounds: int = 30, repeats: int = 5, threads: int = 1
+) -> dict[str, dict[str, float]]:
+    """Batch-1 latency of each arm's exported bundle (its `seed` run's best.pt, exported to a
+    temporary directory), on onnxruntime CPU with `threads` intra-op threads: the exit chain at
+    full depth (every segment and exit head, as a row that no exit accepts), and the plain
+    single graph (`full_model.onnx`: the backbone and final head only). Medians over `rounds`
+    rounds, the arms interleaved in each round (`repeats` calls each), so machine noise hits
+    them alike."""
+    import tempfile
+
+    from serving.runtime import EarlyExitRuntime
+
+    from .export import CheckpointError, ExportError, ExportOptions, export_checkpoint
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="compare-latency-") as tmp:
+        runtimes = {}
+        for arm in arms:
+            bundle = Path(tmp) / arm.name
+            try:
+                export_checkpoint(
+                    run_dir(runs, arm.name, seed) / "best.pt",
+                    bundle,
+                    ExportOptions(name=arm.name, version="compare", progress=False),
+                )
+            except (CheckpointError, ExportError) as exc:
+                raise RuntimeError(f"arm {arm.name}: cannot export for latency: {exc}") from exc
+            runtime = EarlyExitRuntime(bundle, providers=("cpu",), intra_op_threads=threads)
+            shape = runtime.manifest.input.shape
+            x = runtime.preprocess(rng.integers(0, 256, (1, *shape[1:], shape[0]), np.uint8))
+            full_depth = [1.0] * (runtime.manifest.num_exits - 1) + [0.0]
+            runtimes[arm.name] = (runtime, x, full_depth)
+        chain: dict[str, list[float]] = {name: [] for name in runtimes}
+        plain: dict[str, list[float]] = {name: [] for name in runtimes}
+        for round_ in range(rounds + 2):  # two warm-up rounds
+            for name, (runtime, x, full_depth) in runtimes.items():
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    runtime.classify(x, thresholds=full_depth)
+                t1 = time.perf_counter()
+                for _ in range(repeats):
+                    runtime.run_full_model(x)
+                t2 = time.perf_counter()
+                if round_ >= 2:
+                    chain[name].append((t1 - t0) / repeats)
+                    plain[name].append((t2 - t1) / repeats)
+    return {
+        name: {
+            "chain_full_depth_ms": 1e3 * statistics.median(chain[name]),
+            "plain_ms": 1e3 * statistics.median(plain[name]),
+            "chain_over_plain": statistics.median(chain[name]) / statistics.median(plain[name]),
+            "rounds": rounds,
+            "threads": threads,
+        }
+        for name in runtimes
     }
 
 
@@ -330,9 +403,26 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
         "process.",
         "",
     ]
+    varied = report.get("varied") or []
+    if varied:
+        lines += [
+            f"Arms differ in {', '.join(varied)} (column `varies`); everything else is one "
+            "protocol. Exits are numbered from the first: block names differ across backbones.",
+            "",
+        ]
+    has_latency = any("latency" in a for a in report["arms"].values())
+    if has_latency:
+        lines += [
+            "Latency: batch 1, onnxruntime CPU, the first seed's run exported as a bundle; "
+            "`chain ms` runs every segment and exit head (a row no exit accepts), `plain ms` the "
+            "single graph without exit heads (`full_model.onnx`); medians of rounds with the "
+            "arms interleaved.",
+            "",
+        ]
     columns = exit_columns(report)
-    head = ["arm", *columns, "deepest − ref (per seed, p)"]
+    head = ["arm", *(["varies"] if varied else []), *columns, "deepest − ref (per seed, p)"]
     head += ["params", "MACs", "step ms", "step time ÷ ref"]
+    head += ["chain ms", "plain ms"] if has_latency else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, arm in report["arms"].items():
         cells = [""] * len(columns)
@@ -355,7 +445,18 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             f"{1e3 * step:.1f}" if step else "–",
             f"{ratio:.2f}" if ratio else "–",
         ]
-        lines.append("| " + " | ".join([f"`{name}`", *cells, diff, *extra]) + " |")
+        if has_latency:
+            lat = arm.get("latency") or {}
+            extra += [
+                f"{lat['chain_full_depth_ms']:.2f}" if lat else "–",
+                f"{lat['plain_ms']:.2f}" if lat else "–",
+            ]
+        varies = (
+            [", ".join(f"{k}={v}" for k, v in (arm.get("protocol") or {}).items())]
+            if varied
+            else []
+        )
+        lines.append("| " + " | ".join([f"`{name}`", *varies, *cells, diff, *extra]) + " |")
     lines += ["", "![per-exit accuracy](compare.png)", ""]
     return "\n".join(lines)
 

@@ -85,7 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=2, help="runs at once (default 2)")
     p.add_argument("--step-steps", type=int, default=10, help="steps per arm for step time")
     p.add_argument("--report-only", action="store_true", help="do not train; report finished runs")
+    p.add_argument(
+        "--vary",
+        default="",
+        help="comma-separated protocol fields the arms may differ in (e.g. arch,width for an "
+        "architecture ablation at one budget); the report lists each arm's values",
+    )
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="also export each arm's first-seed run and measure batch-1 latency of the exit "
+        "chain at full depth and of the plain single graph (onnxruntime CPU, --threads)",
+    )
     return p
+
+
+def _parse_vary(text: str) -> tuple[str, ...]:
+    fields = tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = [f for f in fields if f not in PROTOCOL_FIELDS]
+    if unknown:
+        raise UsageError(
+            f"--vary: {', '.join(unknown)} is not a protocol field "
+            f"(one of {', '.join(PROTOCOL_FIELDS)})"
+        )
+    return fields
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -98,7 +121,7 @@ def _parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def load_arms(args: argparse.Namespace):
+def load_arms(args: argparse.Namespace, varied: tuple[str, ...] = ()):
     from .compare import Arm, parse_arm_spec, with_overrides
     from .config import TrainConfig, load_yaml_config
 
@@ -144,12 +167,13 @@ def load_arms(args: argparse.Namespace):
     if args.reference not in names:
         raise UsageError(f"--reference {args.reference!r} is not an arm: {', '.join(names)}")
     first = arms[0]
+    fixed = [f for f in PROTOCOL_FIELDS if f not in varied]
     for arm in arms[1:]:
-        differ = [f for f in PROTOCOL_FIELDS if getattr(arm.config, f) != getattr(first.config, f)]
+        differ = [f for f in fixed if getattr(arm.config, f) != getattr(first.config, f)]
         if differ:
             raise UsageError(
                 f"arm {arm.name!r} differs from {first.name!r} in {', '.join(differ)}: "
-                "arms must share one protocol"
+                "arms must share one protocol (--vary names the fields they may differ in)"
             )
     return arms
 
@@ -229,11 +253,20 @@ def main(argv: list[str] | None = None) -> int:
         seeds = _parse_seeds(args.seeds)
         if args.threads < 1 or args.parallel < 1 or args.step_steps < 1:
             raise UsageError("--threads, --parallel and --step-steps must be ≥ 1")
-        arms = load_arms(args)
+        varied = _parse_vary(args.vary)
+        arms = load_arms(args, varied)
     except UsageError as exc:
         print(f"earlyexit-compare: error: {exc}", file=sys.stderr)
         return 2
-    from .compare import measure_step_times, plot, render_markdown, run_dir, run_finished, summarize
+    from .compare import (
+        measure_chain_latency,
+        measure_step_times,
+        plot,
+        render_markdown,
+        run_dir,
+        run_finished,
+        summarize,
+    )
 
     runs, out = Path(args.runs), Path(args.out)
     try:
@@ -252,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         log.info("measuring step time: %d interleaved steps per arm", args.step_steps)
         steps = measure_step_times(arms, steps=args.step_steps, threads=args.threads)
-        report = summarize(arms, seeds, runs, args.reference, steps)
+        latency = None
+        if args.latency:
+            log.info("measuring batch-1 latency of every arm's exported bundle (seed %d)", seeds[0])
+            latency = measure_chain_latency(arms, seeds[0], runs, threads=args.threads)
+        report = summarize(arms, seeds, runs, args.reference, steps, varied, latency)
     except RuntimeError as exc:
         print(f"earlyexit-compare: error: {exc}", file=sys.stderr)
         return 1
