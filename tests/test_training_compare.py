@@ -97,6 +97,7 @@ def test_two_arms_two_seeds_train_resume_and_report(tiny_arms):
         assert mc["only_a"] == int((ref_ok & ~sd_ok).sum())
         assert mc["only_b"] == int((~ref_ok & sd_ok).sum())
     assert sd_arm["step_time_ratio"] > 0
+    assert report["pairs"] == []
     md = (out / "README.md").read_text()
     assert "`sd_code`" in md and "p=" in md and (out / "compare.png").stat().st_size > 1000
     # Finished runs are not retrained: a second call only reports.
@@ -185,7 +186,20 @@ def test_an_architecture_ablation_with_vary_and_latency(tiny_arms, tmp_path):
         )
     md = (tmp_path / "o" / "README.md").read_text()
     # Exits by position: block names of two backbones are not one axis.
-    assert "| arm | varies | exit 1 | exit 2 |" in md and "arch=vgg11_bn" in md
-    assert "chain ms" in md
+    assert "| arm | varies | exit K−1 | deepest |" in md and "arch=vgg11_bn" in md
+    assert "chain ms" in md and "accuracy_vs_params.png" in md
+    assert (tmp_path / "o" / "accuracy_vs_params.png").stat().st_size > 1000
+    # A pair tested besides the reference: the same McNemar, the other way round.
+    paired = _compare(*args, "--vary", "arch", "--report-only", "--pairs", "sd_vgg:baseline")
+    assert paired.returncode == 0, paired.stderr[-2000:]
+    pair = json.loads((tmp_path / "o" / "compare.json").read_text())["pairs"][0]
+    vs_ref = arms["sd_vgg"]["per_seed"]["0"]["deepest_vs_reference"]
+    assert (pair["a"], pair["b"]) == ("sd_vgg", "baseline")
+    assert pair["per_seed"]["0"]["difference_points"] == pytest.approx(-vs_ref["difference_points"])
+    assert pair["per_seed"]["0"]["p_value"] == pytest.approx(vs_ref["p_value"])
+    assert "| `sd_vgg` | `baseline` |" in (tmp_path / "o" / "README.md").read_text()
+    for pairs in ("sd_vgg", "sd_vgg:nope", "baseline:baseline"):
+        wrong = _compare(*args, "--vary", "arch", "--report-only", "--pairs", pairs)
+        assert wrong.returncode == 2 and "--pairs" in wrong.stderr
     bad = _compare(*args, "--vary", "arch,colour", "--report-only")
     assert bad.returncode == 2 and "--vary: colour is not a protocol field" in bad.stderr

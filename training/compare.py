@@ -89,12 +89,12 @@ def exit_columns(report: dict[str, Any]) -> list[str]:
     """Column names of the per-exit table: the exit points of the arm with the most exits."""
     widest = max(report["arms"].values(), key=lambda a: len(a["mean_exit_accuracy"]))
     points = widest.get("exit_points")
-    # Block names of different backbones are not comparable: exits by position then.
-    return (
-        list(points)
-        if points and "arch" not in report.get("varied", ())
-        else [f"exit {k + 1}" for k in range(len(widest["mean_exit_accuracy"]))]
-    )
+    count = len(widest["mean_exit_accuracy"])
+    if "arch" in report.get("varied", ()):
+        # Block names of different backbones are not comparable: exits counted back from the
+        # deepest (arms are right-aligned, so the deepest exits share the last column).
+        return [f"exit K−{count - 1 - k}" for k in range(count - 1)] + ["deepest"]
+    return list(points) if points else [f"exit {k + 1}" for k in range(count)]
 
 
 def exit_positions(arm: dict[str, Any], columns: list[str]) -> list[int]:
@@ -311,6 +311,26 @@ def summarize(
     }
 
 
+def paired_tests(
+    pairs: list[tuple[str, str]], seeds: list[int], runs: Path
+) -> list[dict[str, Any]]:
+    """McNemar of the deepest exits of arm pairs other than against the reference (e.g. SD vs
+    plain at each pruning ratio): per seed, B's difference from A and the exact p-value."""
+    out = []
+    for a, b in pairs:
+        per_seed = {}
+        for seed in seeds:
+            preds_a, labels = read_predictions(run_dir(runs, a, seed))
+            preds_b, labels_b = read_predictions(run_dir(runs, b, seed))
+            if not np.array_equal(labels, labels_b):
+                raise RuntimeError(f"arms {a} and {b} were tested on different rows")
+            per_seed[str(seed)] = mcnemar(preds_a[-1] == labels, preds_b[-1] == labels).to_dict()
+        diffs = [per_seed[str(s)]["difference_points"] for s in seeds]
+        out.append({"a": a, "b": b, "per_seed": per_seed, "mean_difference_points":
+                    statistics.fmean(diffs)})  # fmt: skip
+    return out
+
+
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
@@ -407,7 +427,8 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
     if varied:
         lines += [
             f"Arms differ in {', '.join(varied)} (column `varies`); everything else is one "
-            "protocol. Exits are numbered from the first: block names differ across backbones.",
+            "protocol. Exits are counted back from the deepest (K = an arm's exit count): "
+            "block names differ across backbones.",
             "",
         ]
     has_latency = any("latency" in a for a in report["arms"].values())
@@ -457,7 +478,26 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             else []
         )
         lines.append("| " + " | ".join([f"`{name}`", *varies, *cells, diff, *extra]) + " |")
+    if report.get("pairs"):
+        lines += [
+            "",
+            "Paired tests between other arms (deepest exit, B − A, exact McNemar per seed):",
+            "",
+            "| A | B | B − A (per seed, p) |",
+            "|---|---|---|",
+        ]
+        for pair in report["pairs"]:
+            parts = "; ".join(
+                f"{mc['difference_points']:+.2f} (p={mc['p_value']:.3g})"
+                for mc in pair["per_seed"].values()
+            )
+            lines.append(
+                f"| `{pair['a']}` | `{pair['b']}` | **{pair['mean_difference_points']:+.2f}**: "
+                f"{parts} |"
+            )
     lines += ["", "![per-exit accuracy](compare.png)", ""]
+    if all("costs" in arm for arm in report["arms"].values()):
+        lines += ["![deepest exit vs parameters](accuracy_vs_params.png)", ""]
     return "\n".join(lines)
 
 
@@ -481,3 +521,29 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_png(fig, path, tight=False)
+
+
+def plot_params(report: dict[str, Any], path: Path) -> bool:
+    """Deepest-exit accuracy against trained parameters, one labelled point per arm (per-seed
+    accuracies as dots): where pruning, group convolutions or another backbone trade size for
+    accuracy. False (nothing written) when an arm has no costs."""
+    arms = report["arms"]
+    if not arms or any("costs" not in arm for arm in arms.values()):
+        return False
+    from core.plots import pyplot, save_png
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, arm in arms.items():
+        params = arm["costs"]["params"] / 1e6
+        (point,) = ax.plot([params], [arm["mean_exit_accuracy"][-1]], "o")
+        for seed_entry in arm["per_seed"].values():
+            ax.plot([params], [seed_entry["exit_accuracy"][-1]], ".", color=point.get_color())
+        ax.annotate(name, (params, arm["mean_exit_accuracy"][-1]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("parameters of the trained network, every exit (M)")
+    ax.set_ylabel("deepest exit, test accuracy (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_png(fig, path, tight=False)
+    return True

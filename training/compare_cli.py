@@ -97,7 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="also export each arm's first-seed run and measure batch-1 latency of the exit "
         "chain at full depth and of the plain single graph (onnxruntime CPU, --threads)",
     )
+    p.add_argument(
+        "--pairs",
+        default="",
+        help="comma-separated A:B arm pairs also tested against each other (deepest exit, "
+        "McNemar), e.g. base_p50:sd_p50",
+    )
     return p
+
+
+def _parse_pairs(text: str, names: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        a, sep, b = item.partition(":")
+        if not sep or a not in names or b not in names or a == b:
+            raise UsageError(f"--pairs: {item!r} is not A:B with two different arm names")
+        pairs.append((a, b))
+    return pairs
 
 
 def _parse_vary(text: str) -> tuple[str, ...]:
@@ -255,13 +271,16 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--threads, --parallel and --step-steps must be ≥ 1")
         varied = _parse_vary(args.vary)
         arms = load_arms(args, varied)
+        pairs = _parse_pairs(args.pairs, [a.name for a in arms])
     except UsageError as exc:
         print(f"earlyexit-compare: error: {exc}", file=sys.stderr)
         return 2
     from .compare import (
         measure_chain_latency,
         measure_step_times,
+        paired_tests,
         plot,
+        plot_params,
         render_markdown,
         run_dir,
         run_finished,
@@ -290,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("measuring batch-1 latency of every arm's exported bundle (seed %d)", seeds[0])
             latency = measure_chain_latency(arms, seeds[0], runs, threads=args.threads)
         report = summarize(arms, seeds, runs, args.reference, steps, varied, latency)
+        report["pairs"] = paired_tests(pairs, seeds, runs)
     except RuntimeError as exc:
         print(f"earlyexit-compare: error: {exc}", file=sys.stderr)
         return 1
@@ -299,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(out / "compare.json", report)
     atomic_write_bytes(out / "README.md", render_markdown(report, command).encode())
     plot(report, out / "compare.png")
+    plot_params(report, out / "accuracy_vs_params.png")
     for name, arm in report["arms"].items():
         diff = arm.get("deepest_difference_points")
         log.info(
