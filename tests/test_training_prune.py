@@ -154,6 +154,32 @@ def test_parameters_and_macs_drop_as_planned():
     assert pruned.backbone.stage_channels == model.backbone.stage_channels
 
 
+def test_kept_widths_round_to_a_multiple_and_the_best_channels_stay():
+    """ResNet18 x0.25 inner widths 16, 32, 64, 128; 30 % off keeps 11, 22, 45, 90 — rounded
+    to multiples of 8: 8, 24, 48, 88. A site narrower than the multiple keeps its width."""
+    torch.manual_seed(0)
+    model = _build("resnet18")
+    exact = plan_pruning(model, 0.3)
+    rounded = plan_pruning(model, 0.3, round_to=8)
+    by_width = {site_widths(model)[s]: w for s, w in rounded.widths.items()}
+    assert {site_widths(model)[s]: w for s, w in exact.widths.items()} == {
+        16: 11,
+        32: 22,
+        64: 45,
+        128: 90,
+    }
+    assert by_width == {16: 8, 32: 24, 64: 48, 128: 88}
+    # The same ranking: a rounded plan keeps a prefix of the scores' order.
+    scores = channel_scores(model)
+    for site, kept in rounded.kept.items():
+        ranked = torch.sort(scores[site], descending=True, stable=True).indices
+        assert set(kept.tolist()) == set(ranked[: len(kept)].tolist())
+    wide = plan_pruning(model, 0.9, round_to=32)  # 16-wide sites cannot drop to a multiple
+    assert {site_widths(model)[s]: w for s, w in wide.widths.items()}[16] == 16
+    with pytest.raises(PruneError, match="prune_round_to"):
+        plan_pruning(model, 0.3, round_to=0)
+
+
 def test_pruning_refuses_what_it_cannot_rebuild():
     with pytest.raises(PruneError, match="prune ratio must be in"):
         plan_pruning(_build("resnet18"), 1.0)
@@ -304,6 +330,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         (["--prune-ratio", "0.5", "--prune-epochs", "1", "--arch", "resnet18_g2"],
          "pruning cannot rebuild resnet18_g2"),
         (["--prune-ratio", "0.5", "--prune-epochs", "1", "--groups", "2"], "grouped convolutions"),
+        (["--prune-ratio", "0.5", "--prune-epochs", "1", "--prune-round-to", "0"],
+         "prune_round_to must be a positive integer"),
+        (["--prune-round-to", "8"], "prune_round_to applies only with prune_ratio"),
     ],
 )  # fmt: skip
 def test_cli_bad_pruning_is_one_line_exit_2(tmp_path, args, needle):

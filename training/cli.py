@@ -60,6 +60,7 @@ _FLAG_FIELDS = {
     "init_heads": "init_heads",
     "prune_ratio": "prune_ratio",
     "prune_epochs": "prune_epochs",
+    "prune_round_to": "prune_round_to",
     "teacher": "teacher",
     "kd_weight": "kd_weight",
     "kd_temperature": "kd_temperature",
@@ -204,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune-epochs",
         help="comma-separated epochs before which a pruning round runs (0 = before training, "
         "e.g. with --init a trained model then fine-tuned; 1,2,3 = after each early epoch)",
+    )
+    p.add_argument(
+        "--prune-round-to",
+        type=int,
+        help="round every kept width to a multiple of N (e.g. 8, the vector width a CPU "
+        "runtime computes in; default 1)",
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="torch intra-op threads")

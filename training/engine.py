@@ -488,7 +488,7 @@ class Trainer:
         among the epochs after the round (a bigger pre-pruning model never wins it)."""
         from .prune import plan_pruning
 
-        plan = plan_pruning(self.model, self.cfg.prune_ratio)
+        plan = plan_pruning(self.model, self.cfg.prune_ratio, self.cfg.prune_round_to)
         self._install_widths(plan.widths, plan)
         self.pruned_epochs.append(self.epoch)
         self.best_value = -math.inf

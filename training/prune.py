@@ -134,15 +134,20 @@ def _check_conv(module: nn.Module, path: str) -> None:
         )
 
 
-def plan_pruning(model: nn.Module, ratio: float) -> PrunePlan:
+def plan_pruning(model: nn.Module, ratio: float, round_to: int = 1) -> PrunePlan:
     """Keep round(w·(1 − ratio)) channels (at least 1) of each site, the highest-scored ones;
-    ties go to the lower index."""
+    ties go to the lower index. With `round_to` > 1 the kept count is rounded to the nearest
+    multiple of it (at least one multiple, at most w: a site narrower than `round_to` stays)."""
     check_ratio(ratio)
+    if round_to < 1:
+        raise PruneError(f"prune_round_to must be ≥ 1, got {round_to}")
     kept: dict[str, torch.Tensor] = {}
     widths: dict[str, int] = {}
     for name, score in channel_scores(model).items():
         width = len(score)
         keep = max(1, int(round(width * (1.0 - ratio))))
+        if round_to > 1:
+            keep = min(width, round_to * max(1, int(round(keep / round_to))))
         order = torch.sort(score, descending=True, stable=True).indices
         kept[name] = torch.sort(order[:keep]).values
         widths[name] = keep
