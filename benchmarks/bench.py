@@ -31,6 +31,7 @@ from core.atomic import atomic_write_json
 from core.calibration import collect_calibration
 from core.costs import acceleration, exit_fractions
 from core.decision import FALLBACK_EXIT, decide
+from core.timing import time_variant_runs, time_variants
 from serving.runtime import EarlyExitRuntime
 
 logger = logging.getLogger(__name__)
@@ -88,46 +89,6 @@ def threshold_sweep(
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-def time_variants(
-    variants: dict[str, Callable[[np.ndarray], Any]],
-    batches: list[np.ndarray],
-    repeats: int,
-) -> dict[str, float]:
-    """Median over repeats of the seconds each variant takes for all `batches`
-    (`time_variant_runs`)."""
-    runs = time_variant_runs(variants, batches, repeats)
-    return {name: float(np.median(values)) for name, values in runs.items()}
-
-
-def time_variant_runs(
-    variants: dict[str, Callable[[np.ndarray], Any]],
-    batches: list[np.ndarray],
-    repeats: int,
-) -> dict[str, list[float]]:
-    """The seconds each variant takes for all `batches`, one entry per repeat.
-
-    Each variant runs every batch back to back (one block, its caches warm, as a server running
-    only that variant), and the blocks take turns in an order rotated from repeat to repeat, so
-    slow drifts in load fall on all variants alike. Interleaving the variants batch by batch
-    instead is biased: variants that share onnxruntime sessions keep each other's weights in
-    cache while the single-graph model always starts cold (batch 1, default bundle: 1.53× speedup
-    interleaved against 1.22–1.39× in warm blocks, same rows, same process).
-    """
-    names = list(variants)
-    for name in names:  # warm-up: first-run allocations are not what we measure
-        variants[name](batches[0])
-    totals: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        turn = r % len(names)
-        for name in names[turn:] + names[:turn]:
-            fn = variants[name]
-            start = time.perf_counter()
-            for batch in batches:
-                fn(batch)
-            totals[name].append(time.perf_counter() - start)
-    return totals
 
 
 def segment_costs(

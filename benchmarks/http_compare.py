@@ -278,12 +278,12 @@ def add_in_process_reference(
 ) -> None:
     """The same comparison in-process on a local copy of the bundle: the served thresholds
     against the plain graph, on the same images, in batches of the early-exit server's mean
-    batch size, timed in turns (`benchmarks.bench.time_variants`). Adds `in_process` and, in
+    batch size, timed in turns (`core.timing.time_variants`). Adds `in_process` and, in
     `comparison`, `in_process_speedup` and `throughput_vs_in_process` (the HTTP median ratio ÷
     the in-process one; 1.0 = HTTP keeps all of it). BundleError when the local plain graph is
     not the one the plain server serves."""
-    from benchmarks.bench import time_variants
     from core.bundle import BundleError
+    from core.timing import time_variants
     from serving.plain_runtime import PlainModelRuntime
     from serving.runtime import EarlyExitRuntime
 

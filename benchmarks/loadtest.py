@@ -334,8 +334,8 @@ def in_process_speedup(
 ) -> dict[str, Any]:
     """Early-exit speedup of the runtime itself on preprocessed rows `x`: `thresholds` against
     full depth (every threshold 1.0, what --compare-full sets on the server), batches of
-    `batch_size`, timed in turns (`benchmarks.bench.time_variants`)."""
-    from benchmarks.bench import time_variants
+    `batch_size`, timed in turns (`core.timing.time_variants`)."""
+    from core.timing import time_variants
 
     tuned = tuple(float(t) for t in thresholds)
     full = (1.0,) * runtime.manifest.num_exits

@@ -2,7 +2,7 @@
 
 For each width, builds the multi-exit network (random weights: onnxruntime's timing does not
 depend on them), exports it as a bundle, and times at batch 1 on the same rows; or, with
-`--bundle`, times that bundle (`benchmarks.bench.time_variant_runs`, as `earlyexit-bench` does:
+`--bundle`, times that bundle (`core.timing.time_variant_runs`, as `earlyexit-bench` does:
 each variant in its own warm loop over all rows, turns rotated, per image the median over
 repeats of that loop's time):
 
@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench import time_variant_runs
 from core.atomic import atomic_write_json
 from core.bundle import BundleError
 from core.plots import pyplot, save_png
+from core.timing import time_variant_runs
 from serving.cli_common import setup_cli_logging
 from serving.runtime import EarlyExitRuntime
 

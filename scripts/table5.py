@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench import time_variants
 from benchmarks.loadtest import run_http_bench
 from core.atomic import atomic_write_bytes, atomic_write_json
 from core.bundle import load_manifest
 from core.datasets import load_split
+from core.timing import time_variants
 from serving.cli_common import setup_cli_logging
 from serving.runtime import EarlyExitRuntime
 from thresholds.calibrate import load_or_collect

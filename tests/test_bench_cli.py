@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.bench import segment_costs, threshold_sweep, time_variants
+from benchmarks.bench import segment_costs, threshold_sweep
 from benchmarks.cli import MIN_ROWS_TO_QUOTE, main
 from core.costs import row_macs
 from core.decision import decide
+from core.timing import time_variants
 from tests.data_fixtures import write_tiny_cifar10
 
 

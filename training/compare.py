@@ -12,7 +12,9 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -341,18 +343,20 @@ def measure_chain_latency(
     """Batch-1 latency of each arm's exported bundle (its `seed` run's best.pt, exported to a
     temporary directory), on onnxruntime CPU with `threads` intra-op threads: the exit chain at
     full depth (every segment and exit head, as a row that no exit accepts), and the plain
-    single graph (`full_model.onnx`: the backbone and final head only). Medians over `rounds`
-    rounds, the arms interleaved in each round (`repeats` calls each), so machine noise hits
-    them alike."""
+    single graph (`full_model.onnx`: the backbone and final head only). Timed as every speed
+    ratio here is (`core.timing.time_variant_runs`): per round each variant runs `repeats`
+    calls in a warm block, the blocks in an order rotated from round to round; medians over
+    `rounds` rounds."""
     import tempfile
 
+    from core.timing import time_variant_runs
     from serving.runtime import EarlyExitRuntime
 
     from .export import CheckpointError, ExportError, ExportOptions, export_checkpoint
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="compare-latency-") as tmp:
-        runtimes = {}
+        variants: dict[str, Callable[[np.ndarray], Any]] = {}
         for arm in arms:
             bundle = Path(tmp) / arm.name
             try:
@@ -367,31 +371,28 @@ def measure_chain_latency(
             shape = runtime.manifest.input.shape
             x = runtime.preprocess(rng.integers(0, 256, (1, *shape[1:], shape[0]), np.uint8))
             full_depth = [1.0] * (runtime.manifest.num_exits - 1) + [0.0]
-            runtimes[arm.name] = (runtime, x, full_depth)
-        chain: dict[str, list[float]] = {name: [] for name in runtimes}
-        plain: dict[str, list[float]] = {name: [] for name in runtimes}
-        for round_ in range(rounds + 2):  # two warm-up rounds
-            for name, (runtime, x, full_depth) in runtimes.items():
-                t0 = time.perf_counter()
-                for _ in range(repeats):
-                    runtime.classify(x, thresholds=full_depth)
-                t1 = time.perf_counter()
-                for _ in range(repeats):
-                    runtime.run_full_model(x)
-                t2 = time.perf_counter()
-                if round_ >= 2:
-                    chain[name].append((t1 - t0) / repeats)
-                    plain[name].append((t2 - t1) / repeats)
+            # Each arm runs its own input (its bundle's normalisation); the batch passed in
+            # only counts the calls.
+            variants[f"{arm.name}:chain"] = partial(
+                _call, runtime.classify, x, thresholds=full_depth
+            )
+            variants[f"{arm.name}:plain"] = partial(_call, runtime.run_full_model, x)
+        seconds = time_variant_runs(variants, [np.empty(0)] * repeats, rounds)
+    per_call = {name: statistics.median(t) / repeats for name, t in seconds.items()}
     return {
-        name: {
-            "chain_full_depth_ms": 1e3 * statistics.median(chain[name]),
-            "plain_ms": 1e3 * statistics.median(plain[name]),
-            "chain_over_plain": statistics.median(chain[name]) / statistics.median(plain[name]),
+        arm.name: {
+            "chain_full_depth_ms": 1e3 * per_call[f"{arm.name}:chain"],
+            "plain_ms": 1e3 * per_call[f"{arm.name}:plain"],
+            "chain_over_plain": per_call[f"{arm.name}:chain"] / per_call[f"{arm.name}:plain"],
             "rounds": rounds,
             "threads": threads,
         }
-        for name in runtimes
+        for arm in arms
     }
+
+
+def _call(fn: Callable[..., Any], x: np.ndarray, _batch: np.ndarray, **kwargs: Any) -> Any:
+    return fn(x, **kwargs)
 
 
 def with_overrides(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
