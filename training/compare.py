@@ -274,7 +274,8 @@ def summarize(
             summary["costs"] = costs
         summary["exit_points"] = exit_points(arm.config)
         if varied:
-            summary["protocol"] = {f: _plain(getattr(arm.config, f)) for f in varied}
+            recipe = arm.config.to_dict()  # JSON-ready: tuples as lists
+            summary["protocol"] = {f: recipe[f] for f in varied}
         if latency and arm.name in latency:
             summary["latency"] = latency[arm.name]
         if arm.name != reference:
@@ -331,10 +332,6 @@ def paired_tests(
         out.append({"a": a, "b": b, "per_seed": per_seed, "mean_difference_points":
                     statistics.fmean(diffs)})  # fmt: skip
     return out
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 def measure_chain_latency(
