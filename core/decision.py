@@ -67,6 +67,17 @@ def decide(
     return answers, exits
 
 
+def agrees_with_final(
+    exit_probs: npt.ArrayLike, thresholds: Sequence[float], fallback: str = "ensemble"
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+    """Per row of N×K×C probabilities: does the rule's answer name the class exit K names (and
+    the exit that answered, as `decide`)? The label-free agreement with full depth that the
+    server's shadow sample measures and that thresholds.json records for the tuning rows."""
+    answers, exits = decide(exit_probs, thresholds, fallback)
+    final = np.asarray(exit_probs, dtype=np.float32)[:, -1, :].argmax(axis=1)
+    return np.asarray(answers.argmax(axis=1) == final), exits
+
+
 def accepts_row(probs: Sequence[float], threshold: float) -> bool:
     """`accept_mask` for one row given as Python floats (`ndarray.tolist()`, exact for
     float32): its max probability is above `threshold`; a NaN anywhere makes numpy's max NaN,

@@ -11,16 +11,25 @@ the tuning rows, so a server can compute drift from its first sampled rows, whet
 thresholds were tuned offline (`earlyexit-tune`) or on a live window that has since left the
 shadow store. 101 quantiles are ~1 KB and resolve the CDF to 1 %: finer than the KS noise of
 any window a server keeps (≈ 1.36/√n, 4 % at 1 000 rows).
+
+The record also carries the thresholds' agreement with full depth on those rows (`agreement`:
+the thresholds it holds for, and the percent). Thresholds tuned on labels do not bound
+agreement (the shipped ones agree with full depth on ~95 % of clean rows while losing 0.6
+points of accuracy), so the server's drop alert measures how far live disagreement has risen
+*above the disagreement at tuning time*, and clean traffic does not trip it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from core.decision import agrees_with_final
 
 logger = logging.getLogger(__name__)
 
@@ -34,23 +43,51 @@ def exit1_confidence(exit_probs: np.ndarray) -> np.ndarray:
 
 
 def confidence_reference(
-    exit_probs: np.ndarray, source: str, points: int = REFERENCE_POINTS
+    exit_probs: np.ndarray,
+    source: str,
+    points: int = REFERENCE_POINTS,
+    *,
+    thresholds: Sequence[float] | None = None,
+    fallback: str = "ensemble",
 ) -> dict[str, Any]:
     """The `tuned.reference` record for these tuning rows: `points` evenly spaced quantiles of
     exit 1's confidence (rounded to 6 digits: far below the KS resolution), the row count and
-    where the rows came from (a split name, or "live")."""
+    where the rows came from (a split name, or "live"); with `thresholds`, also their agreement
+    with full depth on these rows."""
     if points < 2:
         raise ValueError(f"a reference needs at least 2 quantiles, not {points}")
     values = exit1_confidence(exit_probs)
     if values.size == 0:
         raise ValueError("a reference needs at least one row")
     quantiles = np.quantile(values, np.linspace(0.0, 1.0, points))
-    return {
+    record: dict[str, Any] = {
         "signal": REFERENCE_SIGNAL,
         "source": source,
         "rows": int(values.size),
         "quantiles": [round(float(q), 6) for q in quantiles],
     }
+    if thresholds is not None:
+        agree, _ = agrees_with_final(exit_probs, list(thresholds), fallback)
+        record["agreement"] = {
+            "thresholds": [float(t) for t in thresholds],
+            "percent": round(100.0 * float(agree.mean()), 4),
+        }
+    return record
+
+
+@dataclass(frozen=True)
+class TunedAgreement:
+    """Agreement with full depth (percent) that `thresholds` had on the tuning rows."""
+
+    thresholds: tuple[float, ...]
+    percent: float
+
+    def drop_for(self, thresholds: Sequence[float]) -> float | None:
+        """Disagreement at tuning time (points) when `thresholds` are the ones it was measured
+        for; None otherwise (thresholds set by hand since: the record says nothing of them)."""
+        if tuple(float(t) for t in thresholds) != self.thresholds:
+            return None
+        return 100.0 - self.percent
 
 
 @dataclass(frozen=True)
@@ -61,6 +98,7 @@ class QuantileReference:
     quantiles: np.ndarray
     rows: int
     source: str
+    agreement: TunedAgreement | None = None
 
 
 def read_reference(record: Any) -> QuantileReference | None:
@@ -78,7 +116,34 @@ def read_reference(record: Any) -> QuantileReference | None:
         quantiles=np.asarray(record["quantiles"], dtype=np.float64),
         rows=rows if isinstance(rows, int) and not isinstance(rows, bool) else 0,
         source=str(record.get("source") or "thresholds.json"),
+        agreement=_read_agreement(record.get("agreement")),
     )
+
+
+def _read_agreement(record: Any) -> TunedAgreement | None:
+    """`reference.agreement`, or None when absent or malformed (the drop alert then falls back
+    to an absolute budget; drift is unaffected)."""
+    if record is None:
+        return None
+    thresholds = record.get("thresholds") if isinstance(record, dict) else None
+    percent = record.get("percent") if isinstance(record, dict) else None
+    if (
+        isinstance(thresholds, list)
+        and all(_finite_number(t) for t in thresholds)
+        and isinstance(percent, int | float)
+        and _finite_number(percent)
+        and 0.0 <= percent <= 100.0
+    ):
+        return TunedAgreement(tuple(float(t) for t in thresholds), float(percent))
+    logger.warning(
+        "thresholds.json: tuned.reference.agreement ignored (needs a list of thresholds and a "
+        "percent in [0, 100]); the drop alert uses the absolute budget"
+    )
+    return None
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _reference_problem(record: Any) -> str | None:
@@ -89,10 +154,7 @@ def _reference_problem(record: Any) -> str | None:
     quantiles = record.get("quantiles")
     if not isinstance(quantiles, list) or len(quantiles) < 2:
         return "quantiles must be a list of at least 2 numbers"
-    if not all(
-        isinstance(q, int | float) and not isinstance(q, bool) and math.isfinite(q)
-        for q in quantiles
-    ):
+    if not all(_finite_number(q) for q in quantiles):
         return "quantiles must be finite numbers"
     values = np.asarray(quantiles, dtype=np.float64)
     if values.min() < 0.0 or values.max() > 1.0:

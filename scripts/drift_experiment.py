@@ -197,6 +197,8 @@ def stream(
                             "rows": s["rows"], "agreement": s["live"]["agreement"],
                             "estimated_drop": s["live"]["estimated_drop"],
                             "estimated_drop_upper": s["live"]["estimated_drop_upper"],
+                            "tuned_drop": s.get("tuned_drop"),
+                            "alert_level": s.get("alert_level"),
                             "over_budget": s.get("over_budget"),
                             "drift": s["drift"]["statistic"],
                             "drift_reason": s["drift"].get("reason")})  # fmt: skip
@@ -310,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "agreement": final["live"]["agreement"],
                                     "estimated_drop": final["live"]["estimated_drop"],
                                     "estimated_drop_upper": final["live"]["estimated_drop_upper"],
+                                    "tuned_drop": final.get("tuned_drop"),
+                                    "alert_level": final.get("alert_level"),
                                     "over_budget": final.get("over_budget"),
                                     "drift": final["drift"]["statistic"],
                                     "drift_reason": final["drift"].get("reason")})  # fmt: skip

@@ -159,6 +159,12 @@ class ServingMetrics:
             "EARLYEXIT_SHADOW_DROP_BUDGET: the drop above which the alert fires.",
             registry=r,
         )
+        self.shadow_alert_level = Gauge(
+            "earlyexit_shadow_alert_level_points",
+            "Drop above which the alert fires: the budget plus the disagreement the thresholds "
+            "had on their tuning rows (tuned.reference.agreement; 0 when not recorded).",
+            registry=r,
+        )
         self.shadow_drift = Gauge(
             "earlyexit_shadow_drift",
             "KS statistic of exit 1's confidence, recent window vs the window the thresholds "
@@ -261,6 +267,7 @@ class ServingMetrics:
             value = live.get(key)
             gauge.set(nan if value is None else value)
         self.shadow_drop_budget.set(signals.get("drop_budget", nan))
+        self.shadow_alert_level.set(signals.get("alert_level", nan))
         drift = (signals.get("drift") or {}).get("statistic")
         self.shadow_drift.set(nan if drift is None else drift)
 

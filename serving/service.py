@@ -452,6 +452,13 @@ class ServingState:
         tuned_window = self._tuned_window()
         reference = store.between(*tuned_window) if tuned_window else None
         upper = live["estimated_drop_upper"]
+        # Alert on disagreement risen above what these thresholds had on their tuning rows:
+        # label-tuned thresholds never bounded agreement, so an absolute level would fire on
+        # clean traffic (core.drift). Absolute when thresholds.json does not say.
+        tuned_reference = self._tuned_reference()
+        agreement = None if tuned_reference is None else tuned_reference.agreement
+        tuned_drop = None if agreement is None else agreement.drop_for(thresholds)
+        alert_level = settings.shadow_drop_budget + (tuned_drop or 0.0)
         signals = {
             "rate": sampler.rate,
             "rows": store.count(),
@@ -467,15 +474,18 @@ class ServingState:
             "thresholds": list(thresholds),
             "confidence": settings.shadow_confidence,
             "drop_budget": settings.shadow_drop_budget,
-            "over_budget": bool(upper is not None and upper > settings.shadow_drop_budget),
+            "tuned_drop": tuned_drop,
+            "alert_level": alert_level,
+            "over_budget": bool(upper is not None and upper > alert_level),
             "live": live,
             "drift": {
-                **drift_signal(reference, recent, self._tuned_reference()),
+                **drift_signal(reference, recent, tuned_reference),
                 "tuned_window": None
                 if tuned_window is None
                 else {"from": tuned_window[0], "to": tuned_window[1]},
             },
-            "store": {"path": str(store.path), "recovered": store.recovered},
+            # The file name only: this answer is public, the server's directories are not.
+            "store": {"file": store.path.name, "recovered": store.recovered},
         }
         self.metrics.set_shadow_signals(signals)
         self._signals_at = time.monotonic()
@@ -556,7 +566,9 @@ class ServingState:
             record = {
                 "method": "live-retune",
                 # Drift keeps a reference after the window has left the store.
-                "reference": confidence_reference(rows.exit_probs, "live"),
+                "reference": confidence_reference(
+                    rows.exit_probs, "live", thresholds=new_thresholds, fallback=manifest.fallback
+                ),
                 "source": trigger,
                 "max_drop": eps,
                 "confidence": confidence,

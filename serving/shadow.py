@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from core.decision import decide
+from core.decision import agrees_with_final
 from core.drift import (
     QuantileReference,
     exit1_confidence,
@@ -202,8 +202,7 @@ def agreement_signals(
             per_exit.append({"exit": label, "rows": 0, "fraction": 0.0, "agreement": None})
         return {"rows": 0, "agreement": None, "estimated_drop": None,
                 "estimated_drop_upper": None, "per_exit": per_exit}  # fmt: skip
-    answers, exits = decide(rows.exit_probs, list(thresholds), fallback)
-    agree = answers.argmax(axis=1) == rows.final_predictions
+    agree, exits = agrees_with_final(rows.exit_probs, list(thresholds), fallback)
     for k in [*range(1, num_exits + 1), 0]:
         mask = exits == k
         count = int(mask.sum())

@@ -43,11 +43,6 @@ class ShadowRows:
     def num_rows(self) -> int:
         return int(self.times.shape[0])
 
-    @property
-    def final_predictions(self) -> np.ndarray:
-        predictions: np.ndarray = self.exit_probs[:, -1, :].argmax(axis=1)
-        return predictions
-
 
 def store_path(state_dir: Path, model_name: str, manifest_bytes: bytes) -> Path:
     """The store of one model: named after the manifest's hash, so a new model starts fresh."""

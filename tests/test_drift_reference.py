@@ -49,6 +49,39 @@ def test_reference_record_holds_the_quantiles_of_exit_1_confidence() -> None:
         confidence_reference(probs_with_exit1_confidence(confidence), "val", points=1)
 
 
+def test_reference_records_the_thresholds_agreement_with_full_depth() -> None:
+    confidence = np.array([0.4, 0.9, 0.6, 1.0, 0.5], dtype=np.float32)
+    probs = probs_with_exit1_confidence(confidence)
+    probs[[1, 2], 1] = [0.0, 1.0, 0.0]  # full depth names class 1 on rows 1 and 2
+    # Exit 1 (class 0) takes rows 1, 2, 3 above 0.55; rows 1 and 2 disagree: 3 of 5 agree.
+    record = confidence_reference(probs, "val", thresholds=[0.55, 0.0], fallback="last")
+    assert record["agreement"] == {"thresholds": [0.55, 0.0], "percent": 60.0}
+    agreement = read_reference(record).agreement
+    assert agreement.drop_for([0.55, 0.0]) == pytest.approx(40.0)
+    # Thresholds changed by hand since: the record says nothing about them.
+    assert agreement.drop_for([0.5, 0.0]) is None
+    assert "agreement" not in confidence_reference(probs, "val")
+
+
+@pytest.mark.parametrize(
+    "agreement",
+    [
+        "60",
+        {"percent": 60.0},
+        {"thresholds": [0.5, "x"], "percent": 60.0},
+        {"thresholds": [0.5, 0.0], "percent": 101.0},
+        {"thresholds": [0.5, 0.0], "percent": True},
+    ],
+)
+def test_a_malformed_agreement_keeps_drift_and_drops_the_tuned_level(agreement, caplog) -> None:
+    record = confidence_reference(probs_with_exit1_confidence(np.full(4, 0.7, np.float32)), "val")
+    record["agreement"] = agreement
+    with caplog.at_level(logging.WARNING, logger="core.drift"):
+        reference = read_reference(record)
+    assert reference is not None and reference.agreement is None
+    assert sum("agreement ignored" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_ks_against_quantiles_by_hand() -> None:
     # Reference uniform on [0, 1] (quantiles 0, 0.5, 1 -> CDF(x) = x).
     q = np.array([0.0, 0.5, 1.0])

@@ -98,6 +98,8 @@ def test_data_dir_gives_export_greedy_thresholds(checkpoint_file, tmp_path, caps
     # The drift reference the server compares live traffic with: the 40 val rows.
     assert tuned["reference"]["source"] == "val" and tuned["reference"]["rows"] == 40
     assert len(tuned["reference"]["quantiles"]) == 101
+    assert tuned["reference"]["agreement"]["thresholds"] == list(thresholds.values)
+    assert 0.0 <= tuned["reference"]["agreement"]["percent"] <= 100.0
 
 
 def test_bad_dataset_dir_exits_2(checkpoint_file, tmp_path, capsys):

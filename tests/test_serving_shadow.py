@@ -73,7 +73,12 @@ def test_sample_holds_exactly_the_answered_rows_full_depth_results(
     expected = runtime.classify(runtime.preprocess(tiny_images.images[:20]), full=True)
     # thresholds.json carries a drift reference made from these very rows: no drift.
     stored = json.loads((bundle / THRESHOLDS_FILE).read_text())
-    stored["tuned"]["reference"] = confidence_reference(expected.exit_probs, "val")
+    stored["tuned"]["reference"] = confidence_reference(
+        expected.exit_probs,
+        "val",
+        thresholds=stored["thresholds"],
+        fallback=runtime.manifest.fallback,
+    )
     (bundle / THRESHOLDS_FILE).write_text(json.dumps(stored))
     with server_process(bundle, env=shadow_env(tmp_path / "state")) as server:
         with httpx.Client(base_url=server.url, timeout=60.0) as client:
@@ -89,6 +94,21 @@ def test_sample_holds_exactly_the_answered_rows_full_depth_results(
             assert drift["reference"] == "val" and drift["reference_rows"] == 20
             # 20 rows against the linear CDF through their own quantiles: at most a step apart.
             assert 0.0 <= drift["statistic"] <= 0.05 + 1e-9
+            # Tuned on these rows, so the disagreement at tuning time is today's: the alert
+            # level sits the budget above it and clean traffic stays under.
+            tuned_drop = 100.0 - stored["tuned"]["reference"]["agreement"]["percent"]
+            assert signals["tuned_drop"] == pytest.approx(tuned_drop, abs=1e-3)
+            assert signals["tuned_drop"] == pytest.approx(
+                signals["live"]["estimated_drop"], abs=1e-3
+            )
+            assert signals["alert_level"] == pytest.approx(
+                signals["drop_budget"] + tuned_drop, abs=1e-3
+            )
+            assert signals["over_budget"] == (
+                signals["live"]["estimated_drop_upper"] > signals["alert_level"]
+            )
+            # The public answer names the store file, never the server's directories.
+            assert "/" not in signals["store"]["file"] and str(tmp_path) not in json.dumps(signals)
             # The rows themselves are admin-only; the signals are not.
             assert client.get("/v1/shadow", params={"rows": 1}).status_code == 401
             sample = client.get("/v1/shadow", params={"rows": 100}, headers=AUTH).json()["sample"]
@@ -100,6 +120,9 @@ def test_sample_holds_exactly_the_answered_rows_full_depth_results(
     assert sample["served_exits"] == served
     assert metric_value(metrics, "earlyexit_shadow_rows_total") == 20
     assert metric_value(metrics, "earlyexit_shadow_store_rows") == 20
+    assert metric_value(metrics, "earlyexit_shadow_alert_level_points") == pytest.approx(
+        signals["alert_level"]
+    )
 
 
 def test_store_caps_survive_restart_and_a_corrupt_store_starts_empty(
@@ -116,7 +139,7 @@ def test_store_caps_survive_restart_and_a_corrupt_store_starts_empty(
             signals = client.get("/v1/shadow").json()
             assert signals["sampled"] == 30
             assert signals["rows"] == signals["max_rows"] == 12  # the newest 12 kept
-            store = Path(signals["store"]["path"])
+            (store,) = (tmp_path / "state").rglob(signals["store"]["file"])
     with server_process(bundle, env=env) as server:
         with httpx.Client(base_url=server.url, timeout=60.0) as client:
             assert client.get("/v1/shadow").json()["rows"] == 12
@@ -298,6 +321,7 @@ def test_retune_swaps_atomically_under_traffic_and_persists_provenance(
     assert tuned["data"]["window"]["rows"] == len(many_pngs)
     assert tuned["reference"]["source"] == "live"
     assert tuned["reference"]["rows"] == len(many_pngs)
+    assert tuned["reference"]["agreement"]["thresholds"] == pytest.approx(new)
     assert tuned["data"]["tune_rows"] + tuned["data"]["held_out_rows"] == len(many_pngs)
     assert metric_value(metrics, "earlyexit_retunes_total", {"outcome": "swapped"}) == 1
 
@@ -407,3 +431,43 @@ def test_retune_without_the_tune_extra_is_501_and_changes_nothing(
 
     asyncio.run(scenario())
     assert (bundle / THRESHOLDS_FILE).read_bytes() == before
+
+
+def test_drop_alert_measures_the_rise_above_the_tuned_disagreement(
+    tiny_bundle, tiny_images, pngs, tmp_path
+) -> None:
+    """Exit 1 answering every row disagrees with full depth on many of them. Thresholds tuned to
+    do so (their record says how much) do not alert on the same traffic; without that record,
+    or once the thresholds change, the budget is absolute and the same traffic alerts."""
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    runtime = EarlyExitRuntime(tiny_bundle, providers=["cpu"])
+    expected = runtime.classify(runtime.preprocess(tiny_images.images[:24]), full=True)
+    stored = json.loads((bundle / THRESHOLDS_FILE).read_text())
+    stored["thresholds"] = thresholds = [0.0, 1.0, 1.0]
+    stored["tuned"]["reference"] = confidence_reference(
+        expected.exit_probs, "val", thresholds=thresholds, fallback=runtime.manifest.fallback
+    )
+    (bundle / THRESHOLDS_FILE).write_text(json.dumps(stored))
+    tuned_drop = 100.0 - stored["tuned"]["reference"]["agreement"]["percent"]
+    assert tuned_drop > 10.0  # the tiny model's exit 1 disagrees often: the test has teeth
+    with app_client(
+        bundle,
+        shadow_rate=1.0,
+        shadow_drop_budget=0.5,
+        shadow_confidence=0.0,
+        state_dir=tmp_path / "state",
+        admin_token=TOKEN,
+        max_batch_wait_ms=2,
+    ) as client:
+        classify_batch(client, pngs[:24])
+        signals = wait_rows(client, 24)
+        assert signals["live"]["estimated_drop"] == pytest.approx(tuned_drop, abs=1e-3)
+        assert signals["tuned_drop"] == pytest.approx(tuned_drop, abs=1e-3)
+        assert signals["alert_level"] == pytest.approx(0.5 + tuned_drop, abs=1e-3)
+        assert signals["over_budget"] is False
+        # An admin sets other thresholds: the record no longer describes them.
+        changed = client.put("/v1/thresholds", json={"thresholds": [0.0, 1.0, 0.999]}, headers=AUTH)
+        assert changed.status_code == 200, changed.text
+        signals = client.get("/v1/shadow").json()
+        assert signals["tuned_drop"] is None and signals["alert_level"] == 0.5
+        assert signals["over_budget"] is True

@@ -16,6 +16,7 @@ import pytest
 
 from core.bundle import read_thresholds
 from core.calibration import load_calibration, save_calibration
+from core.decision import decide
 from thresholds.cli import main
 from thresholds.frontier import is_nondominated
 from thresholds.synthetic import synthetic_calibration
@@ -144,6 +145,11 @@ def test_json_result_and_thresholds_file(setup, capsys, tmp_path):
         np.quantile(val_probs[:, 0].max(axis=1), np.linspace(0, 1, 101)),
         atol=1e-6,
     )
+    # ...and the tuned thresholds' agreement with full depth on them (the alert's basis).
+    answers, _ = decide(val_probs, result["thresholds"], "ensemble")
+    agree = 100.0 * np.mean(answers.argmax(axis=1) == val_probs[:, -1].argmax(axis=1))
+    assert reference["agreement"]["thresholds"] == result["thresholds"]
+    assert reference["agreement"]["percent"] == pytest.approx(agree, abs=1e-4)
     assert tuned["metrics"]["test"]["vs_tuning"] == moved
     # the oracle ceiling sits at each split's own accuracy and above its acceleration
     for split in (result, result["test"]):

@@ -294,9 +294,11 @@ def run(request: TuneRequest) -> dict[str, Any]:
     )
     tuned = tuned_provenance(outcome, request.options, costs, data)
     tuned["baseline"] = baseline.to_dict()
-    # What the server's drift statistic compares live traffic with (core.drift).
-    tuned["reference"] = confidence_reference(tune_cal.exit_probs, split)
     values = validate_threshold_values(list(outcome.thresholds), manifest.num_exits)
+    # What the server's drift statistic and drop alert compare live traffic with (core.drift).
+    tuned["reference"] = confidence_reference(
+        tune_cal.exit_probs, split, thresholds=values, fallback=manifest.fallback
+    )
     files: dict[str, Any] = {
         "thresholds_file": None,
         "plots": [],

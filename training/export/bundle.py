@@ -380,7 +380,9 @@ def _calibrate(
         "data": {"dataset": dataset, "split": options.calibration_split, "rows": len(labels)},
         "metrics": metrics,
         # What the server's drift statistic compares live traffic with (core.drift).
-        "reference": confidence_reference(exit_probs, options.calibration_split),
+        "reference": confidence_reference(
+            exit_probs, options.calibration_split, thresholds=values, fallback=manifest.fallback
+        ),
     }
     return Thresholds(values=values, tuned=tuned)
 
