@@ -196,6 +196,7 @@ def stream(
             signals.append({"phase": phase, "requests": i + 1, "time": time.time(),
                             "rows": s["rows"], "agreement": s["live"]["agreement"],
                             "estimated_drop": s["live"]["estimated_drop"],
+                            "estimated_drop_lower": s["live"]["estimated_drop_lower"],
                             "estimated_drop_upper": s["live"]["estimated_drop_upper"],
                             "tuned_drop": s.get("tuned_drop"),
                             "alert_level": s.get("alert_level"),
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "rows": final["rows"], "final": True,
                                     "agreement": final["live"]["agreement"],
                                     "estimated_drop": final["live"]["estimated_drop"],
+                                    "estimated_drop_lower": final["live"]["estimated_drop_lower"],
                                     "estimated_drop_upper": final["live"]["estimated_drop_upper"],
                                     "tuned_drop": final.get("tuned_drop"),
                                     "alert_level": final.get("alert_level"),
@@ -477,8 +479,10 @@ def plot(result: dict[str, Any], path: Path, window: int) -> None:
             label="drift, sampler drained (end of phase)")  # fmt: skip
     ax.set_ylabel("drift statistic")
     ax2 = ax.twinx()
-    ax2.plot(sx, [v["estimated_drop_upper"] for v in s], "r^--", label="est. drop upper (points)")
-    ax2.plot(dx, [v["estimated_drop_upper"] for v in d], "rP", ms=12, label="drained")
+    # The alert compares the drop's lower bound with its level (budget above the tuned drop).
+    ax2.plot(sx, [v["estimated_drop_lower"] for v in s], "r^--", label="est. drop, lower bound")
+    ax2.plot(dx, [v["estimated_drop_lower"] for v in d], "rP", ms=12, label="drained")
+    ax2.step(sx, [v["alert_level"] for v in s], "m:", where="post", label="alert level")
     ax2.set_ylabel("points", color="r")
     ax.legend(fontsize=7, loc="upper left")
     ax2.legend(fontsize=7, loc="upper right")

@@ -149,6 +149,12 @@ class ServingMetrics:
             "Estimated accuracy drop of the current thresholds vs full depth (100 - agreement).",
             registry=r,
         )
+        self.shadow_estimated_drop_lower = Gauge(
+            "earlyexit_shadow_estimated_drop_lower_points",
+            "One-sided lower confidence bound (EARLYEXIT_SHADOW_CONFIDENCE) of the drop: what "
+            "the drop alert compares with its level.",
+            registry=r,
+        )
         self.shadow_estimated_drop_upper = Gauge(
             "earlyexit_shadow_estimated_drop_upper_points",
             "One-sided upper confidence bound (EARLYEXIT_SHADOW_CONFIDENCE) of the drop.",
@@ -262,6 +268,7 @@ class ServingMetrics:
             self.shadow_agreement.labels(exit=entry["exit"]).set(nan if value is None else value)
         for gauge, key in (
             (self.shadow_estimated_drop, "estimated_drop"),
+            (self.shadow_estimated_drop_lower, "estimated_drop_lower"),
             (self.shadow_estimated_drop_upper, "estimated_drop_upper"),
         ):
             value = live.get(key)

@@ -451,10 +451,11 @@ class ServingState:
         )
         tuned_window = self._tuned_window()
         reference = store.between(*tuned_window) if tuned_window else None
-        upper = live["estimated_drop_upper"]
+        lower = live["estimated_drop_lower"]
         # Alert on disagreement risen above what these thresholds had on their tuning rows:
         # label-tuned thresholds never bounded agreement, so an absolute level would fire on
-        # clean traffic (core.drift). Absolute when thresholds.json does not say.
+        # clean traffic (core.drift). Absolute when thresholds.json does not say. The lower
+        # bound, so a small window's noise alone never alerts: evidence of a rise does.
         tuned_reference = self._tuned_reference()
         agreement = None if tuned_reference is None else tuned_reference.agreement
         tuned_drop = None if agreement is None else agreement.drop_for(thresholds)
@@ -476,7 +477,7 @@ class ServingState:
             "drop_budget": settings.shadow_drop_budget,
             "tuned_drop": tuned_drop,
             "alert_level": alert_level,
-            "over_budget": bool(upper is not None and upper > alert_level),
+            "over_budget": bool(lower is not None and lower > alert_level),
             "live": live,
             "drift": {
                 **drift_signal(reference, recent, tuned_reference),

@@ -193,7 +193,7 @@ def agreement_signals(
 ) -> dict[str, Any]:
     """What the thresholds would do on these rows, with the final exit as the label: agreement
     overall (percent) and per exit among the rows that exit accepts, the estimated accuracy drop
-    vs full depth (points) and its one-sided upper bound at `confidence` (Z)."""
+    vs full depth (points: the disagreement) and its one-sided bounds at `confidence` (Z)."""
     n = rows.num_rows
     num_exits = rows.exit_probs.shape[1] if rows.exit_probs.ndim == 3 else len(thresholds)
     per_exit: list[dict[str, Any]] = []
@@ -201,7 +201,8 @@ def agreement_signals(
         for label in [*(str(k) for k in range(1, num_exits + 1)), "fallback"]:
             per_exit.append({"exit": label, "rows": 0, "fraction": 0.0, "agreement": None})
         return {"rows": 0, "agreement": None, "estimated_drop": None,
-                "estimated_drop_upper": None, "per_exit": per_exit}  # fmt: skip
+                "estimated_drop_lower": None, "estimated_drop_upper": None,
+                "per_exit": per_exit}  # fmt: skip
     agree, exits = agrees_with_final(rows.exit_probs, list(thresholds), fallback)
     for k in [*range(1, num_exits + 1), 0]:
         mask = exits == k
@@ -222,6 +223,7 @@ def agreement_signals(
         "rows": n,
         "agreement": 100.0 * rate,
         "estimated_drop": drop,
+        "estimated_drop_lower": max(0.0, drop - 100.0 * confidence * se),
         "estimated_drop_upper": min(100.0, drop + 100.0 * confidence * se),
         "per_exit": per_exit,
     }

@@ -105,7 +105,7 @@ def test_sample_holds_exactly_the_answered_rows_full_depth_results(
                 signals["drop_budget"] + tuned_drop, abs=1e-3
             )
             assert signals["over_budget"] == (
-                signals["live"]["estimated_drop_upper"] > signals["alert_level"]
+                signals["live"]["estimated_drop_lower"] > signals["alert_level"]
             )
             # The public answer names the store file, never the server's directories.
             assert "/" not in signals["store"]["file"] and str(tmp_path) not in json.dumps(signals)

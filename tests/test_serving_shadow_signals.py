@@ -29,9 +29,12 @@ def test_agreement_per_exit_and_estimated_drop() -> None:
     assert by_exit["2"]["rows"] == 2 and by_exit["2"]["agreement"] == 100.0
     assert by_exit["fallback"]["rows"] == 0 and by_exit["fallback"]["agreement"] is None
     assert signals["agreement"] == 75.0 and signals["estimated_drop"] == 25.0
-    assert signals["estimated_drop_upper"] == 25.0  # Z = 0: no margin
+    assert signals["estimated_drop_upper"] == signals["estimated_drop_lower"] == 25.0  # Z = 0
     bounded = agreement_signals(rows_of(two_exit_sample()), [0.9, 0.0], "last", confidence=2.0)
-    assert bounded["estimated_drop_upper"] > 25.0
+    # Wald with the variance floored at one disagreement's worth, max(p(1-p), 1/n) = 1/4:
+    # 25 ± 2·100·√(1/16) = 25 ± 50 points, clipped at 0.
+    assert bounded["estimated_drop_upper"] == pytest.approx(75.0)
+    assert bounded["estimated_drop_lower"] == 0.0
     # Full depth agrees with itself; the bound still says 4 rows prove little.
     full = agreement_signals(rows_of(two_exit_sample()), [1.0, 0.0], "last", confidence=1.645)
     assert full["estimated_drop"] == 0.0 and full["estimated_drop_upper"] > 10.0
