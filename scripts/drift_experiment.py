@@ -48,7 +48,14 @@ from core.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
 from core.costs import acceleration, exit_fractions  # noqa: E402
 from core.datasets import read_cifar10  # noqa: E402
 from core.decision import decide  # noqa: E402
-from core.drift import exit1_confidence, ks_against_quantiles, read_reference  # noqa: E402
+from core.drift import (  # noqa: E402
+    QuantileReference,
+    exit1_confidence,
+    ks_against_quantiles,
+    read_reference,
+)
+from serving.shadow import agreement_signals  # noqa: E402
+from serving.shadow_store import ShadowRows  # noqa: E402
 
 TOKEN = "drift-experiment-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -163,6 +170,30 @@ def wait_ready(client: Any, proc: subprocess.Popen[bytes], seconds: float = 300.
             pass
         time.sleep(0.25)
     raise RuntimeError("earlyexit-serve not ready in time")
+
+
+def stale_alert(
+    probs: np.ndarray,
+    thresholds: list[float],
+    fallback: str,
+    reference: QuantileReference | None,
+    budget: float,
+    confidence: float,
+) -> dict[str, Any]:
+    """What the server's drop alert would read on these rows had it kept the offline
+    thresholds (the same signals code, the level from thresholds.json's recorded agreement)."""
+    rows = ShadowRows(np.zeros(len(probs)), np.zeros(len(probs), dtype=np.int64), probs)
+    live = agreement_signals(rows, thresholds, fallback, confidence)
+    agreement = None if reference is None else reference.agreement
+    tuned = None if agreement is None else agreement.drop_for(thresholds)
+    level = budget + (tuned or 0.0)
+    return {
+        "rows": len(probs),
+        "estimated_drop": live["estimated_drop"],
+        "estimated_drop_lower": live["estimated_drop_lower"],
+        "alert_level": level,
+        "over_budget": bool(live["estimated_drop_lower"] > level),
+    }
 
 
 def wait_drained(client: Any, rows: int, seconds: float = 300.0) -> dict[str, Any]:
@@ -308,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                     answers += a
                     signals += s
                     final = wait_drained(client, len(answers))
+                    alert_setting = (final["drop_budget"], final["confidence"])
                     signals.append({"phase": phase, "requests": len(y), "time": time.time(),
                                     "rows": final["rows"], "final": True,
                                     "agreement": final["live"]["agreement"],
@@ -389,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
             "offline_replayed": summarize(
                 off_exits[sel], off_ans[sel], full[sel], label[sel], segments, full_macs, num_exits
             ),  # fmt: skip
+            "stale_alert": stale_alert(
+                probs[sel], offline, fallback, offline_reference, *alert_setting
+            ),  # fmt: skip
         }
 
     windows = []
@@ -431,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{k:28s} acc {sv['accuracy']:5.1f} agree {sv['agreement']:5.1f} "
             f"accel {sv['acceleration']:.2f} | offline agree {off['agreement']:5.1f} "
-            f"accel {off['acceleration']:.2f} | full acc {sv['full_depth_accuracy']:5.1f}"
+            f"accel {off['acceleration']:.2f} | full acc {sv['full_depth_accuracy']:5.1f} | "
+            f"stale alert {v['stale_alert']['estimated_drop_lower']:5.2f} vs "
+            f"{v['stale_alert']['alert_level']:.2f}: {v['stale_alert']['over_budget']}"
         )
     return 0
 
