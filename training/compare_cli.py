@@ -204,8 +204,10 @@ def train_all(arms, seeds: list[int], runs: Path, parallel: int) -> None:
     from .compare import epochs_done, run_dir, run_finished
 
     todo = []
-    for arm in arms:
-        for seed in seeds:
+    # Seed-major: every arm of the first seed finishes first, so an interrupted comparison
+    # already holds one complete arm set to report.
+    for seed in seeds:
+        for arm in arms:
             run = run_dir(runs, arm.name, seed)
             if not run_finished(run, arm.config.epochs):
                 todo.append((arm, seed, run))
