@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from training.config import TrainConfig, load_yaml_config
+from training.engine import network_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -27,3 +29,10 @@ def test_recipe_is_a_valid_config(path: Path) -> None:
     cfg = TrainConfig.from_dict(data).resolved()
     cfg.validate()
     assert cfg.epochs >= 1
+    # The recipe builds a network with the exits it names, and one image goes through it:
+    # a placement or head a backbone cannot take fails here, not an hour into a run.
+    model = network_from_config(cfg, num_classes=10).eval()
+    with torch.no_grad():
+        outputs = model(torch.zeros(1, 3, 32, 32))
+    assert len(outputs.logits) == cfg.exits
+    assert all(t.shape == (1, 10) for t in outputs.logits)
