@@ -17,7 +17,6 @@ Writes OUT/results.json and OUT/frontier.png. Exits 2 with one line on bad input
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
+from core.atomic import atomic_write_json  # noqa: E402
 from core.bundle import BundleError, load_manifest, plain_graph  # noqa: E402
 from core.datasets import DatasetError, load_split  # noqa: E402
+from core.plots import pyplot, save_png  # noqa: E402
 
 FLOORS_BELOW_PLAIN = (1.5, 1.0, 0.7, 0.5, 0.3, 0.0)
 
@@ -216,11 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, style in (("chain", "o-"), ("cascade", "s-")):
         pts = [r for r in results["choices"] if r["method"] == method and r["feasible"]]
@@ -236,11 +232,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("MAC acceleration vs the plain model (test)")
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

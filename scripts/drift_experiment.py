@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
+from core.atomic import atomic_write_json  # noqa: E402
 from core.costs import acceleration, exit_fractions  # noqa: E402
 from core.datasets import read_cifar10  # noqa: E402
 from core.decision import decide  # noqa: E402
@@ -54,6 +54,7 @@ from core.drift import (  # noqa: E402
     ks_against_quantiles,
     read_reference,
 )
+from core.plots import pyplot, save_png  # noqa: E402
 from serving.shadow import agreement_signals  # noqa: E402
 from serving.shadow_store import ShadowRows  # noqa: E402
 
@@ -474,11 +475,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(result: dict[str, Any], path: Path, window: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     w = result["windows"]
     x = [v["first_request"] + window for v in w]
     fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
@@ -531,11 +528,7 @@ def plot(result: dict[str, Any], path: Path, window: int) -> None:
             a.text(offsets[ph], a.get_ylim()[1], label, fontsize=7, va="top")
     fig.suptitle(f"{result['shift']['corruption']} severity {result['shift']['severity']}: "
                  "stale thresholds, drift, live retune")  # fmt: skip
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=110)
 
 
 if __name__ == "__main__":
