@@ -25,7 +25,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -125,12 +125,11 @@ def _read_agreement(record: Any) -> TunedAgreement | None:
     to an absolute budget; drift is unaffected)."""
     if record is None:
         return None
-    thresholds = record.get("thresholds") if isinstance(record, dict) else None
-    percent = record.get("percent") if isinstance(record, dict) else None
+    fields = record if isinstance(record, dict) else {}
+    thresholds, percent = fields.get("thresholds"), fields.get("percent")
     if (
         isinstance(thresholds, list)
         and all(_finite_number(t) for t in thresholds)
-        and isinstance(percent, int | float)
         and _finite_number(percent)
         and 0.0 <= percent <= 100.0
     ):
@@ -142,7 +141,7 @@ def _read_agreement(record: Any) -> TunedAgreement | None:
     return None
 
 
-def _finite_number(value: Any) -> bool:
+def _finite_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from core.atomic import atomic_write_json  # noqa: E402
 from core.bundle import BundleError, load_manifest, plain_graph  # noqa: E402
 from core.datasets import DatasetError, load_split  # noqa: E402
+from core.decision import FALLBACK_EXIT, decide  # noqa: E402
 from core.plots import pyplot, save_png  # noqa: E402
 
 FLOORS_BELOW_PLAIN = (1.5, 1.0, 0.7, 0.5, 0.3, 0.0)
@@ -100,16 +101,12 @@ def evaluate(
     rest_cost: float,
     thresholds: list[float],
 ) -> tuple[float, float]:
-    """(accuracy %, mean MACs) of one threshold triple: the same rule as `grid_search`."""
-    conf, pred = probs.max(axis=2), probs.argmax(axis=2)
-    correct = rest_correct.copy()
-    macs = np.full(len(labels), rest_cost)
-    undecided = np.ones(len(labels), dtype=bool)
-    for k, t in enumerate(thresholds):
-        take = undecided & (conf[:, k] > t)
-        correct[take] = pred[take, k] == labels[take]
-        macs[take] = costs[k]
-        undecided &= ~take
+    """(accuracy %, mean MACs) of one threshold triple by the project's rule (`decide` on exits
+    1..3; a row none takes goes to the last stage): what `grid_search` vectorises."""
+    answers, exits = decide(probs[:, : len(thresholds)], thresholds, "last")
+    taken = exits != FALLBACK_EXIT
+    correct = np.where(taken, answers.argmax(axis=1) == labels, rest_correct)
+    macs = np.where(taken, costs[np.maximum(exits, 1) - 1], rest_cost)
     return 100.0 * float(correct.mean()), float(macs.mean())
 
 
@@ -188,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             best = ok[np.argmax(full / ok[:, 1])]
             thresholds = [float(t) for t in best[2:]]
+            # The vectorised search must agree with the rule itself at the point it picked.
+            val_check = evaluate(*per_split["val"][:3], cum, per_split["val"][3], thresholds)
+            if not np.allclose(val_check, (best[0], best[1])):
+                raise RuntimeError(f"grid search {best[:2]} disagrees with decide {val_check}")
             accuracy, macs = evaluate(*per_split["test"][:3], cum, per_split["test"][3], thresholds)
             entry.update(
                 feasible=True,

@@ -55,7 +55,7 @@ from core.drift import (  # noqa: E402
     read_reference,
 )
 from core.plots import pyplot, save_png  # noqa: E402
-from serving.shadow import agreement_signals  # noqa: E402
+from serving.shadow import agreement_signals, drop_alert  # noqa: E402
 from serving.shadow_store import ShadowRows  # noqa: E402
 
 TOKEN = "drift-experiment-token"
@@ -185,15 +185,13 @@ def stale_alert(
     thresholds (the same signals code, the level from thresholds.json's recorded agreement)."""
     rows = ShadowRows(np.zeros(len(probs)), np.zeros(len(probs), dtype=np.int64), probs)
     live = agreement_signals(rows, thresholds, fallback, confidence)
-    agreement = None if reference is None else reference.agreement
-    tuned = None if agreement is None else agreement.drop_for(thresholds)
-    level = budget + (tuned or 0.0)
+    alert = drop_alert(live, thresholds, reference, budget)
     return {
         "rows": len(probs),
         "estimated_drop": live["estimated_drop"],
         "estimated_drop_lower": live["estimated_drop_lower"],
-        "alert_level": level,
-        "over_budget": bool(live["estimated_drop_lower"] > level),
+        "alert_level": alert["alert_level"],
+        "over_budget": alert["over_budget"],
     }
 
 

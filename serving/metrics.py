@@ -162,7 +162,8 @@ class ServingMetrics:
         )
         self.shadow_drop_budget = Gauge(
             "earlyexit_shadow_drop_budget_points",
-            "EARLYEXIT_SHADOW_DROP_BUDGET: the drop above which the alert fires.",
+            "EARLYEXIT_SHADOW_DROP_BUDGET: how far the drop may rise above its tuning-time "
+            "level before the alert fires.",
             registry=r,
         )
         self.shadow_alert_level = Gauge(

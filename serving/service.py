@@ -32,7 +32,7 @@ from serving.metrics import ServingMetrics
 from serving.plain_runtime import PlainModelRuntime
 from serving.runtime import EarlyExitRuntime
 from serving.settings import Settings
-from serving.shadow import ShadowSampler, agreement_signals, drift_signal
+from serving.shadow import ShadowSampler, agreement_signals, drift_signal, drop_alert
 from serving.shadow_store import ShadowRows, ShadowStore, store_path
 from serving.state_dir import default_state_dir, serving_dir
 
@@ -451,15 +451,7 @@ class ServingState:
         )
         tuned_window = self._tuned_window()
         reference = store.between(*tuned_window) if tuned_window else None
-        lower = live["estimated_drop_lower"]
-        # Alert on disagreement risen above what these thresholds had on their tuning rows:
-        # label-tuned thresholds never bounded agreement, so an absolute level would fire on
-        # clean traffic (core.drift). Absolute when thresholds.json does not say. The lower
-        # bound, so a small window's noise alone never alerts: evidence of a rise does.
         tuned_reference = self._tuned_reference()
-        agreement = None if tuned_reference is None else tuned_reference.agreement
-        tuned_drop = None if agreement is None else agreement.drop_for(thresholds)
-        alert_level = settings.shadow_drop_budget + (tuned_drop or 0.0)
         signals = {
             "rate": sampler.rate,
             "rows": store.count(),
@@ -475,9 +467,7 @@ class ServingState:
             "thresholds": list(thresholds),
             "confidence": settings.shadow_confidence,
             "drop_budget": settings.shadow_drop_budget,
-            "tuned_drop": tuned_drop,
-            "alert_level": alert_level,
-            "over_budget": bool(lower is not None and lower > alert_level),
+            **drop_alert(live, thresholds, tuned_reference, settings.shadow_drop_budget),
             "live": live,
             "drift": {
                 **drift_signal(reference, recent, tuned_reference),

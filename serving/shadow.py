@@ -229,6 +229,29 @@ def agreement_signals(
     }
 
 
+def drop_alert(
+    live: dict[str, Any],
+    thresholds: Sequence[float],
+    reference: QuantileReference | None,
+    budget: float,
+) -> dict[str, Any]:
+    """The drop alert on `agreement_signals`' answer: `tuned_drop` (the disagreement these
+    thresholds had on their tuning rows, when thresholds.json records it for them), the
+    `alert_level` (budget above it; the budget alone otherwise) and `over_budget` (the drop's
+    lower bound above the level). Measured from the tuning-time level because label-tuned
+    thresholds never bounded agreement, so an absolute level fires on clean traffic
+    (core.drift); on the lower bound, so a small window's noise alone never alerts."""
+    agreement = None if reference is None else reference.agreement
+    tuned_drop = None if agreement is None else agreement.drop_for(thresholds)
+    level = budget + (tuned_drop or 0.0)
+    lower = live["estimated_drop_lower"]
+    return {
+        "tuned_drop": tuned_drop,
+        "alert_level": level,
+        "over_budget": bool(lower is not None and lower > level),
+    }
+
+
 def drift_signal(
     reference: ShadowRows | None,
     recent: ShadowRows,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.shadow import agreement_signals, drift_signal, ks_statistic
+from core.drift import QuantileReference, TunedAgreement
+from serving.shadow import agreement_signals, drift_signal, drop_alert, ks_statistic
 from serving.shadow_store import ShadowRows, ShadowStore
 
 
@@ -38,6 +39,22 @@ def test_agreement_per_exit_and_estimated_drop() -> None:
     # Full depth agrees with itself; the bound still says 4 rows prove little.
     full = agreement_signals(rows_of(two_exit_sample()), [1.0, 0.0], "last", confidence=1.645)
     assert full["estimated_drop"] == 0.0 and full["estimated_drop_upper"] > 10.0
+
+
+def test_drop_alert_level_and_bound_by_hand() -> None:
+    live = {"estimated_drop_lower": 6.0}
+    reference = QuantileReference(np.array([0.0, 1.0]), 10, "val", TunedAgreement((0.9, 0.0), 95.0))
+    # Recorded for these thresholds: level = budget 1 + 5 points of tuning-time disagreement.
+    assert drop_alert(live, [0.9, 0.0], reference, 1.0) == {
+        "tuned_drop": pytest.approx(5.0), "alert_level": pytest.approx(6.0), "over_budget": False
+    }  # fmt: skip
+    assert drop_alert({"estimated_drop_lower": 6.01}, [0.9, 0.0], reference, 1.0)["over_budget"]
+    # Other thresholds, or no record: the budget alone.
+    for ref, thresholds in ((reference, [0.8, 0.0]), (None, [0.9, 0.0])):
+        alert = drop_alert(live, thresholds, ref, 1.0)
+        assert alert["tuned_drop"] is None and alert["alert_level"] == 1.0 and alert["over_budget"]
+    # An empty window has no bound: never over budget.
+    assert not drop_alert({"estimated_drop_lower": None}, [0.9, 0.0], None, 0.0)["over_budget"]
 
 
 def test_empty_window_and_drift() -> None:
