@@ -149,17 +149,11 @@ def test_costs_add_up_per_segment_and_path():
     assert costs.exit_path_macs == sorted(costs.exit_path_macs)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
+    # A file rendezvous: no port to pick, so no race with another process taking it first.
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world
+    )
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = create_model("resnet18", 4, exits=3, width=0.125).eval()
@@ -183,9 +177,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_ddp_two_gloo_processes_match_single_process_gradients(tmp_path):
     # BN in eval mode: batch statistics would differ per shard; gradient averaging is what
     # DDP promises and what this checks.
-    port = _free_port()
     out = str(tmp_path / "ddp.pt")
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
+    store = str(tmp_path / "rendezvous")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, store, out), nprocs=2, join=True)
     ddp_grads = torch.load(out)
 
     torch.manual_seed(0)
@@ -259,10 +253,9 @@ def test_cli_yaml_config_and_torchrun_ddp(tmp_path):
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # the rendezvous binds a free port itself: no pick-then-bind race
             "--nproc_per_node",
             "2",
-            "--master_port",
-            str(_free_port()),
             "-m",
             "training.cli",
             "--config",
