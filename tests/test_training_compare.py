@@ -96,10 +96,23 @@ def test_two_arms_two_seeds_train_resume_and_report(tiny_arms):
         mc = entry["deepest_vs_reference"]
         assert mc["only_a"] == int((ref_ok & ~sd_ok).sum())
         assert mc["only_b"] == int((~ref_ok & sd_ok).sum())
+        # The ensemble (mean softmax of the exits) is scored and tested the same way, and its
+        # accuracy is the one the training run's own test report gives.
+        ens_ok = preds["ensemble"] == labels
+        assert entry["ensemble_accuracy"] == pytest.approx(100.0 * float(ens_ok.mean()))
+        final = json.loads((runs / f"sd_code_s{seed}" / "test_metrics.json").read_text())["final"]
+        assert entry["ensemble_accuracy"] == pytest.approx(final["acc_ensemble"])
+        ens_mc = entry["ensemble_vs_reference"]
+        assert ens_mc["only_a"] == int((ref_ok & ~ens_ok).sum())
+        assert ens_mc["only_b"] == int((~ref_ok & ens_ok).sum())
+    # One exit has no ensemble of its own.
+    assert "ensemble_accuracy" not in report["arms"]["baseline"]["per_seed"]["0"]
+    assert len(sd_arm["ensemble_difference_points"]["per_seed"]) == 2
     assert sd_arm["step_time_ratio"] > 0
     assert report["pairs"] == []
     md = (out / "README.md").read_text()
     assert "`sd_code`" in md and "p=" in md and (out / "compare.png").stat().st_size > 1000
+    assert "ensemble − ref (per seed, p)" in md
     # Finished runs are not retrained: a second call only reports.
     mtime = (runs / "sd_code_s0" / "last.pt").stat().st_mtime
     again = _compare(*args)

@@ -119,6 +119,15 @@ def read_predictions(run: Path) -> tuple[np.ndarray, np.ndarray]:
         return data["predictions"].astype(np.int64), data["labels"].astype(np.int64)
 
 
+def read_ensemble(run: Path) -> np.ndarray | None:
+    """The ensemble's per-row predictions (N), or None for a single-exit run or a run written
+    before they were recorded."""
+    with np.load(run / PREDICTIONS) as data:
+        if "ensemble" not in data.files or data["predictions"].shape[0] < 2:
+            return None
+        return data["ensemble"].astype(np.int64)
+
+
 def run_finished(run: Path, epochs: int) -> bool:
     metrics = run / "metrics.jsonl"
     if not (run / PREDICTIONS).is_file() or not metrics.is_file():
@@ -250,6 +259,16 @@ def summarize(
             }
             if arm.name != reference:
                 entry["deepest_vs_reference"] = mcnemar(ref_correct[seed], correct[-1]).to_dict()
+            ensemble = read_ensemble(run)
+            if ensemble is not None:
+                # The mean of the exits' softmax: what the runtime answers, with the `ensemble`
+                # fallback, for a row no exit accepts.
+                ens_correct = ensemble == labels
+                entry["ensemble_accuracy"] = 100.0 * float(ens_correct.mean())
+                if arm.name != reference:
+                    entry["ensemble_vs_reference"] = mcnemar(
+                        ref_correct[seed], ens_correct
+                    ).to_dict()
             test = run / "test_metrics.json"
             if test.is_file():
                 final = json.loads(test.read_text(encoding="utf-8")).get("final", {})
@@ -286,6 +305,15 @@ def summarize(
                 "max_p_value": max(
                     per_seed[str(s)]["deepest_vs_reference"]["p_value"] for s in seeds
                 ),
+            }
+        if arm.name != reference and all(
+            "ensemble_vs_reference" in per_seed[str(s)] for s in seeds
+        ):
+            ens = [per_seed[str(s)]["ensemble_vs_reference"] for s in seeds]
+            summary["ensemble_difference_points"] = {
+                "mean": statistics.fmean(e["difference_points"] for e in ens),
+                "per_seed": [e["difference_points"] for e in ens],
+                "max_p_value": max(e["p_value"] for e in ens),
             }
         if step_times and arm.name in step_times:
             summary["step_seconds"] = step_times[arm.name]["step_s"]
@@ -438,8 +466,17 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             "arms interleaved.",
             "",
         ]
+    has_ensemble = any("ensemble_difference_points" in a for a in report["arms"].values())
+    if has_ensemble:
+        lines += [
+            "`ensemble − ref`: the mean of every exit's softmax (what a bundle with the "
+            "`ensemble` fallback answers for a row no exit accepts) against the reference's "
+            "deepest exit, exact McNemar per seed.",
+            "",
+        ]
     columns = exit_columns(report)
     head = ["arm", *(["varies"] if varied else []), *columns, "deepest − ref (per seed, p)"]
+    head += ["ensemble − ref (per seed, p)"] if has_ensemble else []
     head += ["params", "MACs", "step ms", "step time ÷ ref"]
     head += ["chain ms", "plain ms"] if has_latency else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -455,6 +492,18 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
                 mc = arm["per_seed"][str(s)]["deepest_vs_reference"]
                 parts.append(f"{mc['difference_points']:+.2f} (p={mc['p_value']:.3g})")
             diff = f"**{arm['deepest_difference_points']['mean']:+.2f}**: " + "; ".join(parts)
+        ens_cell = []
+        if has_ensemble:
+            ens = arm.get("ensemble_difference_points")
+            ens_cell = [
+                f"**{ens['mean']:+.2f}**: "
+                + "; ".join(
+                    f"{mc['difference_points']:+.2f} (p={mc['p_value']:.3g})"
+                    for mc in (arm["per_seed"][str(s)]["ensemble_vs_reference"] for s in seeds)
+                )
+                if ens
+                else "–"
+            ]
         ratio = arm.get("step_time_ratio")
         costs = arm.get("costs") or {}
         step = arm.get("step_seconds")
@@ -475,7 +524,9 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             if varied
             else []
         )
-        lines.append("| " + " | ".join([f"`{name}`", *varies, *cells, diff, *extra]) + " |")
+        lines.append(
+            "| " + " | ".join([f"`{name}`", *varies, *cells, diff, *ens_cell, *extra]) + " |"
+        )
     if report.get("pairs"):
         lines += [
             "",

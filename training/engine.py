@@ -833,27 +833,39 @@ def evaluate_test_split(trainer: Trainer, checkpoint: str | Path | None = None) 
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: BatchLoader, device: torch.device) -> np.ndarray:
-    """Every exit's predicted class per row: int16 array K×N in the loader's order."""
+def predict(
+    model: nn.Module, loader: BatchLoader, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every exit's predicted class per row (int16 K×N, the loader's order) and the
+    ensemble's (int16 N: the argmax of the exits' mean softmax, as `evaluate` scores it and as
+    the runtime's `ensemble` fallback answers)."""
     was_training = model.training
     model.eval()
     chunks: list[np.ndarray] = []
+    ensemble: list[np.ndarray] = []
     for x, _ in loader.epoch(0):
         out = model(x.to(device))
         chunks.append(torch.stack([z.argmax(1) for z in out.logits]).cpu().numpy())
+        probs = torch.stack([torch.softmax(z.float(), dim=1) for z in out.logits])
+        ensemble.append(probs.mean(0).argmax(1).cpu().numpy())
     model.train(was_training)
-    return np.concatenate(chunks, axis=1).astype(np.int16)
+    return (
+        np.concatenate(chunks, axis=1).astype(np.int16),
+        np.concatenate(ensemble).astype(np.int16),
+    )
 
 
 def write_test_predictions(trainer: Trainer, path: str | Path) -> dict[str, Any]:
     """Per-row predictions of every exit on the test split (for paired tests), written
-    atomically as .npz with `predictions` (K×N) and `labels` (N)."""
+    atomically as .npz with `predictions` (K×N), `ensemble` (N) and `labels` (N)."""
     cfg = trainer.cfg
     test = load_split(cfg.dataset, cfg.data_dir, "test", cfg.val_size, cfg.split_seed)
     loader = BatchLoader(test, 500, trainer.mean, trainer.std, train=False)
-    preds = predict(trainer.eval_model, loader, trainer.device)
+    preds, ensemble = predict(trainer.eval_model, loader, trainer.device)
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, predictions=preds, labels=test.labels.astype(np.int16))
+    np.savez_compressed(
+        buffer, predictions=preds, ensemble=ensemble, labels=test.labels.astype(np.int16)
+    )
     atomic_write_bytes(Path(path), buffer.getvalue())
     return {"rows": int(preds.shape[1]), "exits": int(preds.shape[0])}
 
