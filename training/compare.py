@@ -113,19 +113,34 @@ def run_dir(runs: Path, arm: str, seed: int) -> Path:
     return runs / f"{arm}_s{seed}"
 
 
-def read_predictions(run: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(predictions K×N, labels N) a finished run wrote."""
-    with np.load(run / PREDICTIONS) as data:
-        return data["predictions"].astype(np.int64), data["labels"].astype(np.int64)
+@dataclass(frozen=True)
+class RunPredictions:
+    """The per-row test predictions a finished run wrote."""
+
+    exits: np.ndarray  # K×N
+    labels: np.ndarray  # N
+    ensemble: np.ndarray | None  # N; None for one exit or a run written before it was recorded
 
 
-def read_ensemble(run: Path) -> np.ndarray | None:
-    """The ensemble's per-row predictions (N), or None for a single-exit run or a run written
-    before they were recorded."""
+def read_predictions(run: Path) -> RunPredictions:
     with np.load(run / PREDICTIONS) as data:
-        if "ensemble" not in data.files or data["predictions"].shape[0] < 2:
-            return None
-        return data["ensemble"].astype(np.int64)
+        exits = data["predictions"].astype(np.int64)
+        has_ensemble = "ensemble" in data.files and exits.shape[0] > 1
+        return RunPredictions(
+            exits,
+            data["labels"].astype(np.int64),
+            data["ensemble"].astype(np.int64) if has_ensemble else None,
+        )
+
+
+def _difference_summary(tests: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, per-seed differences and the largest p-value of per-seed McNemar answers."""
+    diffs = [mc["difference_points"] for mc in tests]
+    return {
+        "mean": statistics.fmean(diffs),
+        "per_seed": diffs,
+        "max_p_value": max(mc["p_value"] for mc in tests),
+    }
 
 
 def run_finished(run: Path, epochs: int) -> bool:
@@ -244,26 +259,26 @@ def summarize(
     table: dict[str, Any] = {}
     ref_correct: dict[int, np.ndarray] = {}
     for seed in seeds:
-        preds, labels = read_predictions(run_dir(runs, reference, seed))
-        ref_correct[seed] = preds[-1] == labels
+        ref = read_predictions(run_dir(runs, reference, seed))
+        ref_correct[seed] = ref.exits[-1] == ref.labels
     for arm in arms:
         per_seed = {}
         for seed in seeds:
             run = run_dir(runs, arm.name, seed)
             check_recipe(run, arm, seed)
-            preds, labels = read_predictions(run)
-            correct = preds == labels[None, :]
+            got = read_predictions(run)
+            labels = got.labels
+            correct = got.exits == labels[None, :]
             entry: dict[str, Any] = {
                 "exit_accuracy": [100.0 * float(c.mean()) for c in correct],
                 "rows": int(labels.size),
             }
             if arm.name != reference:
                 entry["deepest_vs_reference"] = mcnemar(ref_correct[seed], correct[-1]).to_dict()
-            ensemble = read_ensemble(run)
-            if ensemble is not None:
+            if got.ensemble is not None:
                 # The mean of the exits' softmax: what the runtime answers, with the `ensemble`
                 # fallback, for a row no exit accepts.
-                ens_correct = ensemble == labels
+                ens_correct = got.ensemble == labels
                 entry["ensemble_accuracy"] = 100.0 * float(ens_correct.mean())
                 if arm.name != reference:
                     entry["ensemble_vs_reference"] = mcnemar(
@@ -298,23 +313,13 @@ def summarize(
         if latency and arm.name in latency:
             summary["latency"] = latency[arm.name]
         if arm.name != reference:
-            diffs = [per_seed[str(s)]["deepest_vs_reference"]["difference_points"] for s in seeds]
-            summary["deepest_difference_points"] = {
-                "mean": statistics.fmean(diffs),
-                "per_seed": diffs,
-                "max_p_value": max(
-                    per_seed[str(s)]["deepest_vs_reference"]["p_value"] for s in seeds
-                ),
-            }
-        if arm.name != reference and all(
-            "ensemble_vs_reference" in per_seed[str(s)] for s in seeds
-        ):
-            ens = [per_seed[str(s)]["ensemble_vs_reference"] for s in seeds]
-            summary["ensemble_difference_points"] = {
-                "mean": statistics.fmean(e["difference_points"] for e in ens),
-                "per_seed": [e["difference_points"] for e in ens],
-                "max_p_value": max(e["p_value"] for e in ens),
-            }
+            summary["deepest_difference_points"] = _difference_summary(
+                [per_seed[str(s)]["deepest_vs_reference"] for s in seeds]
+            )
+            if all("ensemble_vs_reference" in per_seed[str(s)] for s in seeds):
+                summary["ensemble_difference_points"] = _difference_summary(
+                    [per_seed[str(s)]["ensemble_vs_reference"] for s in seeds]
+                )
         if step_times and arm.name in step_times:
             summary["step_seconds"] = step_times[arm.name]["step_s"]
         if step_times and reference in step_times and arm.name in step_times:
@@ -351,11 +356,14 @@ def paired_tests(
     for a, b in pairs:
         per_seed = {}
         for seed in seeds:
-            preds_a, labels = read_predictions(run_dir(runs, a, seed))
-            preds_b, labels_b = read_predictions(run_dir(runs, b, seed))
-            if not np.array_equal(labels, labels_b):
+            got_a = read_predictions(run_dir(runs, a, seed))
+            got_b = read_predictions(run_dir(runs, b, seed))
+            labels = got_a.labels
+            if not np.array_equal(labels, got_b.labels):
                 raise RuntimeError(f"arms {a} and {b} were tested on different rows")
-            per_seed[str(seed)] = mcnemar(preds_a[-1] == labels, preds_b[-1] == labels).to_dict()
+            per_seed[str(seed)] = mcnemar(
+                got_a.exits[-1] == labels, got_b.exits[-1] == labels
+            ).to_dict()
         diffs = [per_seed[str(s)]["difference_points"] for s in seeds]
         out.append({"a": a, "b": b, "per_seed": per_seed, "mean_difference_points":
                     statistics.fmean(diffs)})  # fmt: skip
@@ -425,6 +433,11 @@ def with_overrides(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def _per_seed_tests(tests: Any) -> str:
+    """Per-seed McNemar answers as one table cell: "+0.12 (p=0.5); -0.30 (p=0.1)"."""
+    return "; ".join(f"{mc['difference_points']:+.2f} (p={mc['p_value']:.3g})" for mc in tests)
+
+
 def render_markdown(report: dict[str, Any], command: str) -> str:
     ref = report["reference"]
     seeds = report["seeds"]
@@ -487,20 +500,15 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
         if name == ref:
             diff = "reference"
         else:
-            parts = []
-            for s in seeds:
-                mc = arm["per_seed"][str(s)]["deepest_vs_reference"]
-                parts.append(f"{mc['difference_points']:+.2f} (p={mc['p_value']:.3g})")
-            diff = f"**{arm['deepest_difference_points']['mean']:+.2f}**: " + "; ".join(parts)
+            diff = f"**{arm['deepest_difference_points']['mean']:+.2f}**: " + _per_seed_tests(
+                arm["per_seed"][str(s)]["deepest_vs_reference"] for s in seeds
+            )
         ens_cell = []
         if has_ensemble:
             ens = arm.get("ensemble_difference_points")
             ens_cell = [
                 f"**{ens['mean']:+.2f}**: "
-                + "; ".join(
-                    f"{mc['difference_points']:+.2f} (p={mc['p_value']:.3g})"
-                    for mc in (arm["per_seed"][str(s)]["ensemble_vs_reference"] for s in seeds)
-                )
+                + _per_seed_tests(arm["per_seed"][str(s)]["ensemble_vs_reference"] for s in seeds)
                 if ens
                 else "–"
             ]
@@ -536,10 +544,7 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             "|---|---|---|",
         ]
         for pair in report["pairs"]:
-            parts = "; ".join(
-                f"{mc['difference_points']:+.2f} (p={mc['p_value']:.3g})"
-                for mc in pair["per_seed"].values()
-            )
+            parts = _per_seed_tests(pair["per_seed"].values())
             lines.append(
                 f"| `{pair['a']}` | `{pair['b']}` | **{pair['mean_difference_points']:+.2f}**: "
                 f"{parts} |"

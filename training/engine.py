@@ -281,6 +281,12 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 @torch.no_grad()
+def ensemble_probs(probs: list[torch.Tensor]) -> torch.Tensor:
+    """The exits' ensemble: the mean of their softmax outputs (core.decision's `ensemble`
+    fallback, on torch tensors)."""
+    return torch.stack(probs).mean(0)
+
+
 def evaluate(
     model: nn.Module,
     loader: BatchLoader,
@@ -309,7 +315,7 @@ def evaluate(
             ]
         hits = [int((p.argmax(1) == y).sum()) for p in probs]
         correct = hits if correct is None else [a + b for a, b in zip(correct, hits, strict=True)]
-        ens_correct += int((torch.stack(probs).mean(0).argmax(1) == y).sum())
+        ens_correct += int((ensemble_probs(probs).argmax(1) == y).sum())
         total += int(y.numel())
     model.train(was_training)
     assert correct is not None  # loader is never empty (BatchLoader refuses empty data)
@@ -846,8 +852,8 @@ def predict(
     for x, _ in loader.epoch(0):
         out = model(x.to(device))
         chunks.append(torch.stack([z.argmax(1) for z in out.logits]).cpu().numpy())
-        probs = torch.stack([torch.softmax(z.float(), dim=1) for z in out.logits])
-        ensemble.append(probs.mean(0).argmax(1).cpu().numpy())
+        probs = [torch.softmax(z.float(), dim=1) for z in out.logits]
+        ensemble.append(ensemble_probs(probs).argmax(1).cpu().numpy())
     model.train(was_training)
     return (
         np.concatenate(chunks, axis=1).astype(np.int16),
