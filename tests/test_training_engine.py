@@ -90,6 +90,55 @@ def test_resume_is_bitwise_exact_with_adapters_and_ema(tmp_path):
     assert any(not torch.equal(raw[k], ema[k]) for k in raw if raw[k].is_floating_point())
 
 
+def test_a_run_killed_mid_epoch_resumes_from_its_recovery_checkpoint(tmp_path):
+    """checkpoint_minutes writes last.pt inside an epoch; a run killed there resumes exactly,
+    and the epoch's record still averages over all of the epoch's steps."""
+    kw = {"epochs": 2, "val_size": 0}
+    straight = _trainer(tmp_path / "a", checkpoint_minutes=0.0, **kw)
+    straight.fit(progress=False)
+
+    killed = _trainer(tmp_path / "b", checkpoint_minutes=1e-9, **kw)  # a save after every step
+    calls = {"n": 0}
+    real_step = killed.train_step
+
+    def dying_step(x, y):
+        calls["n"] += 1
+        if calls["n"] == 7:  # steps per epoch = 32 / 8 = 4: the kill lands at epoch 2, step 3
+            raise KeyboardInterrupt
+        return real_step(x, y)
+
+    killed.train_step = dying_step
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit(progress=False)
+    resumed = _trainer(tmp_path / "b", checkpoint_minutes=1e-9, **kw)
+    assert resumed.resume()
+    assert (resumed.epoch, resumed.step_in_epoch, resumed.global_step) == (1, 2, 6)
+    assert resumed.epoch_count == 2
+    resumed.fit(progress=False)
+
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def records(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    ra, rb = records(tmp_path / "a"), records(tmp_path / "b")
+    assert [r["epoch"] for r in rb] == [1, 2]
+    train_keys = sorted(k for k in ra[1] if k.startswith("train_"))
+    assert train_keys and all(ra[1][k] == pytest.approx(rb[1][k]) for k in train_keys)
+    # the epoch-end checkpoint carries no partial epoch
+    state = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert state["epoch_partial"]["count"] == 0 and state["step_in_epoch"] == 0
+
+
+def test_checkpoint_minutes_must_not_be_negative():
+    with pytest.raises(ValueError, match="checkpoint_minutes"):
+        _cfg(checkpoint_minutes=-1.0).validate()
+    with pytest.raises(ValueError, match="checkpoint_minutes"):
+        _cfg(checkpoint_minutes=float("nan")).validate()
+
+
 def test_max_steps_run_still_leaves_best_pt(tmp_path):
     trainer = _trainer(tmp_path)
     trainer.fit(max_steps=2, progress=False)

@@ -42,6 +42,7 @@ _FLAG_FIELDS = {
     "cutmix": "cutmix",
     "autoaugment": "autoaugment",
     "threads": "num_threads",
+    "checkpoint_minutes": "checkpoint_minutes",
     "warmup_epochs": "warmup_epochs",
     "weight_decay": "weight_decay",
     "best_metric": "best_metric",
@@ -215,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--best-metric", help="record key that picks best.pt (default val_acc_last)")
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        help="also write last.pt mid-epoch at least every N minutes (default 10; 0 = epoch ends)",
+    )
     p.add_argument("--max-steps", type=int, help="stop after N optimiser steps (smoke runs)")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
     p.add_argument("--no-progress", action="store_true")

@@ -105,6 +105,9 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast, only on CUDA
     channels_last: bool = True  # CUDA and CPU (oneDNN convolutions run faster in NHWC)
     num_threads: int = 0  # 0 = torch default
+    # also write last.pt mid-epoch at least this often (minutes of training; 0 = only at epoch
+    # ends): a run killed mid-epoch resumes exactly from there instead of the epoch's start
+    checkpoint_minutes: float = 10.0
     eval_test: bool = True
     report_tta_flip: bool = False  # test report adds flip-averaged accuracy (never exported)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -188,6 +191,8 @@ class TrainConfig:
             from .models.activations import check_activation
 
             check_activation(self.act)
+        if not self.checkpoint_minutes >= 0:  # also rejects NaN
+            raise ValueError(f"checkpoint_minutes must be ≥ 0, got {self.checkpoint_minutes}")
         if self.freeze_backbone and not self.init:
             raise ValueError("--freeze-backbone needs --init CKPT (the trained backbone to keep)")
         if self.init_heads and not self.init:

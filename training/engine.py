@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 # Fields that say where and how fast a run executes, not what it learns: a run may resume
 # with other threads or with its data moved (the checkpoint keeps the first values).
-RUN_ENVIRONMENT_FIELDS = frozenset({"num_threads", "data_dir"})
+RUN_ENVIRONMENT_FIELDS = frozenset({"num_threads", "data_dir", "checkpoint_minutes"})
 
 LAST_CKPT = "last.pt"
 BEST_CKPT = "best.pt"
@@ -450,6 +450,11 @@ class Trainer:
         self.best_value = -math.inf
         self.last_val: dict[str, float] = {}
         self.step_seconds: list[float] = []
+        # the current epoch's running train statistics, kept in mid-epoch checkpoints so the
+        # epoch's record after a resume averages over the whole epoch
+        self.epoch_sums: dict[str, float] = {}
+        self.epoch_count = 0
+        self.epoch_seconds = 0.0
 
     def create_network(self, widths: dict[str, int] | None = None) -> MultiExitNetwork:
         """The run's network, fresh, at the given pruned site widths (None = as built)."""
@@ -622,6 +627,11 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "best_value": self.best_value,
+            "epoch_partial": {
+                "sums": dict(self.epoch_sums),
+                "count": self.epoch_count,
+                "seconds": self.epoch_seconds,
+            },
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if self.use_cuda else None,
@@ -660,6 +670,11 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.best_value = float(state["best_value"])
         self.last_val = dict(state.get("val_metrics", {}))
+        partial = state.get("epoch_partial") or {}
+        if self.step_in_epoch > 0:  # checkpoints before this field: the epoch restarts its sums
+            self.epoch_sums = {k: float(v) for k, v in dict(partial.get("sums", {})).items()}
+            self.epoch_count = int(partial.get("count", 0))
+            self.epoch_seconds = float(partial.get("seconds", 0.0))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if self.use_cuda and rng.get("cuda") is not None:
@@ -733,28 +748,39 @@ class Trainer:
                 mininterval=1.0 if sys.stderr.isatty() else 30.0,
                 file=sys.stderr,
             )
-            sums: dict[str, float] = {}
-            count = 0
-            epoch_start = time.perf_counter()
+            if self.step_in_epoch == 0:
+                self.epoch_sums, self.epoch_count, self.epoch_seconds = {}, 0, 0.0
+            sums = self.epoch_sums
+            resumed_seconds = self.epoch_seconds
+            epoch_start = last_save = time.perf_counter()
             for x, y in self.train_loader.epoch(self.epoch, self.step_in_epoch):
                 t0 = time.perf_counter()
                 stats = self.train_step(x, y)
                 self.step_seconds.append(time.perf_counter() - t0)
                 self.step_in_epoch += 1
-                count += 1
+                self.epoch_count += 1
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['total']:.3f}", acc=f"{stats['acc_last']:.1f}")
+                self.epoch_seconds = resumed_seconds + time.perf_counter() - epoch_start
                 if max_steps is not None and self.global_step >= max_steps:
                     break
+                if (
+                    self.cfg.checkpoint_minutes > 0
+                    and self.step_in_epoch < self.steps_per_epoch
+                    and time.perf_counter() - last_save >= 60.0 * self.cfg.checkpoint_minutes
+                ):
+                    self.save()  # a recovery point; the epoch-end save below supersedes it
+                    last_save = time.perf_counter()
             bar.close()
-            epoch_seconds = time.perf_counter() - epoch_start
+            epoch_seconds, count = self.epoch_seconds, self.epoch_count
             if self.step_in_epoch < self.steps_per_epoch:  # stopped by max_steps mid-epoch
                 self.save()
                 break
             self.epoch += 1
             self.step_in_epoch = 0
+            self.epoch_sums, self.epoch_count, self.epoch_seconds = {}, 0, 0.0
             record: dict[str, Any] = {
                 "epoch": self.epoch,
                 "global_step": self.global_step,
