@@ -2,7 +2,7 @@
 compare per-exit test accuracy with a paired McNemar test against a reference arm.
 
     earlyexit-compare --arms configs/compare/*.yaml --reference baseline --seeds 0,1 \\
-        --runs runs/compare --out docs/results/compare --epochs 10
+        --runs runs/compare --out docs/results/compare --epochs 10 --parallel 2
 
 Arms may also be loss registry names with overrides on a shared --base recipe (an ablation):
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -82,15 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="override every arm's epochs")
     p.add_argument("--train-subset", type=int, help="override: train on N stratified rows")
     p.add_argument("--data-dir", help="override every arm's data directory")
-    # One run at a time on every core beats runs side by side on one core each: on a 2-core
-    # host, ResNet18 x0.5 trained 1.44x faster that way (docs/training.md, "How many at once").
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="torch threads per run (default: every core)",
-    )
-    p.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    p.add_argument("--parallel", type=int, default=2, help="runs at once (default 2)")
     p.add_argument("--step-steps", type=int, default=10, help="steps per arm for step time")
     p.add_argument("--report-only", action="store_true", help="do not train; report finished runs")
     p.add_argument(
