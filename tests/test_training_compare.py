@@ -216,3 +216,41 @@ def test_an_architecture_ablation_with_vary_and_latency(tiny_arms, tmp_path):
         assert wrong.returncode == 2 and "--pairs" in wrong.stderr
     bad = _compare(*args, "--vary", "arch,colour", "--report-only")
     assert bad.returncode == 2 and "--vary: colour is not a protocol field" in bad.stderr
+
+
+def test_sigterm_stops_every_run_with_a_checkpoint(tiny_arms, tmp_path):
+    import signal
+    import time
+
+    root, base, sd = tiny_arms
+    runs, out = tmp_path / "runs", tmp_path / "report"
+    long_base = _arm(tmp_path / "baseline.yaml", "loss: baseline\nexits: 1\n", root / "data")
+    long_base.write_text(long_base.read_text().replace("epochs: 1", "epochs: 200"))
+    long_sd = tmp_path / "sd_code.yaml"
+    long_sd.write_text(sd.read_text().replace("epochs: 1", "epochs: 200"))
+    args = ["--arms", str(long_base), str(long_sd), "--reference", "baseline", "--seeds", "0"]
+    args += ["--runs", str(runs), "--out", str(out), "--step-steps", "1", "--parallel", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.compare_cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    metrics = [runs / f"{arm}_s0" / "metrics.jsonl" for arm in ("baseline", "sd_code")]
+    deadline = time.monotonic() + 300
+    while not all(m.is_file() for m in metrics) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1 and "stopped by SIGTERM" in err, err[-3000:]
+    for arm in ("baseline", "sd_code"):
+        log = (runs / f"{arm}_s0" / "train.log").read_text()
+        assert "stopped by SIGTERM" in log and "Traceback" not in log
+        assert (runs / f"{arm}_s0" / "last.pt").is_file()
+    assert not out.exists()  # nothing reported from unfinished runs
+    # no run is left behind: each exited with its checkpoint
+    ps = subprocess.run(["pgrep", "-f", str(runs)], capture_output=True, text=True)
+    assert ps.stdout.strip() == ""

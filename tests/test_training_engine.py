@@ -132,6 +132,75 @@ def test_a_run_killed_mid_epoch_resumes_from_its_recovery_checkpoint(tmp_path):
     assert state["epoch_partial"]["count"] == 0 and state["step_in_epoch"] == 0
 
 
+@pytest.mark.parametrize("stop_at", [3, 4])  # inside the first epoch, and at its last step
+def test_a_stop_request_checkpoints_and_the_run_resumes_exactly(tmp_path, stop_at):
+    kw = {"epochs": 2, "val_size": 0, "checkpoint_minutes": 0.0}
+    straight = _trainer(tmp_path / "a", **kw)
+    straight.fit(progress=False)
+
+    stopped = _trainer(tmp_path / "b", **kw)
+    real_step, calls = stopped.train_step, {"n": 0}
+
+    def step_then_signal(x, y):
+        calls["n"] += 1
+        stats = real_step(x, y)
+        if calls["n"] == stop_at:  # what the CLI's SIGTERM handler does mid-step
+            stopped.request_stop()
+        return stats
+
+    stopped.train_step = step_then_signal
+    summary = stopped.fit(progress=False)
+    assert summary["stopped"] and calls["n"] == stop_at  # no step after the request
+    state = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert state["global_step"] == stop_at
+    assert (state["epoch"], state["step_in_epoch"]) == divmod(stop_at, 4)
+
+    resumed = _trainer(tmp_path / "b", **kw)
+    assert resumed.resume()
+    assert not resumed.fit(progress=False)["stopped"]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_sigterm_saves_and_exits_143_then_the_same_command_resumes(tmp_path):
+    import signal
+    import time
+
+    from tests.data_fixtures import write_tiny_cifar10
+
+    write_tiny_cifar10(tmp_path / "data", per_batch=16)
+    args = [
+        *("--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")),
+        *("--arch", "resnet18", "--width", "0.125", "--exits", "2", "--epochs", "200"),
+        *("--batch-size", "8", "--val-size", "20", "--threads", "1", "--no-progress"),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not metrics.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, log[-2000:]
+    assert "stopped by SIGTERM" in log and "Traceback" not in log
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["global_step"] >= 1 and not (tmp_path / "run" / "test_metrics.json").exists()
+
+    again = _cli(*args, "--max-steps", str(state["global_step"] + 1))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"step {state['step_in_epoch']}" in again.stderr  # resumed where it stopped
+    resumed = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert resumed["global_step"] == state["global_step"] + 1
+
+
 def test_checkpoint_minutes_must_not_be_negative():
     with pytest.raises(ValueError, match="checkpoint_minutes"):
         _cfg(checkpoint_minutes=-1.0).validate()

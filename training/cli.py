@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from core.atomic import atomic_write_json
 from core.datasets import DATASETS, DatasetError, download
@@ -276,6 +279,25 @@ def check_inputs(cfg) -> None:
         raise UsageError(f"--exits {cfg.exits} is invalid: {cfg.arch} has {stages} stages")
 
 
+def _stop_on_signals(trainer: Any) -> list[signal.Signals]:
+    """SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C) makes the run save last.pt after the
+    step in progress and exit; a second signal ends it at once. Returns the list the first
+    signal is recorded in."""
+    received: list[signal.Signals] = []
+
+    def handle(signum: int, _frame: object) -> None:
+        if received:  # asked twice: no checkpoint, stop now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        received.append(signal.Signals(signum))
+        trainer.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+    return received
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_cli_logging(timestamps=True)
     try:
@@ -304,7 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"earlyexit-train: error: {exc}", file=sys.stderr)
         return 2
 
+    stopped_by = _stop_on_signals(trainer)
     summary = trainer.fit(max_steps=args.max_steps, progress=not args.no_progress)
+    if trainer.stop_requested and stopped_by:
+        # 128 + signal number, as a shell reports a process the signal ended: a parent
+        # (earlyexit-compare, a scheduler) sees the run is unfinished, yet last.pt is whole.
+        log.info("stopped by %s; the same command resumes the run", stopped_by[0].name)
+        return 128 + int(stopped_by[0])
     if dist_env.is_main and cfg.eval_test and trainer.epoch >= cfg.epochs:
         result = {"final": evaluate_test_split(trainer)}
         # Before best.pt is loaded into the model below: the final weights' rows, for paired

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -196,9 +197,8 @@ def load_arms(args: argparse.Namespace, varied: tuple[str, ...] = ()):
 
 def train_all(arms, seeds: list[int], runs: Path, parallel: int) -> None:
     """Start every unfinished arm × seed as a background `earlyexit-train` (PARALLEL at a
-    time), with one progress bar per run (epochs done)."""
-    import dataclasses
-
+    time), with one progress bar per run (epochs done). SIGTERM or SIGINT is passed on to the
+    runs (each saves its last.pt after the step in progress) and no further run starts."""
     from tqdm.auto import tqdm
 
     from .compare import epochs_done, run_dir, run_finished
@@ -227,41 +227,69 @@ def train_all(arms, seeds: list[int], runs: Path, parallel: int) -> None:
     waiting = list(todo)
     active: list[tuple[subprocess.Popen[bytes], Path]] = []
     failed: list[str] = []
-    while waiting or active:
-        while waiting and len(active) < parallel:
-            arm, seed, run = waiting.pop(0)
-            run.mkdir(parents=True, exist_ok=True)
-            recipe = dataclasses.replace(arm.config, seed=seed).to_dict()
-            atomic_write_json(run / "recipe.json", recipe)  # JSON is YAML: --config reads it
-            logfile = open(run / "train.log", "ab")  # noqa: SIM115 (closed when the run ends)
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "training.cli",
-                    "--config",
-                    str(run / "recipe.json"),
-                    "--out",
-                    str(run),
-                    "--no-progress",
-                ],
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-            )
-            logfile.close()
-            active.append((proc, run))
-        time.sleep(2.0)
-        for proc, run in list(active):
-            bar = bars[str(run)]
-            bar.update(epochs_done(run) - bar.n)
-            if proc.poll() is not None:
-                active.remove((proc, run))
-                if proc.returncode != 0:
-                    failed.append(f"{run.name} (exit {proc.returncode}, see {run / 'train.log'})")
-    for bar in bars.values():
-        bar.close()
+    stop: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        stop.append(signum)
+        for proc, _run in active:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while (waiting and not stop) or active:
+            while waiting and not stop and len(active) < parallel:
+                active.append(_start_run(*waiting.pop(0)))
+            time.sleep(2.0)
+            for proc, run in list(active):
+                bar = bars[str(run)]
+                bar.update(epochs_done(run) - bar.n)
+                if proc.poll() is not None:
+                    active.remove((proc, run))
+                    if proc.returncode != 0 and not stop:
+                        failed.append(
+                            f"{run.name} (exit {proc.returncode}, see {run / 'train.log'})"
+                        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for bar in bars.values():
+            bar.close()
+    if stop:
+        raise RuntimeError(
+            f"stopped by {signal.Signals(stop[0]).name}: the runs saved their last.pt; "
+            "the same command resumes them"
+        )
     if failed:
         raise RuntimeError("runs failed: " + "; ".join(failed))
+
+
+def _start_run(arm, seed: int, run: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """One arm × seed as a background `earlyexit-train` logging to RUN/train.log."""
+    import dataclasses
+
+    run.mkdir(parents=True, exist_ok=True)
+    recipe = dataclasses.replace(arm.config, seed=seed).to_dict()
+    atomic_write_json(run / "recipe.json", recipe)  # JSON is YAML: --config reads it
+    with open(run / "train.log", "ab") as logfile:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "training.cli",
+                "--config",
+                str(run / "recipe.json"),
+                "--out",
+                str(run),
+                "--no-progress",
+            ],
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            # Ctrl-C at a terminal reaches this process alone, which passes one SIGTERM on: a
+            # run that got both would take the second as "stop now, no checkpoint".
+            start_new_session=True,
+        )
+    return proc, run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -452,6 +452,9 @@ class Trainer:
         self.step_seconds: list[float] = []
         # the current epoch's running train statistics, kept in mid-epoch checkpoints so the
         # epoch's record after a resume averages over the whole epoch
+        # set by request_stop() (the CLI's SIGTERM/SIGINT handler): fit() saves last.pt after
+        # the step in progress and returns, so a stopped run resumes exactly
+        self.stop_requested = False
         self.epoch_sums: dict[str, float] = {}
         self.epoch_count = 0
         self.epoch_seconds = 0.0
@@ -709,6 +712,20 @@ class Trainer:
         return True
 
     # -- the loop ----------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Ask fit() to checkpoint and return after the current step (signal-handler safe)."""
+        self.stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop: every rank leaves at the same step under DDP."""
+        if self.dist.world_size == 1:
+            return self.stop_requested
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
     def log_metrics(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
@@ -725,6 +742,8 @@ class Trainer:
             atomic_write_json(self.out_dir / "costs.json", self.costs.to_dict())
         while self.epoch < self.cfg.epochs:
             if max_steps is not None and self.global_step >= max_steps:
+                break
+            if self._stop_agreed():  # asked between epochs: last.pt already holds the epoch end
                 break
             if (
                 self.step_in_epoch == 0
@@ -766,6 +785,8 @@ class Trainer:
                 self.epoch_seconds = resumed_seconds + time.perf_counter() - epoch_start
                 if max_steps is not None and self.global_step >= max_steps:
                     break
+                if self._stop_agreed():
+                    break
                 if (
                     self.cfg.checkpoint_minutes > 0
                     and self.step_in_epoch < self.steps_per_epoch
@@ -775,8 +796,15 @@ class Trainer:
                     last_save = time.perf_counter()
             bar.close()
             epoch_seconds, count = self.epoch_seconds, self.epoch_count
-            if self.step_in_epoch < self.steps_per_epoch:  # stopped by max_steps mid-epoch
+            if self.step_in_epoch < self.steps_per_epoch:  # stopped mid-epoch (max_steps, signal)
                 self.save()
+                if self.stop_requested:
+                    logger.info(
+                        "stopped at epoch %d step %d: %s holds it; run again to resume",
+                        self.epoch,
+                        self.step_in_epoch,
+                        LAST_CKPT,
+                    )
                 break
             self.epoch += 1
             self.step_in_epoch = 0
@@ -817,7 +845,12 @@ class Trainer:
             # that export accepts: the current weights, not ones picked on validation.
             logger.info("no validated best yet: %s holds the current weights", BEST_CKPT)
             self.save(BEST_CKPT)
-        return {"epoch": self.epoch, "global_step": self.global_step, "val": self.last_val}
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "val": self.last_val,
+            "stopped": self.stop_requested,
+        }
 
 
 def selection_metric(cfg: TrainConfig, record: dict[str, Any]) -> float | None:
