@@ -280,13 +280,13 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-@torch.no_grad()
 def ensemble_probs(probs: list[torch.Tensor]) -> torch.Tensor:
     """The exits' ensemble: the mean of their softmax outputs (core.decision's `ensemble`
     fallback, on torch tensors)."""
     return torch.stack(probs).mean(0)
 
 
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: BatchLoader,
@@ -450,11 +450,11 @@ class Trainer:
         self.best_value = -math.inf
         self.last_val: dict[str, float] = {}
         self.step_seconds: list[float] = []
-        # the current epoch's running train statistics, kept in mid-epoch checkpoints so the
-        # epoch's record after a resume averages over the whole epoch
         # set by request_stop() (the CLI's SIGTERM/SIGINT handler): fit() saves last.pt after
         # the step in progress and returns, so a stopped run resumes exactly
         self.stop_requested = False
+        # the current epoch's running train statistics, kept in mid-epoch checkpoints so the
+        # epoch's record after a resume averages over the whole epoch; reset at each epoch end
         self.epoch_sums: dict[str, float] = {}
         self.epoch_count = 0
         self.epoch_seconds = 0.0
@@ -673,11 +673,11 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.best_value = float(state["best_value"])
         self.last_val = dict(state.get("val_metrics", {}))
-        partial = state.get("epoch_partial") or {}
-        if self.step_in_epoch > 0:  # checkpoints before this field: the epoch restarts its sums
-            self.epoch_sums = {k: float(v) for k, v in dict(partial.get("sums", {})).items()}
-            self.epoch_count = int(partial.get("count", 0))
-            self.epoch_seconds = float(partial.get("seconds", 0.0))
+        # Checkpoints older than this field carry none: the resumed epoch restarts its sums.
+        partial = (state.get("epoch_partial") or {}) if self.step_in_epoch > 0 else {}
+        self.epoch_sums = {k: float(v) for k, v in dict(partial.get("sums", {})).items()}
+        self.epoch_count = int(partial.get("count", 0))
+        self.epoch_seconds = float(partial.get("seconds", 0.0))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if self.use_cuda and rng.get("cuda") is not None:
@@ -767,8 +767,6 @@ class Trainer:
                 mininterval=1.0 if sys.stderr.isatty() else 30.0,
                 file=sys.stderr,
             )
-            if self.step_in_epoch == 0:
-                self.epoch_sums, self.epoch_count, self.epoch_seconds = {}, 0, 0.0
             sums = self.epoch_sums
             resumed_seconds = self.epoch_seconds
             epoch_start = last_save = time.perf_counter()
