@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -100,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"rep {rep + 1}: a pair of steps {pair_side:.2f} s side by side, "
               f"{pair_turn:.2f} s in turn ({pair_turn / pair_side:.2f}x)")  # fmt: skip
-    ratios = sorted(r["in_turn_over_side_by_side"] for r in reps)
     report = {
         "command": "python scripts/parallel_runs.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "threads_in_turn": args.threads,
         "reps": reps,
-        "median_in_turn_over_side_by_side": ratios[len(ratios) // 2]
-        if len(ratios) % 2
-        else (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2,
+        "median_in_turn_over_side_by_side": statistics.median(
+            r["in_turn_over_side_by_side"] for r in reps
+        ),
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),

@@ -220,7 +220,8 @@ def test_an_architecture_ablation_with_vary_and_latency(tiny_arms, tmp_path):
 
 def test_sigterm_stops_every_run_with_a_checkpoint(tiny_arms, tmp_path):
     import signal
-    import time
+
+    from tests.process_helpers import start_until_files
 
     root, base, sd = tiny_arms
     runs, out = tmp_path / "runs", tmp_path / "report"
@@ -230,21 +231,10 @@ def test_sigterm_stops_every_run_with_a_checkpoint(tiny_arms, tmp_path):
     long_sd.write_text(sd.read_text().replace("epochs: 1", "epochs: 200"))
     args = ["--arms", str(long_base), str(long_sd), "--reference", "baseline", "--seeds", "0"]
     args += ["--runs", str(runs), "--out", str(out), "--step-steps", "1", "--parallel", "2"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "training.compare_cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
     metrics = [runs / f"{arm}_s0" / "metrics.jsonl" for arm in ("baseline", "sd_code")]
-    deadline = time.monotonic() + 300
-    while not all(m.is_file() for m in metrics) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
+    proc = start_until_files("training.compare_cli", args, metrics, 300)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=180)
+    err = proc.communicate(timeout=180)[0]
     assert proc.returncode == 1 and "stopped by SIGTERM" in err, err[-3000:]
     for arm in ("baseline", "sd_code"):
         log = (runs / f"{arm}_s0" / "train.log").read_text()

@@ -164,9 +164,9 @@ def test_a_stop_request_checkpoints_and_the_run_resumes_exactly(tmp_path, stop_a
 
 def test_cli_sigterm_saves_and_exits_143_then_the_same_command_resumes(tmp_path):
     import signal
-    import time
 
     from tests.data_fixtures import write_tiny_cifar10
+    from tests.process_helpers import start_until_files
 
     write_tiny_cifar10(tmp_path / "data", per_batch=16)
     args = [
@@ -174,19 +174,7 @@ def test_cli_sigterm_saves_and_exits_143_then_the_same_command_resumes(tmp_path)
         *("--arch", "resnet18", "--width", "0.125", "--exits", "2", "--epochs", "200"),
         *("--batch-size", "8", "--val-size", "20", "--threads", "1", "--no-progress"),
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not metrics.is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[0][-2000:]
+    proc = start_until_files("training.cli", args, [tmp_path / "run" / "metrics.jsonl"], 240)
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, log[-2000:]
