@@ -33,8 +33,10 @@ def collect_calibration(
     labels: np.ndarray,
     batch_size: int = 256,
     progress: bool = True,
+    plain: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run uint8 N×H×W×C `images` through every exit of `runtime` (an EarlyExitRuntime).
+    """Run uint8 N×H×W×C `images` through every exit of `runtime` (an EarlyExitRuntime), or
+    with `plain` through the one graph of a plain-model runtime (its `run`; K = 1).
 
     Returns (exit_probs N×K×C float32, labels int64 N).
     """
@@ -48,7 +50,8 @@ def collect_calibration(
         raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
     n = images.shape[0]
     manifest = runtime.manifest
-    out = np.empty((n, manifest.num_exits, manifest.num_classes), dtype=np.float32)
+    exits = 1 if plain else manifest.num_exits
+    out = np.empty((n, exits, manifest.num_classes), dtype=np.float32)
     starts = range(0, n, batch_size)
     if progress:
         from tqdm import tqdm
@@ -56,8 +59,11 @@ def collect_calibration(
         starts = tqdm(starts, desc="calibration", unit="batch", leave=False)
     for start in starts:
         stop = min(start + batch_size, n)
-        result = runtime.classify(runtime.preprocess(images[start:stop]), full=True)
-        out[start:stop] = result.exit_probs
+        batch = runtime.preprocess(images[start:stop])
+        if plain:
+            out[start:stop, 0] = runtime.run(batch)
+        else:
+            out[start:stop] = runtime.classify(batch, full=True).exit_probs
     return out, labels
 
 

@@ -84,6 +84,8 @@ def test_max_drop_is_measured_against_the_manifest_baseline_per_split(tmp_path, 
     result = json.loads(out)
     assert result["baseline"]["source"] == "manifest"
     assert result["baseline"]["recipe"] == "plain_fast"
+    # Calibration files hold no images to run a plain graph on: the recorded numbers, unpaired.
+    assert result["baseline"]["paired"] is False and result["margin"]["paired_with"] is None
     assert result["baseline_accuracy"] == 40.0 and result["test"]["baseline_accuracy"] == 41.5
     assert result["accuracy"] >= 40.0 - 0.5
     assert result["consistency_ceiling"]["acceleration"] > 1.0
@@ -132,6 +134,9 @@ def test_baseline_bundle_is_run_on_the_same_splits(bundle_copy, tmp_path, capsys
     # The "plain model" here is the bundle itself: its final exit on the same rows.
     assert result["baseline"]["source"] == "bundle"
     assert result["baseline_accuracy"] == pytest.approx(result["exit_accuracies"][-2])
+    # Its final exit ran on the same rows, so the bound is paired with its answers.
+    assert result["baseline"]["paired"] is True
+    assert result["margin"]["paired_with"] == "reference"
     other = tmp_path / "other"
     shutil.copytree(bundle_copy, other)
     manifest = json.loads((other / "manifest.json").read_text())

@@ -198,6 +198,18 @@ def test_dry_run_writes_nothing(setup, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == before
 
 
+def test_restarts_are_recorded_with_each_runs_fitness(setup, capsys):
+    bundle, val, _ = setup
+    argv = ["--bundle", str(bundle), "--calibration", str(val), "--max-drop", "0.5"] + FAST
+    single = [_run_json(capsys, argv + ["--seed", str(s), "--dry-run"])["fitness"] for s in (4, 5)]
+    result = _run_json(capsys, argv + ["--seed", "4", "--restarts", "2"])
+    assert result["search"]["restarts"] == 2
+    assert result["search"]["restart_fitness"] == pytest.approx(single)
+    assert result["fitness"] == pytest.approx(max(single))
+    tuned = json.loads((bundle / "thresholds.json").read_text())["tuned"]
+    assert tuned["search"]["restart_fitness"] == result["search"]["restart_fitness"]
+
+
 def test_human_summary(setup, capsys):
     bundle, val, test = setup
     argv = ["--bundle", str(bundle), "--calibration", str(val), "--test-calibration", str(test)]
@@ -311,6 +323,8 @@ def test_margin_line_says_what_the_numbers_mean(confidence, setup, capsys):
         ("limit-zero", "--limit: must be a positive integer, got 0"),
         ("limit-negative", "--limit: must be a positive integer, got -5"),
         ("limit-text", "--limit: must be a positive integer, got 'ten'"),
+        ("restarts-zero", "--restarts must be >= 1, got 0"),
+        ("restarts-pareto", "--restarts applies to the GA, not to --pareto"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(case, message, setup, tmp_path, capsys):
@@ -343,6 +357,8 @@ def test_bad_input_exits_2_with_one_line(case, message, setup, tmp_path, capsys)
             "limit-zero": ["--limit", "0"],
             "limit-negative": ["--limit", "-5"],
             "limit-text": ["--limit", "ten"],
+            "restarts-zero": ["--restarts", "0"],
+            "restarts-pareto": ["--restarts", "2", "--pareto"],
         }[case]
     before = sorted(p.name for p in bundle.iterdir()) if bundle.is_dir() else None
     assert main(argv) == 2

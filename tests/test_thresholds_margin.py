@@ -206,7 +206,9 @@ def test_cli_confidence_is_reported_and_stored(cli_setup, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["confidence"] == 1.645 and result["paired"] is True
     assert result["margin"]["lower_bound"] >= -0.5 - 1e-9
-    assert set(result["test"]["margin"]) == {"confidence", "paired", "drop", "se", "lower_bound"}
+    margin_keys = {"confidence", "paired", "paired_with", "drop", "se", "lower_bound"}
+    assert set(result["test"]["margin"]) == margin_keys
+    assert result["test"]["margin"]["paired_with"] == "final_exit"
     tuned = read_thresholds(bundle, 4).tuned
     assert tuned["confidence"] == 1.645 and tuned["max_drop"] == 0.5
     assert tuned["metrics"]["val"]["margin"] == result["margin"]

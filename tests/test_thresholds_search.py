@@ -11,6 +11,7 @@ import pytest
 
 from thresholds.baselines import grid_search
 from thresholds.costs import CostModel
+from thresholds.errors import TuningError
 from thresholds.evaluate import build_exit_table, evaluate
 from thresholds.frontier import is_nondominated
 from thresholds.genes import decode, encode
@@ -82,6 +83,29 @@ def test_same_seed_same_thresholds_and_global_random_untouched():
     assert first.history == second.history
     other = run_ga(table, costs, objective, GAConfig(seed=43, generations=30, progress=False))
     assert other.fitness > 0  # another seed runs independently (values may coincide)
+
+
+def test_restarts_keep_the_best_of_independent_seeded_runs():
+    probs, labels = synthetic_calibration(rows=2000, exits=4, seed=6)
+    table = build_exit_table(probs, labels)
+    objective = Objective(baseline=table.final_accuracy, max_drop=0.5, confidence=1.0, rows=2000,
+                          paired=True)  # fmt: skip
+    single = [
+        run_ga(table, COSTS_4, objective, GAConfig(seed=s, generations=20, progress=False))
+        for s in (7, 8, 9)
+    ]
+    best = run_ga(
+        table, COSTS_4, objective, GAConfig(seed=7, generations=20, restarts=3, progress=False)
+    )
+    assert best.restart_fitness == tuple(r.fitness for r in single)
+    winner = max(single, key=lambda r: (r.fitness, r.metrics.accuracy))
+    assert best.thresholds == winner.thresholds and best.fitness == winner.fitness
+    assert best.history == winner.history
+    assert best.evaluations == sum(r.evaluations for r in single)
+    assert best.summary()["restart_fitness"] == list(best.restart_fitness)
+    assert "restart_fitness" not in single[0].summary()
+    with pytest.raises(TuningError, match="--restarts must be >= 1"):
+        GAConfig(restarts=0)
 
 
 def test_nsga2_front_is_nondominated_and_deterministic():

@@ -165,10 +165,9 @@ def grid_tables(
 
 
 def grid_discordant(table: ExitTable, steps: int) -> np.ndarray:
-    """Discordant rows (answer right where the final exit is wrong, or the reverse) at every
+    """Discordant rows (answer right where the baseline is wrong, or the reverse) at every
     grid point (steps^K), for the paired confidence bound."""
-    final = table.correct[:, table.num_exits - 1 : table.num_exits]
-    flags = (table.correct != final).astype(np.float64)
+    flags = (table.correct != table.baseline_correct[:, None]).astype(np.float64)
     _, flat, shape = _grid_bins(table, steps)
     return _flagged_answers(flat, shape, steps, flags)
 

@@ -4,6 +4,10 @@ Collecting runs every exit on every row of a split, the slow part of tuning, so 
 cached as an `.npz` (see `core.calibration`) keyed by the bundle's segment sha256s, the
 dataset, the split and the data directory: retuning with other options reuses it, and a
 re-exported bundle never picks up stale probabilities.
+
+The bundle's plain model (`core.bundle.plain_graph`: what tuning compares early exit with) is
+collected the same way, as a one-"exit" calibration keyed by that graph's sha256, so the tuning
+bound can pair its answers with the early exits' row by row.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from core.bundle import Manifest
+from core.bundle import Manifest, plain_graph
 from core.calibration import CalibrationError, collect_calibration, load_calibration
 from core.calibration import save_calibration as _save_calibration
 from thresholds.errors import TuningError
@@ -78,6 +82,19 @@ def check_against_manifest(calibration: Calibration, manifest: Manifest, what: s
         )
 
 
+def check_plain(calibration: Calibration, manifest: Manifest, what: str) -> None:
+    """TuningError unless the arrays are the bundle's plain model on some rows (one output per
+    row with the bundle's class count, collected from the graph the manifest names now)."""
+    if calibration.num_rows == 0:
+        raise TuningError(f"{what} is empty (0 rows)")
+    if calibration.num_exits != 1 or calibration.num_classes != manifest.num_classes:
+        raise TuningError(
+            f"{what} has shape {list(calibration.exit_probs.shape)}, not N×1×{manifest.num_classes}"
+        )
+    if calibration.meta.get("plain_graph_sha256") != plain_graph(manifest).sha256:
+        raise TuningError(f"{what} was collected from another plain graph")
+
+
 def read_calibration_file(path: str | os.PathLike[str]) -> Calibration:
     """Load an `.npz` written by `core.calibration.save_calibration` (or the same layout)."""
     try:
@@ -93,10 +110,12 @@ def cache_path(
     dataset: str,
     split: str,
     data_dir: str | os.PathLike[str],
+    plain: bool = False,
 ) -> Path:
+    graphs = [plain_graph(manifest).sha256] if plain else [s.sha256 for s in manifest.segments]
     key = json.dumps(
         {
-            "segments": [s.sha256 for s in manifest.segments],
+            "segments": graphs,
             "dataset": dataset,
             "split": split,
             "data_dir": os.fspath(Path(data_dir).resolve()),
@@ -104,7 +123,8 @@ def cache_path(
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
-    return Path(cache_dir) / f"calibration-{dataset}-{split}-{digest}.npz"
+    kind = "plain" if plain else "calibration"
+    return Path(cache_dir) / f"{kind}-{dataset}-{split}-{digest}.npz"
 
 
 def collect(
@@ -116,8 +136,10 @@ def collect(
     batch_size: int = 256,
     options: RuntimeOptions | None = None,
     runtime: Any = None,
+    plain: bool = False,
 ) -> Calibration:
-    """Run the split through every exit of the bundle (serving runtime, full mode)."""
+    """Run the split through every exit of the bundle (serving runtime, full mode), or with
+    `plain` through its plain model (N×1×C)."""
     from core.datasets import load_split
 
     data = load_split(dataset, data_dir, split)
@@ -128,16 +150,20 @@ def collect(
             f"{dataset} has {len(data.classes)} classes but the bundle has {manifest.num_classes}"
         )
     if runtime is None:
-        runtime = (options or RuntimeOptions()).open(bundle_dir)
+        runtime = (options or RuntimeOptions()).open(bundle_dir, plain=plain)
     logger.info(
-        "collecting calibration: %d %s/%s images through %d exits",
+        "collecting calibration: %d %s/%s images through %s",
         len(data),
         dataset,
         split,
-        manifest.num_exits,
+        f"the plain model ({plain_graph(manifest).file})"
+        if plain
+        else f"{manifest.num_exits} exits",
     )
-    exit_probs, labels = collect_calibration(runtime, data.images, data.labels, batch_size)
-    meta = {
+    exit_probs, labels = collect_calibration(
+        runtime, data.images, data.labels, batch_size, plain=plain
+    )
+    meta: dict[str, Any] = {
         "bundle_sha256": bundle_sha256(manifest),
         "segment_sha256": [s.sha256 for s in manifest.segments],
         "bundle_name": manifest.name,
@@ -150,6 +176,8 @@ def collect(
         "rows": int(labels.shape[0]),
         "collected_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if plain:
+        meta.update(num_exits=1, plain_graph_sha256=plain_graph(manifest).sha256)
     return Calibration(exit_probs, labels, meta, source="runtime")
 
 
@@ -164,24 +192,27 @@ def load_or_collect(
     options: RuntimeOptions | None = None,
     write_cache: bool = True,
     runtime: Any = None,
+    plain: bool = False,
 ) -> Calibration:
-    """The cached calibration for (bundle, dataset, split, data dir), collected when missing.
+    """The cached calibration for (bundle, dataset, split, data dir), collected when missing;
+    with `plain`, the bundle's plain model's (N×1×C).
 
     The cache lives in `cache_dir` (default: `<bundle>/calibration_cache/`); a cache that
     cannot be written only costs a warning.
     """
     directory = Path(cache_dir) if cache_dir is not None else Path(bundle_dir) / CACHE_DIR_NAME
-    path = cache_path(directory, manifest, dataset, split, data_dir)
+    path = cache_path(directory, manifest, dataset, split, data_dir, plain)
+    check = check_plain if plain else check_against_manifest
     if path.is_file():
         try:
             cached = read_calibration_file(path)
-            check_against_manifest(cached, manifest, f"cached calibration {path}")
+            check(cached, manifest, f"cached calibration {path}")
             logger.info("using cached calibration %s (%d rows)", path, cached.num_rows)
             return cached
         except TuningError as exc:
             logger.warning("ignoring unusable calibration cache: %s", exc)
     calibration = collect(
-        bundle_dir, manifest, dataset, data_dir, split, batch_size, options, runtime
+        bundle_dir, manifest, dataset, data_dir, split, batch_size, options, runtime, plain
     )
     if write_cache:
         try:

@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="Z",
         help="with --max-drop: require the one-sided lower confidence bound of the accuracy "
-        "difference (paired with the final exit on the same rows) to stay above -EPS, "
+        "difference (paired row by row with the baseline when it ran on the same rows: the "
+        "plain model or the final exit; binomial for a given --baseline) to stay above -EPS, "
         "i.e. a margin of Z standard errors (default 0 = none; e.g. 1.0 or 1.645 for ~95%%)",
     )
     mode.add_argument(
@@ -143,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="PCT",
         help="the plain model's accuracy in percent that --max-drop and --beta are measured "
-        "against (default: the manifest's baseline block for each split, else the final exit)",
+        "against (default: the manifest's baseline block for each split, its plain graph "
+        "run on the same rows when --dataset/--data-dir are given; else the final exit)",
     )
     mode.add_argument(
         "--baseline-bundle",
@@ -181,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this many generations without improvement (25; 0 = never)",
     )
     ga.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    ga.add_argument(
+        "--restarts",
+        type=int,
+        default=1,
+        metavar="N",
+        help="independent GA runs (seeds SEED, SEED+1, ...); the best is kept (1)",
+    )
     ga.add_argument(
         "--grid-steps",
         type=int,
@@ -222,6 +231,7 @@ def _request(args: argparse.Namespace) -> TuneRequest:
         generations=args.generations,
         patience=args.patience,
         seed=args.seed,
+        restarts=args.restarts,
         gray=args.encoding == "gray",
     )
     options = TuneOptions(

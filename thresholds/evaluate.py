@@ -10,8 +10,9 @@ heads, is `thresholds.costs`).
 Everything that does not depend on the thresholds (max probabilities, per-exit and fallback
 correctness) is computed once in `build_exit_table`, so scoring a population of P vectors is a
 handful of P×N numpy passes. Besides the correct rows, each vector's *discordant* rows (answer
-right where the final exit is wrong, or the reverse) are counted: the paired confidence bound of
-`thresholds.objectives` needs them.
+right where the baseline is wrong, or the reverse) are counted: the paired confidence bound of
+`thresholds.objectives` needs them. The baseline is the table's reference model when it has one
+(the plain model a user would otherwise deploy, run on the same rows), else its final exit.
 """
 
 from __future__ import annotations
@@ -49,11 +50,14 @@ class ExitTable:
     # N×K bool: exit k predicts the final exit's class (None when built without predictions);
     # what a label-free "stop once the answer will not change" router needs.
     agrees_final: np.ndarray | None = None
+    # N bool: whether a reference model (the plain model the early exits are compared with) is
+    # right on each row; None = the baseline is the final exit on the same rows.
+    reference_correct: np.ndarray | None = None
     # Derived layouts for the hot loop: exit-major float64 max probs, packed correctness bits,
-    # and the final exit's correctness in the same dtype (to count discordant rows).
+    # and the baseline's correctness in the same dtype (to count discordant rows).
     _max_probs_t: np.ndarray = field(init=False, repr=False)
     _correct_bits: np.ndarray = field(init=False, repr=False)
-    _final_bits: np.ndarray = field(init=False, repr=False)
+    _baseline_bits: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         k1 = self.correct.shape[1]
@@ -62,8 +66,7 @@ class ExitTable:
         bits = (self.correct.astype(dtype) * weights).sum(axis=1, dtype=dtype)
         object.__setattr__(self, "_max_probs_t", np.ascontiguousarray(self.max_probs.T, np.float64))
         object.__setattr__(self, "_correct_bits", bits)
-        final = self.correct[:, self.max_probs.shape[1] - 1].astype(dtype)
-        object.__setattr__(self, "_final_bits", final)
+        object.__setattr__(self, "_baseline_bits", self.baseline_correct.astype(dtype))
 
     @property
     def num_rows(self) -> int:
@@ -83,11 +86,29 @@ class ExitTable:
         """The final exit's accuracy (percent): the default baseline of eq. 7."""
         return 100.0 * int(np.count_nonzero(self.correct[:, self.num_exits - 1])) / self.num_rows
 
+    @property
+    def baseline_correct(self) -> np.ndarray:
+        """N bool: the baseline's correctness on each row (the reference model's, else the
+        final exit's); discordant rows are counted against it."""
+        if self.reference_correct is not None:
+            return self.reference_correct
+        return self.correct[:, self.max_probs.shape[1] - 1]
+
+    @property
+    def baseline_accuracy(self) -> float:
+        """The baseline's accuracy (percent) on these rows: the reference model's when the
+        table has one, else the final exit's."""
+        return 100.0 * int(np.count_nonzero(self.baseline_correct)) / self.num_rows
+
 
 def build_exit_table(
-    exit_probs: np.ndarray, labels: np.ndarray, fallback: str = "ensemble"
+    exit_probs: np.ndarray,
+    labels: np.ndarray,
+    fallback: str = "ensemble",
+    reference_correct: np.ndarray | None = None,
 ) -> ExitTable:
-    """Precompute max probabilities and correctness from N×K×C probabilities and N labels.
+    """Precompute max probabilities and correctness from N×K×C probabilities and N labels;
+    `reference_correct` (N bool) is a reference model's correctness on the same rows.
 
     Raises TuningError on empty data, wrong shapes, labels outside [0, C) or non-finite values.
     """
@@ -119,7 +140,15 @@ def build_exit_table(
     else:
         correct[:, k] = correct[:, k - 1]
     agrees = predictions == predictions[:, k - 1 : k]
-    return ExitTable(probs.max(axis=2), correct, fallback, c, agrees)
+    reference = None
+    if reference_correct is not None:
+        reference = np.asarray(reference_correct)
+        if reference.shape != (n,) or reference.dtype != np.bool_:
+            raise TuningError(
+                f"reference correctness must be {n} booleans, got {reference.dtype} of shape "
+                f"{list(reference.shape)}"
+            )
+    return ExitTable(probs.max(axis=2), correct, fallback, c, agrees, reference)
 
 
 @dataclass(frozen=True)
@@ -131,7 +160,7 @@ class Metrics:
     acceleration: float
     mean_cost: float
     exit_fractions: tuple[float, ...]  # K exits, then the fallback
-    # Rows whose answer is right where the final exit's is wrong, or wrong where it is right.
+    # Rows whose answer is right where the baseline's is wrong, or wrong where it is right.
     discordant_rows: int
 
     def to_dict(self) -> dict[str, object]:
@@ -150,7 +179,7 @@ class PopulationMetrics:
 
     thresholds: np.ndarray  # P×K
     correct_counts: np.ndarray  # P
-    discordant_counts: np.ndarray  # P: rows right/wrong where the final exit is wrong/right
+    discordant_counts: np.ndarray  # P: rows right/wrong where the baseline is wrong/right
     exit_counts: np.ndarray  # P×(K+1)
     accuracy: np.ndarray  # P, percent
     mean_cost: np.ndarray  # P, cost units per row
@@ -208,7 +237,7 @@ def _exit_counts_chunk(
     right = np.right_shift(table._correct_bits[None, :], first.astype(table._correct_bits.dtype))
     right &= 1
     correct_counts = right.sum(axis=1, dtype=np.int64)
-    right ^= table._final_bits[None, :]  # now 1 where the answer and the final exit disagree
+    right ^= table._baseline_bits[None, :]  # now 1 where the answer and the baseline disagree
     discordant_counts = right.sum(axis=1, dtype=np.int64)
     exit_counts = np.stack([np.count_nonzero(first == j, axis=1) for j in range(k + 1)], axis=1)
     return correct_counts, discordant_counts, exit_counts

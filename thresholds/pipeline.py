@@ -21,6 +21,7 @@ from core.bundle import (
     Manifest,
     Thresholds,
     load_manifest,
+    plain_graph,
     validate_threshold_values,
     write_thresholds,
 )
@@ -106,8 +107,11 @@ class TuneRequest:
             raise TuningError("--baseline-bundle needs --dataset/--data-dir, not --calibration")
 
 
-def _collect(request: TuneRequest, bundle: Path, manifest: Manifest, split: str) -> Calibration:
-    """One split's calibration arrays for `bundle`, from its cache or run through the runtime."""
+def _collect(
+    request: TuneRequest, bundle: Path, manifest: Manifest, split: str, plain: bool = False
+) -> Calibration:
+    """One split's calibration arrays for `bundle` (with `plain`, for its plain model), from
+    its cache or run through the runtime."""
     return load_or_collect(
         bundle,
         manifest,
@@ -118,6 +122,7 @@ def _collect(request: TuneRequest, bundle: Path, manifest: Manifest, split: str)
         cache_dir=request.cache_dir,
         options=request.runtime,
         write_cache=not request.dry_run,
+        plain=plain,
     )
 
 
@@ -177,63 +182,138 @@ def first_rows(calibration: Calibration, limit: int | None) -> Calibration:
 
 @dataclass(frozen=True)
 class BaselineChoice:
-    """The accuracy each split is measured against, and where it came from."""
+    """The accuracy each split is measured against, where it came from, and (when the plain
+    model was run on the same rows) its correctness on each row, for the paired bound."""
 
     source: str  # "given", "bundle", "manifest" or "final_exit"
     tune: float | None  # None: the final exit on the same rows (paired)
     test: float | None
     detail: dict[str, Any] = field(default_factory=dict)
+    # N bool per split: the plain model right on row n of the whole split (None: not run).
+    tune_correct: np.ndarray | None = None
+    test_correct: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "tune": self.tune, "test": self.test, **self.detail}
+        paired = self.source == "final_exit" or self.tune_correct is not None
+        return {
+            "source": self.source,
+            "tune": self.tune,
+            "test": self.test,
+            "paired": paired,
+            **self.detail,
+        }
+
+
+def _plain_correct(
+    calibration: Calibration, labels: np.ndarray, what: str
+) -> tuple[float, np.ndarray]:
+    """(accuracy in percent, N bool correctness) of a plain model's last output on a split
+    whose labels must be the tuned bundle's, row for row: the pairing needs the same rows."""
+    if not np.array_equal(calibration.labels, labels):
+        raise TuningError(f"{what} was not run on the same rows as the bundle")
+    correct = calibration.exit_probs[:, -1].argmax(axis=1) == calibration.labels
+    return 100.0 * int(np.count_nonzero(correct)) / correct.shape[0], correct
 
 
 def resolve_baseline(
-    request: TuneRequest, manifest: Manifest, split: str, test_split: str | None
+    request: TuneRequest,
+    manifest: Manifest,
+    split: str,
+    test_split: str | None,
+    labels: dict[str, np.ndarray] | None = None,
 ) -> BaselineChoice:
     """What 'no accuracy loss' means for this run: the plain model a user would otherwise
-    deploy when the bundle or the user names one, else the bundle's own final exit."""
+    deploy when the bundle or the user names one, else the bundle's own final exit.
+
+    `labels` (split -> the bundle's labels on the whole split) is given when the data can be
+    read: the plain model (another bundle's final exit, or the graph the manifest's baseline
+    block names) then runs on the same rows, and the bound is paired with its answers."""
     given = request.options.baseline
     if given is not None:
         return BaselineChoice("given", given, given)
+    splits = [split] + ([test_split] if test_split else [])
     if request.baseline_bundle is not None:
         plain = load_manifest(request.baseline_bundle)
         if list(plain.labels) != list(manifest.labels):
             raise TuningError(
                 f"--baseline-bundle {request.baseline_bundle}: its labels differ from the bundle's"
             )
-        accuracy = {}
-        for name in [split] + ([test_split] if test_split else []):
+        accuracy, correct = {}, {}
+        for name in splits:
             cal = _collect(request, request.baseline_bundle, plain, name)
-            accuracy[name] = _table(cal, plain, "baseline bundle data").final_accuracy
+            _table(cal, plain, "baseline bundle data")  # checks the arrays against its manifest
+            accuracy[name], correct[name] = _plain_correct(
+                cal, (labels or {}).get(name, cal.labels), "the baseline bundle"
+            )
         return BaselineChoice(
             "bundle",
             accuracy[split],
             accuracy.get(test_split) if test_split else None,
             {"name": plain.name, "version": plain.version, "accuracy": accuracy},
+            correct[split] if labels else None,
+            correct.get(test_split) if labels and test_split else None,
         )
     block = manifest.baseline
     if block is not None and not request.against_final_exit:
-        missing = [
-            s for s in [split] + ([test_split] if test_split else []) if s not in block.accuracy
-        ]
-        if missing:
+        missing = [s for s in splits if s not in block.accuracy]
+        if missing and not labels:
             raise TuningError(
                 f"the manifest's baseline block has no accuracy for split {', '.join(missing)}; "
                 "give --baseline PCT or --against-final-exit"
             )
+        detail: dict[str, Any] = {"recipe": block.recipe, "accuracy": dict(block.accuracy)}
+        if not labels:
+            return BaselineChoice(
+                "manifest",
+                block.accuracy[split],
+                block.accuracy[test_split] if test_split else None,
+                detail,
+            )
+        # The data is here: run the plain graph (baseline.onnx, or full_model.onnx when the
+        # bundle's backbone is the plain model) on the same rows, so the accuracy compared with
+        # is measured where the early exits are, and the bound pairs the answers row by row.
+        graph = plain_graph(manifest).file
+        measured, correct = {}, {}
+        for name in splits:
+            cal = _collect(request, request.bundle, manifest, name, plain=True)
+            measured[name], correct[name] = _plain_correct(cal, labels[name], graph)
+            recorded = block.accuracy.get(name)
+            if recorded is not None and abs(recorded - measured[name]) > 0.1:
+                logger.warning(
+                    "%s scores %.2f%% on %s here, the manifest records %.2f%%: is this the "
+                    "data it was trained for?",
+                    graph,
+                    measured[name],
+                    name,
+                    recorded,
+                )
+        detail["measured"] = measured
         return BaselineChoice(
             "manifest",
-            block.accuracy[split],
-            block.accuracy[test_split] if test_split else None,
-            {"recipe": block.recipe, "accuracy": dict(block.accuracy)},
+            measured[split],
+            measured[test_split] if test_split else None,
+            detail,
+            correct[split],
+            correct[test_split] if test_split else None,
         )
     return BaselineChoice("final_exit", None, None)
 
 
-def _table(calibration: Calibration, manifest: Manifest, what: str) -> ExitTable:
+def _table(
+    calibration: Calibration,
+    manifest: Manifest,
+    what: str,
+    reference_correct: np.ndarray | None = None,
+) -> ExitTable:
+    """The exit table of `calibration`; `reference_correct` (the plain model's correctness on
+    the whole split) is cut to the calibration's rows, which are the split's first ones."""
     check_against_manifest(calibration, manifest, what)
-    return build_exit_table(calibration.exit_probs, calibration.labels, manifest.fallback)
+    reference = None
+    if reference_correct is not None:
+        reference = reference_correct[: calibration.num_rows]
+    return build_exit_table(
+        calibration.exit_probs, calibration.labels, manifest.fallback, reference
+    )
 
 
 def run(request: TuneRequest) -> dict[str, Any]:
@@ -250,8 +330,6 @@ def run(request: TuneRequest) -> dict[str, Any]:
     # later run without it reuses the same cache.
     tune_cal = first_rows(whole_cal, request.limit)
     split = str(tune_cal.meta.get("split") or request.split)
-    table = _table(tune_cal, manifest, "calibration data")
-    test_table = None if test_cal is None else _table(test_cal, manifest, "test calibration data")
     costs = cost_model(
         request.cost,
         request.bundle,
@@ -261,24 +339,39 @@ def run(request: TuneRequest) -> dict[str, Any]:
         request.latency_repeats,
         write=not request.dry_run,
     )
+    # Calibration files hold no images, so only collected splits can run the plain model.
+    labels = None
+    if request.calibration is None:
+        labels = {split: whole_cal.labels}
+        if test_cal is not None and test_split is not None:
+            labels[test_split] = test_cal.labels
     try:
-        baseline = resolve_baseline(request, manifest, split, test_split)
+        baseline = resolve_baseline(request, manifest, split, test_split, labels)
     except BundleError as exc:
-        raise TuningError(f"--baseline-bundle: {exc}") from exc
+        where = "--baseline-bundle: " if request.baseline_bundle is not None else ""
+        raise TuningError(f"{where}{exc}") from exc
     if baseline.source != "final_exit":
         logger.info(
-            "measuring against the %s baseline: %s%% on %s%s",
+            "measuring against the %s baseline: %s%% on %s%s%s",
             baseline.source,
             baseline.tune,
             split,
             f", {baseline.test}% on {test_split}" if test_split else "",
+            " (paired row by row)" if baseline.tune_correct is not None else "",
         )
+    table = _table(tune_cal, manifest, "calibration data", baseline.tune_correct)
+    test_table = None
+    if test_cal is not None:
+        test_table = _table(test_cal, manifest, "test calibration data", baseline.test_correct)
+    # Paired: baseline None = the table's reference model on the very rows tuned on (with
+    # --limit, its accuracy on those rows, not on the whole split).
+    paired = baseline.tune_correct is not None
     outcome = tune(
         table,
         costs,
-        replace(request.options, baseline=baseline.tune),
+        replace(request.options, baseline=None if paired else baseline.tune),
         test_table,
-        replace(request.options, baseline=baseline.test),
+        replace(request.options, baseline=None if paired else baseline.test),
     )
 
     data = DataInfo(

@@ -64,16 +64,20 @@ def _objective_fields(outcome: TuneOutcome) -> dict[str, Any]:
 def _search_fields(outcome: TuneOutcome, options: TuneOptions) -> dict[str, Any]:
     ga = options.ga
     done = outcome.search or outcome.pareto
-    return {
+    fields: dict[str, Any] = {
         "bits": ga.bits,
         "encoding": "gray" if ga.gray else "binary",
         "population": ga.population,
         "generations": done.generations if done else 0,
         "max_generations": ga.generations,
         "seed": ga.seed,
+        "restarts": ga.restarts,
         "evaluations": done.evaluations if done else 0,
         "seconds": outcome.seconds,
     }
+    if outcome.search is not None and len(outcome.search.restart_fitness) > 1:
+        fields["restart_fitness"] = list(outcome.search.restart_fitness)
+    return fields
 
 
 def tuned_provenance(
@@ -215,9 +219,10 @@ def _margin_lines(split: str, report: dict[str, Any], max_drop: float) -> list[s
     """
     margin = report["margin"]
     z, drop, se, worst = margin["confidence"], margin["drop"], margin["se"], -margin["lower_bound"]
-    versus = (
-        "the final exit" if margin["paired"] else f"the baseline {report['baseline_accuracy']:.2f}%"
-    )
+    versus = {
+        "final_exit": "the final exit",
+        "reference": f"the plain model ({report['baseline_accuracy']:.2f}% on these rows)",
+    }.get(margin.get("paired_with") or "", f"the baseline {report['baseline_accuracy']:.2f}%")
     measured = (
         f"{_points(drop)} points"
         if round(drop, 2) >= 0

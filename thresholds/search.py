@@ -16,8 +16,8 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -57,6 +57,9 @@ class GAConfig:
     patience: int = 25  # generations without improvement before stopping; 0 = never stop early
     gray: bool = True  # Gray-coded genes: neighbouring levels differ by one bit
     seed: int = 0
+    # Independent runs (seeds seed, seed + 1, ...), the best kept: one run can settle on a local
+    # optimum a few percent below another seed's (docs/results/tuning).
+    restarts: int = 1
     progress: bool | None = None  # tqdm bar; None = only on a terminal
 
     def __post_init__(self) -> None:
@@ -74,6 +77,8 @@ class GAConfig:
             raise TuningError("tournament_size must be >= 1 and elite in [0, population)")
         if self.patience < 0:
             raise TuningError("patience must be >= 0")
+        if self.restarts < 1:
+            raise TuningError(f"--restarts must be >= 1, got {self.restarts}")
 
 
 @dataclass(frozen=True)
@@ -89,14 +94,20 @@ class SearchResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     # Every distinct vector scored: K thresholds, accuracy, acceleration (for plots).
     explored: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    # With restarts: each run's fitness in seed order. Generations and history are the kept
+    # run's; evaluations, seconds and explored cover every run.
+    restart_fitness: tuple[float, ...] = ()
 
     def summary(self) -> dict[str, Any]:
-        return {
+        summary: dict[str, Any] = {
             "fitness": self.fitness,
             "generations": self.generations,
             "evaluations": self.evaluations,
             "seconds": self.seconds,
         }
+        if len(self.restart_fitness) > 1:
+            summary["restart_fitness"] = list(self.restart_fitness)
+        return summary
 
 
 # P scored vectors -> one DEAP fitness tuple per vector
@@ -173,16 +184,69 @@ def run_ga(
     table: ExitTable, costs: CostModel, objective: Objective, config: GAConfig | None = None
 ) -> SearchResult:
     """Maximise `objective` over threshold vectors; deterministic for a given `config.seed`.
+    With `config.restarts` > 1, that many independent runs (seeds seed, seed + 1, ...); the one
+    with the best (fitness, accuracy) is kept, the first on a tie.
 
     In max-drop mode the returned vector is verified to meet the accuracy floor (or its lower
     confidence bound, with `objective.confidence` > 0) on `table`; TuningError if no evaluated
-    vector does (only possible with a given baseline: the seeded full-depth vector meets a floor
-    relative to the final exit with any margin, its paired SE being 0).
+    vector does (only possible with a baseline other than the final exit on the same rows: the
+    seeded full-depth vector meets a floor relative to the final exit with any margin, its
+    paired SE being 0).
     """
-    from deap import algorithms, tools
-
     config = config or GAConfig()
     start = time.perf_counter()
+    runs = [
+        _run_once(table, costs, objective, replace(config, seed=config.seed + i))
+        for i in range(config.restarts)
+    ]
+    best = max(runs, key=lambda run: run.fitness)  # (score, accuracy); the first on a tie
+    thresholds, generation = best.thresholds, best.generations
+    metrics = evaluate(table, thresholds, costs)
+    if not bool(objective.feasible(metrics.accuracy, metrics.discordant_rows)):
+        raise TuningError(
+            f"no thresholds reach {objective.floor_text()} (best found "
+            f"{metrics.accuracy:.2f}%); lower the baseline or --confidence, or raise --max-drop"
+        )
+    fitness = objective.score_of(metrics)
+    seconds = time.perf_counter() - start
+    evaluations = sum(run.evaluations for run in runs)
+    logger.info(
+        "GA: fitness %.4f, accuracy %.2f%%, acceleration %.3fx after %d generations, "
+        "%d vectors scored, %.2fs%s",
+        fitness,
+        metrics.accuracy,
+        metrics.acceleration,
+        generation,
+        evaluations,
+        seconds,
+        "" if len(runs) == 1 else f" (best of {len(runs)} runs)",
+    )
+    return SearchResult(
+        thresholds=tuple(float(t) for t in thresholds),
+        metrics=metrics,
+        fitness=fitness,
+        generations=generation,
+        evaluations=evaluations,
+        seconds=seconds,
+        history=best.history,
+        explored=np.concatenate([run.explored for run in runs]),
+        restart_fitness=tuple(run.fitness[0] for run in runs),
+    )
+
+
+class _Run(NamedTuple):
+    thresholds: np.ndarray  # K
+    fitness: tuple[float, float]  # (objective score, accuracy) of the best individual
+    generations: int
+    history: list[dict[str, Any]]  # one record per generation
+    evaluations: int  # distinct vectors scored
+    explored: np.ndarray  # every vector scored: K thresholds, accuracy, acceleration
+
+
+def _run_once(table: ExitTable, costs: CostModel, objective: Objective, config: GAConfig) -> _Run:
+    """One GA run from `config.seed`."""
+    from deap import algorithms, tools
+
     k, bits = table.num_exits, config.bits
     length = k * bits
     _, individual_cls = make_types((1.0, 1.0))
@@ -245,31 +309,12 @@ def run_ga(
                 break
     logger.debug("GA log\n%s", logbook)
     thresholds = decode(np.asarray(hall[0], dtype=np.uint8), k, bits, config.gray)[0]
-    metrics = evaluate(table, thresholds, costs)
-    if not bool(objective.feasible(metrics.accuracy, metrics.discordant_rows)):
-        raise TuningError(
-            f"no thresholds reach {objective.floor_text()} (best found "
-            f"{metrics.accuracy:.2f}%); lower the baseline or --confidence, or raise --max-drop"
-        )
-    fitness = objective.score_of(metrics)
-    seconds = time.perf_counter() - start
-    logger.info(
-        "GA: fitness %.4f, accuracy %.2f%%, acceleration %.3fx after %d generations, "
-        "%d vectors scored, %.2fs",
-        fitness,
-        metrics.accuracy,
-        metrics.acceleration,
+    score, accuracy = hall[0].fitness.values
+    return _Run(
+        thresholds,
+        (float(score), float(accuracy)),
         generation,
+        history,
         evaluations,
-        seconds,
-    )
-    return SearchResult(
-        thresholds=tuple(float(t) for t in thresholds),
-        metrics=metrics,
-        fitness=fitness,
-        generations=generation,
-        evaluations=evaluations,
-        seconds=seconds,
-        history=history,
-        explored=scorer.explored(),
+        scorer.explored(),
     )

@@ -36,7 +36,9 @@ class TuneOptions:
     # Z of a one-sided lower confidence bound the max-drop floor applies to; None or 0 = none.
     confidence: float | None = None
     pareto: bool = False  # NSGA-II front; the written point is the front's best for the mode
-    baseline: float | None = None  # percent; None = the final exit's accuracy on the same rows
+    # percent; None = the table's baseline on the same rows (its reference model, else its
+    # final exit), paired row by row
+    baseline: float | None = None
     ga: GAConfig = field(default_factory=GAConfig)
     grid_steps: int = DEFAULT_GRID_STEPS
     global_steps: int = DEFAULT_GLOBAL_STEPS
@@ -48,6 +50,8 @@ class TuneOptions:
         if self.confidence is not None and self.max_drop is None:
             raise TuningError("--confidence goes with --max-drop")
         check_confidence(self.confidence, self.max_drop)
+        if self.pareto and self.ga.restarts > 1:
+            raise TuningError("--restarts applies to the GA, not to --pareto")
         if self.grid_steps < 2:
             raise TuningError(f"--grid-steps must be >= 2, got {self.grid_steps}")
         # Validates β / EPS / baseline ranges up front, before any data is read.
@@ -58,7 +62,7 @@ class TuneOptions:
         )
 
     def objective(self, table: ExitTable) -> Objective:
-        baseline = table.final_accuracy if self.baseline is None else self.baseline
+        baseline = table.baseline_accuracy if self.baseline is None else self.baseline
         beta = DEFAULT_BETA if self.beta is None else self.beta
         return Objective(
             baseline=baseline,
@@ -66,9 +70,10 @@ class TuneOptions:
             max_drop=self.max_drop,
             confidence=self.confidence or 0.0,
             rows=table.num_rows,
-            # The default baseline is the final exit on these very rows, so the bound is on the
-            # paired difference; a given --baseline is a fixed number with no rows to pair
-            # with, so the bound falls back to the binomial SE of the dynamic accuracy alone.
+            # The default baseline (the reference model, else the final exit) is measured on
+            # these very rows, so the bound is on the paired difference; a given --baseline is a
+            # fixed number with no rows to pair with, so the bound falls back to the binomial
+            # SE of the dynamic accuracy alone.
             paired=self.baseline is None,
         )
 
@@ -85,7 +90,10 @@ class SplitReport:
     exit_accuracies: list[float]  # each exit alone, then the fallback alone
     final_exit: Metrics  # every row answered by exit K (what serving without early exits does)
     confidence: float  # the Z of `bound`
-    paired: bool  # `bound` is on the paired difference to the final exit on these rows
+    paired: bool  # `bound` is on the paired difference to the baseline on these rows
+    # What the pairing is with: "final_exit" or "reference" (the plain model on the same rows);
+    # None when not paired.
+    paired_with: str | None
     bound: AccuracyBound  # accuracy − baseline, its SE and its lower bound (points)
     ceiling: Ceiling  # what an oracle over the same exits reaches at the same accuracy
     # What stopping at the first exit that agrees with the final one reaches (None without
@@ -102,6 +110,7 @@ class SplitReport:
         return {
             "confidence": self.confidence,
             "paired": self.paired,
+            "paired_with": self.paired_with,
             "drop": float(0.0 - self.bound.difference),  # 0.0 - x: no "-0.0" in reports
             "se": float(self.bound.se),
             "lower_bound": float(self.bound.lower_bound),
@@ -150,6 +159,9 @@ def split_report(
         final_exit=evaluate(table, full_depth_thresholds(table.num_exits), costs),
         confidence=objective.confidence,
         paired=objective.paired,
+        paired_with=None
+        if not objective.paired
+        else ("reference" if table.reference_correct is not None else "final_exit"),
         bound=bound,
         ceiling=oracle_ceiling(table, costs, metrics.accuracy),
         consistency=consistency_ceiling(table, costs),
