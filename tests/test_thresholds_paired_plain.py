@@ -14,6 +14,7 @@ import thresholds.calibrate
 from core.decision import decide
 from tests.data_fixtures import write_tiny_cifar10
 from tests.plain_fixtures import with_baseline
+from tests.test_thresholds_baseline import LABELS, PROBS
 from tests.test_thresholds_cli import FAST
 from thresholds.baselines import grid_discordant, grid_tables
 from thresholds.cli import main
@@ -23,16 +24,7 @@ from thresholds.evaluate import build_exit_table, evaluate, evaluate_population
 from thresholds.synthetic import synthetic_calibration
 from thresholds.tuning import TuneOptions, tune
 
-# Three rows, two exits. The final exit is right on rows 0 and 1; the plain model on 1 and 2.
-PROBS = np.array(
-    [
-        [[0.7, 0.2, 0.1], [0.6, 0.3, 0.1]],
-        [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]],
-        [[0.1, 0.2, 0.7], [0.2, 0.2, 0.6]],
-    ],
-    dtype=np.float32,
-)
-LABELS = np.array([0, 1, 1])
+# The final exit is right on rows 0 and 1 of these three; the plain model on rows 1 and 2.
 PLAIN_RIGHT = np.array([False, True, True])
 COSTS = CostModel((2.0, 3.0), 4.0, "macs")
 
