@@ -1,8 +1,5 @@
 """The seed papers' backbones: group-conv ResNet18 and VGG-BN (seed 001 §3.4)."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +7,7 @@ import torch
 from torch import nn
 
 from tests.arch_helpers import checkpoint_for, export_and_check, staged_equals_full
+from tests.cli_helpers import assert_train_refuses
 from training.costs import measure_costs
 from training.models import block_names, create_backbone, create_model
 
@@ -128,16 +126,8 @@ def test_groups_that_do_not_divide_or_a_backbone_without_groups_are_errors():
         (["--groups", "0"], "positive integer"),
     ],
 )
-def test_cli_bad_groups_is_one_line_exit_2(tmp_path, args, needle):
-    proc = subprocess.run(
-        [sys.executable, "-m", "training.cli", "--out", str(tmp_path / "run"),
-         "--data-dir", str(tmp_path), *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    lines = [x for x in proc.stderr.splitlines() if x.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
-    assert not (tmp_path / "run").exists()
+def test_cli_bad_groups_is_one_line_exit_2(tmp_path, capsys, args, needle):
+    assert_train_refuses(tmp_path, capsys, args, needle)
 
 
 def test_a_grouped_trelu_run_trains_and_exports_from_its_checkpoint(tmp_path):

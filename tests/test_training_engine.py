@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from core.datasets import ImageArrays
+from tests.cli_helpers import assert_train_refuses
 from training.config import TrainConfig
 from training.costs import count_macs, measure_costs
 from training.engine import Trainer, distill_weights, lr_factor
@@ -331,13 +332,8 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
         (["--ema-decay", "1.0"], "ema_decay"),
     ],
 )
-def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, needle):
-    base = ["--out", str(tmp_path / "run"), "--data-dir", str(tmp_path)]
-    proc = _cli(*base, *args)
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0]
-    assert not (tmp_path / "run").exists()  # nothing written
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
+    assert_train_refuses(tmp_path, capsys, args, needle)
 
 
 def test_cli_malformed_data_dir_exit_2(tmp_path):
@@ -589,11 +585,8 @@ def test_frozen_backbone_picks_best_on_the_trained_heads():
         (["--exit-blocks", "layer7.0"], "no block of resnet18"),
     ],
 )
-def test_cli_bad_exit_blocks_exit_2(tmp_path, args, needle):
-    proc = _cli("--out", str(tmp_path / "run"), "--data-dir", str(tmp_path), *args)
-    lines = [x for x in proc.stderr.splitlines() if x.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
-    assert not (tmp_path / "run").exists()
+def test_cli_bad_exit_blocks_exit_2(tmp_path, capsys, args, needle):
+    assert_train_refuses(tmp_path, capsys, args, needle)
 
 
 def test_exit_blocks_fix_the_exit_count_and_train():

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tests.arch_helpers import export_and_check, tiny_trainer
+from tests.cli_helpers import assert_train_refuses
 from training.costs import measure_costs
 from training.models import create_model
 from training.prune import (
@@ -335,11 +336,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         (["--prune-round-to", "8"], "prune_round_to applies only with prune_ratio"),
     ],
 )  # fmt: skip
-def test_cli_bad_pruning_is_one_line_exit_2(tmp_path, args, needle):
-    proc = _cli("--out", str(tmp_path / "run"), "--data-dir", str(tmp_path), *args)
-    lines = [x for x in proc.stderr.splitlines() if x.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
-    assert not (tmp_path / "run").exists()
+def test_cli_bad_pruning_is_one_line_exit_2(tmp_path, capsys, args, needle):
+    assert_train_refuses(tmp_path, capsys, args, needle)
 
 
 def test_wide_resnet40_2_builds_exports_and_prunes(tmp_path):
