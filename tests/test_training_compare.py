@@ -63,6 +63,16 @@ def _compare(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _compare_here(capsys, *args: str) -> tuple[int, str]:
+    """(exit code, stderr) of earlyexit-compare run in process: for refusals and --report-only,
+    which start no training process."""
+    from training.compare_cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def tiny_arms(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
@@ -128,18 +138,18 @@ def test_two_arms_two_seeds_train_resume_and_report(tiny_arms):
         (["--reference", "baseline", "--parallel", "0"], "must be ≥ 1"),
     ],
 )
-def test_bad_usage_is_one_line_exit_2(tiny_arms, tmp_path, extra, needle):
+def test_bad_usage_is_one_line_exit_2(tiny_arms, tmp_path, capsys, extra, needle):
     root, base, sd = tiny_arms
-    proc = _compare(
-        "--arms", str(base), str(sd), "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o"),
-        *extra,
+    code, err = _compare_here(
+        capsys, "--arms", str(base), str(sd), "--runs", str(tmp_path / "r"),
+        "--out", str(tmp_path / "o"), *extra,
     )  # fmt: skip
-    lines = [x for x in proc.stderr.splitlines() if x.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
     assert not (tmp_path / "r").exists() and not (tmp_path / "o").exists()
 
 
-def test_a_run_of_another_recipe_is_not_reported_under_an_arm(tiny_arms, tmp_path):
+def test_a_run_of_another_recipe_is_not_reported_under_an_arm(tiny_arms, tmp_path, capsys):
     """A finished-looking run directory whose config.json is another recipe is refused."""
     from training.config import TrainConfig
 
@@ -155,15 +165,16 @@ def test_a_run_of_another_recipe_is_not_reported_under_an_arm(tiny_arms, tmp_pat
         (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "epoch_seconds": 1.0}) + "\n")
         np.savez(run / "test_predictions.npz", predictions=np.zeros((1, 4), np.int16),
                  labels=np.zeros(4, np.int16))  # fmt: skip
-    proc = _compare(
-        "--arms", str(base), str(sd), "--reference", "baseline", "--seeds", "0",
+    code, err = _compare_here(
+        capsys, "--arms", str(base), str(sd), "--reference", "baseline", "--seeds", "0",
         "--runs", str(runs), "--out", str(tmp_path / "o"), "--report-only",
     )  # fmt: skip
-    assert proc.returncode == 1 and "trained with another recipe" in proc.stderr, proc.stderr
+    assert code == 1 and "trained with another recipe" in err, err
     assert not (tmp_path / "o").exists()
 
 
 def test_arms_must_share_one_protocol(tiny_arms, tmp_path):
+    # A real process: the console script's exit code and stderr, as users see them.
     root, base, sd = tiny_arms
     other = tmp_path / "sd_fast.yaml"
     other.write_text(sd.read_text().replace("epochs: 1", "epochs: 3"))
@@ -174,7 +185,7 @@ def test_arms_must_share_one_protocol(tiny_arms, tmp_path):
     assert proc.returncode == 2 and "differs from 'baseline' in epochs" in proc.stderr
 
 
-def test_an_architecture_ablation_with_vary_and_latency(tiny_arms, tmp_path):
+def test_an_architecture_ablation_with_vary_and_latency(tiny_arms, tmp_path, capsys):
     """--vary arch lets arms differ in the backbone (one budget otherwise); --latency exports
     each arm and times batch 1 of the exit chain and of the plain graph."""
     root, base, sd = tiny_arms
@@ -182,8 +193,8 @@ def test_an_architecture_ablation_with_vary_and_latency(tiny_arms, tmp_path):
     vgg.write_text(sd.read_text().replace("arch: resnet18", "arch: vgg11_bn"))
     args = ["--arms", str(base), str(vgg), "--reference", "baseline", "--seeds", "0"]
     args += ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--step-steps", "1"]
-    refused = _compare(*args)
-    assert refused.returncode == 2 and "in arch" in refused.stderr and "--vary" in refused.stderr
+    code, err = _compare_here(capsys, *args)
+    assert code == 2 and "in arch" in err and "--vary" in err
     proc = _compare(*args, "--vary", "arch", "--latency")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "o" / "compare.json").read_text())
@@ -203,8 +214,10 @@ def test_an_architecture_ablation_with_vary_and_latency(tiny_arms, tmp_path):
     assert "chain ms" in md and "accuracy_vs_params.png" in md
     assert (tmp_path / "o" / "accuracy_vs_params.png").stat().st_size > 1000
     # A pair tested besides the reference: the same McNemar, the other way round.
-    paired = _compare(*args, "--vary", "arch", "--report-only", "--pairs", "sd_vgg:baseline")
-    assert paired.returncode == 0, paired.stderr[-2000:]
+    code, err = _compare_here(
+        capsys, *args, "--vary", "arch", "--report-only", "--pairs", "sd_vgg:baseline"
+    )
+    assert code == 0, err[-2000:]
     pair = json.loads((tmp_path / "o" / "compare.json").read_text())["pairs"][0]
     vs_ref = arms["sd_vgg"]["per_seed"]["0"]["deepest_vs_reference"]
     assert (pair["a"], pair["b"]) == ("sd_vgg", "baseline")
@@ -212,10 +225,12 @@ def test_an_architecture_ablation_with_vary_and_latency(tiny_arms, tmp_path):
     assert pair["per_seed"]["0"]["p_value"] == pytest.approx(vs_ref["p_value"])
     assert "| `sd_vgg` | `baseline` |" in (tmp_path / "o" / "README.md").read_text()
     for pairs in ("sd_vgg", "sd_vgg:nope", "baseline:baseline"):
-        wrong = _compare(*args, "--vary", "arch", "--report-only", "--pairs", pairs)
-        assert wrong.returncode == 2 and "--pairs" in wrong.stderr
-    bad = _compare(*args, "--vary", "arch,colour", "--report-only")
-    assert bad.returncode == 2 and "--vary: colour is not a protocol field" in bad.stderr
+        code, err = _compare_here(
+            capsys, *args, "--vary", "arch", "--report-only", "--pairs", pairs
+        )
+        assert code == 2 and "--pairs" in err
+    code, err = _compare_here(capsys, *args, "--vary", "arch,colour", "--report-only")
+    assert code == 2 and "--vary: colour is not a protocol field" in err
 
 
 def test_sigterm_stops_every_run_with_a_checkpoint(tiny_arms, tmp_path):
