@@ -86,6 +86,7 @@ def test_max_drop_is_measured_against_the_manifest_baseline_per_split(tmp_path, 
     assert result["baseline"]["recipe"] == "plain_fast"
     # Calibration files hold no images to run a plain graph on: the recorded numbers, unpaired.
     assert result["baseline"]["paired"] is False and result["margin"]["paired_with"] is None
+    assert result["mcnemar"] is None and result["test"]["mcnemar"] is None
     assert result["baseline_accuracy"] == 40.0 and result["test"]["baseline_accuracy"] == 41.5
     assert result["accuracy"] >= 40.0 - 0.5
     assert result["consistency_ceiling"]["acceleration"] > 1.0

@@ -218,6 +218,7 @@ def test_human_summary(setup, capsys):
     assert "thresholds" in out and "grid search" in out and "acceleration" in out
     assert "test - val: accuracy" in out and "chance alone" in out
     assert "val: an oracle that knows the labels reaches" in out
+    assert "test: exact McNemar vs the final exit: right for the thresholds alone on" in out
 
 
 def test_limit_tunes_on_the_first_rows_and_records_it(setup, capsys, tmp_path):

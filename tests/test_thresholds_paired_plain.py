@@ -12,6 +12,7 @@ import pytest
 
 import thresholds.calibrate
 from core.decision import decide
+from core.stats import mcnemar, mcnemar_counts
 from tests.data_fixtures import write_tiny_cifar10
 from tests.plain_fixtures import with_baseline
 from tests.test_thresholds_baseline import LABELS, PROBS
@@ -22,7 +23,7 @@ from thresholds.costs import CostModel
 from thresholds.errors import TuningError
 from thresholds.evaluate import build_exit_table, evaluate, evaluate_population
 from thresholds.synthetic import synthetic_calibration
-from thresholds.tuning import TuneOptions, tune
+from thresholds.tuning import TuneOptions, paired_mcnemar, tune
 
 # The final exit is right on rows 0 and 1 of these three; the plain model on rows 1 and 2.
 PLAIN_RIGHT = np.array([False, True, True])
@@ -45,6 +46,23 @@ def test_discordant_rows_and_the_bound_are_counted_against_the_plain_model_by_ha
     bound = objective.bound(metrics.accuracy, metrics.discordant_rows)
     assert float(bound.difference) == pytest.approx(-100 / 3)
     assert float(bound.se) == pytest.approx(100 * math.sqrt((1 - 1 / 9) / 3))
+    # McNemar from the evaluator's counts: the plain model alone right on rows 1 and 2, the
+    # thresholds alone on row 0; n = 3 discordant rows, P(X <= 1) = 1/2, two-sided p = 1.
+    test = paired_mcnemar(paired, metrics)
+    assert (test.rows, test.only_a, test.only_b, test.p_value) == (3, 2, 1, 1.0)
+    assert test == mcnemar(PLAIN_RIGHT, np.array([True, False, False]))
+
+
+def test_mcnemar_from_counts_matches_the_vectors_and_refuses_impossible_counts():
+    rng = np.random.default_rng(2)
+    a, b = rng.uniform(size=500) < 0.8, rng.uniform(size=500) < 0.75
+    direct = mcnemar(a, b)
+    assert mcnemar_counts(500, direct.only_a, direct.only_b) == direct
+    assert mcnemar_counts(10, 0, 0).p_value == 1.0
+    assert mcnemar_counts(12, 0, 6).p_value == pytest.approx(2 / 64)  # 2 · (1/2)^6
+    for counts in [(0, 0, 0), (5, 4, 2), (5, -1, 1)]:
+        with pytest.raises(ValueError, match="impossible McNemar counts"):
+            mcnemar_counts(*counts)
 
 
 def test_grid_counts_the_same_discordant_rows_as_the_evaluator():
@@ -118,6 +136,16 @@ def test_tune_runs_the_plain_graph_on_the_tuned_rows_and_pairs_the_bound(
     assert result["margin"]["paired_with"] == "reference"
     assert result["margin"]["se"] == pytest.approx(se)
     assert result["margin"]["lower_bound"] == pytest.approx(100 * np.mean(d) - se)
+    # The exact McNemar of the same rows, against the plain model's answers.
+    direct = mcnemar(val[:3000], answers.argmax(axis=1) == cal.labels[:3000])
+    assert result["mcnemar"] == {
+        "rows": 3000,
+        "only_baseline": direct.only_a,
+        "only_early_exit": direct.only_b,
+        "difference_points": pytest.approx(direct.difference_points),
+        "p_value": pytest.approx(direct.p_value),
+    }
+    assert result["test"]["mcnemar"]["rows"] == test.size
 
     # A second run reads both caches: nothing is run again.
     def no_collecting(*_args, **_kwargs):

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.stats import mcnemar
 from tests.data_fixtures import write_tiny_cifar10
-from training.stats import mcnemar
 
 ROOT = Path(__file__).resolve().parents[1]
 

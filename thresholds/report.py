@@ -174,6 +174,7 @@ def result_json(
         "margin": tune.margin(),
         "ceiling": tune.ceiling.to_dict(),
         "consistency_ceiling": None if tune.consistency is None else tune.consistency.to_dict(),
+        "mcnemar": tune.to_dict()["mcnemar"],
         "cost": costs.to_dict(),
         "search": _search_fields(outcome, options),
         "test": None if outcome.test is None else {"split": data.test_split, **_held_out(outcome)},
@@ -251,6 +252,21 @@ def _margin_lines(split: str, report: dict[str, Any], max_drop: float) -> list[s
     return [plain, details]
 
 
+def _mcnemar_lines(split: str, report: dict[str, Any]) -> list[str]:
+    """The exact McNemar test against the baseline's answers on the same rows, when paired."""
+    test = report.get("mcnemar")
+    if not test:
+        return []
+    versus = (
+        "the plain model" if report["margin"]["paired_with"] == "reference" else "the final exit"
+    )
+    return [
+        f"{split}: exact McNemar vs {versus}: right for the thresholds alone on "
+        f"{test['only_early_exit']} rows, for {versus} alone on {test['only_baseline']}, "
+        f"p = {test['p_value']:.3g}"
+    ]
+
+
 def _rows_text(result: dict[str, Any]) -> str:
     rows, limit, whole = result["rows"], result.get("limit"), result.get("split_rows")
     text = f"{rows} rows of '{result['split']}'"
@@ -275,6 +291,7 @@ def summary_text(result: dict[str, Any]) -> str:
     ]
     if result["mode"] == "max_drop":
         lines += _margin_lines(result["split"], result, result["max_drop"])
+    lines += _mcnemar_lines(result["split"], result)
     ceiling = result.get("ceiling")
     if ceiling and ceiling["acceleration"]:
         lines.append(
@@ -298,6 +315,7 @@ def summary_text(result: dict[str, Any]) -> str:
         )
         if result["mode"] == "max_drop":
             lines += _margin_lines(test["split"], test, result["max_drop"])
+        lines += _mcnemar_lines(test["split"], test)
         moved = test["vs_tuning"]
         lines.append(
             f"{test['split']} - {result['split']}: accuracy {moved['accuracy_difference']:+.2f} "

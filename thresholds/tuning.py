@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from core.stats import McNemar, mcnemar_counts
 from thresholds.baselines import (
     DEFAULT_GLOBAL_STEPS,
     DEFAULT_GRID_STEPS,
@@ -99,6 +100,9 @@ class SplitReport:
     # What stopping at the first exit that agrees with the final one reaches (None without
     # per-exit predictions): acceleration at exactly the final exit's accuracy.
     consistency: ConsistencyCeiling | None = None
+    # Exact McNemar of the thresholds' answers (B) against the baseline's (A) on these rows;
+    # None when the baseline is a number with no rows to pair with.
+    mcnemar: McNemar | None = None
 
     @property
     def drop(self) -> float:
@@ -134,7 +138,30 @@ class SplitReport:
             "margin": self.margin(),
             "ceiling": self.ceiling.to_dict(),
             "consistency_ceiling": None if self.consistency is None else self.consistency.to_dict(),
+            "mcnemar": None if self.mcnemar is None else _mcnemar_dict(self.mcnemar),
         }
+
+
+def _mcnemar_dict(test: McNemar) -> dict[str, Any]:
+    return {
+        "rows": test.rows,
+        "only_baseline": test.only_a,  # rows the baseline gets right and the thresholds wrong
+        "only_early_exit": test.only_b,
+        "difference_points": test.difference_points,
+        "p_value": test.p_value,
+    }
+
+
+def paired_mcnemar(table: ExitTable, metrics: Metrics) -> McNemar:
+    """McNemar of `metrics`' answers against the table's baseline on the same rows, from the
+    counts the evaluator keeps: correct rows C and discordant rows D of the thresholds, correct
+    rows C0 of the baseline. Right for the thresholds alone minus right for the baseline alone is
+    C − C0, and the two add up to D."""
+    rows = table.num_rows
+    correct = round(metrics.accuracy * rows / 100.0)  # accuracy is 100·C/N: C exactly
+    gain = correct - int(np.count_nonzero(table.baseline_correct))
+    discordant = metrics.discordant_rows
+    return mcnemar_counts(rows, (discordant - gain) // 2, (discordant + gain) // 2)
 
 
 def split_report(
@@ -165,6 +192,7 @@ def split_report(
         bound=bound,
         ceiling=oracle_ceiling(table, costs, metrics.accuracy),
         consistency=consistency_ceiling(table, costs),
+        mcnemar=paired_mcnemar(table, metrics) if objective.paired else None,
     )
 
 

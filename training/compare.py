@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from core.stats import mcnemar
+
 from .config import TrainConfig, read_config
-from .stats import mcnemar
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Paired significance for accuracy differences on the same test rows (torch-free)."""
+"""Paired significance for accuracy differences on the same rows: training comparisons and
+tuning against the plain model."""
 
 from __future__ import annotations
 
@@ -48,11 +49,13 @@ def mcnemar(a_correct: np.ndarray, b_correct: np.ndarray) -> McNemar:
     b = np.asarray(b_correct, dtype=bool)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError("mcnemar needs two non-empty 1-D correctness vectors of one length")
-    only_a = int(np.sum(a & ~b))
-    only_b = int(np.sum(~a & b))
+    return mcnemar_counts(int(a.size), int(np.sum(a & ~b)), int(np.sum(~a & b)))
+
+
+def mcnemar_counts(rows: int, only_a: int, only_b: int) -> McNemar:
+    """The same test from its counts: `rows` compared, `only_a` right for A alone, `only_b` for B."""
+    if rows < 1 or only_a < 0 or only_b < 0 or only_a + only_b > rows:
+        raise ValueError(f"impossible McNemar counts: {only_a} + {only_b} of {rows} rows")
     n = only_a + only_b
-    if n == 0:
-        p = 1.0
-    else:
-        p = min(1.0, 2.0 * math.exp(_log_binom_tail(n, min(only_a, only_b))))
-    return McNemar(rows=int(a.size), only_a=only_a, only_b=only_b, p_value=p)
+    p = 1.0 if n == 0 else min(1.0, 2.0 * math.exp(_log_binom_tail(n, min(only_a, only_b))))
+    return McNemar(rows=rows, only_a=only_a, only_b=only_b, p_value=p)
