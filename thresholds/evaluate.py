@@ -162,6 +162,7 @@ class Metrics:
     exit_fractions: tuple[float, ...]  # K exits, then the fallback
     # Rows whose answer is right where the baseline's is wrong, or wrong where it is right.
     discordant_rows: int
+    correct_rows: int  # rows answered right (accuracy = 100 · correct_rows / rows)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -201,6 +202,7 @@ class PopulationMetrics:
             mean_cost=float(self.mean_cost[p]),
             exit_fractions=tuple(float(f) for f in self.exit_fractions[p]),
             discordant_rows=int(self.discordant_counts[p]),
+            correct_rows=int(self.correct_counts[p]),
         )
 
 

@@ -241,7 +241,7 @@ def resolve_baseline(
         accuracy, correct = {}, {}
         for name in splits:
             cal = _collect(request, request.baseline_bundle, plain, name)
-            _table(cal, plain, "baseline bundle data")  # checks the arrays against its manifest
+            check_against_manifest(cal, plain, "baseline bundle data")
             accuracy[name], correct[name] = _plain_correct(
                 cal, (labels or {}).get(name, cal.labels), "the baseline bundle"
             )

@@ -15,7 +15,7 @@ from typing import Any
 from core.atomic import atomic_write_bytes, atomic_write_json
 from thresholds.costs import CostModel
 from thresholds.evaluate import Metrics
-from thresholds.tuning import SplitReport, TuneOptions, TuneOutcome
+from thresholds.tuning import SplitReport, TuneOptions, TuneOutcome, mcnemar_dict
 
 PARETO_JSON = "pareto_front.json"
 PARETO_CSV = "pareto_front.csv"
@@ -174,7 +174,7 @@ def result_json(
         "margin": tune.margin(),
         "ceiling": tune.ceiling.to_dict(),
         "consistency_ceiling": None if tune.consistency is None else tune.consistency.to_dict(),
-        "mcnemar": tune.to_dict()["mcnemar"],
+        "mcnemar": mcnemar_dict(tune.mcnemar),
         "cost": costs.to_dict(),
         "search": _search_fields(outcome, options),
         "test": None if outcome.test is None else {"split": data.test_split, **_held_out(outcome)},

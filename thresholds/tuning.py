@@ -138,11 +138,14 @@ class SplitReport:
             "margin": self.margin(),
             "ceiling": self.ceiling.to_dict(),
             "consistency_ceiling": None if self.consistency is None else self.consistency.to_dict(),
-            "mcnemar": None if self.mcnemar is None else _mcnemar_dict(self.mcnemar),
+            "mcnemar": mcnemar_dict(self.mcnemar),
         }
 
 
-def _mcnemar_dict(test: McNemar) -> dict[str, Any]:
+def mcnemar_dict(test: McNemar | None) -> dict[str, Any] | None:
+    """A split report's `mcnemar` object (None when unpaired)."""
+    if test is None:
+        return None
     return {
         "rows": test.rows,
         "only_baseline": test.only_a,  # rows the baseline gets right and the thresholds wrong
@@ -157,11 +160,9 @@ def paired_mcnemar(table: ExitTable, metrics: Metrics) -> McNemar:
     counts the evaluator keeps: correct rows C and discordant rows D of the thresholds, correct
     rows C0 of the baseline. Right for the thresholds alone minus right for the baseline alone is
     C − C0, and the two add up to D."""
-    rows = table.num_rows
-    correct = round(metrics.accuracy * rows / 100.0)  # accuracy is 100·C/N: C exactly
-    gain = correct - int(np.count_nonzero(table.baseline_correct))
+    gain = metrics.correct_rows - int(np.count_nonzero(table.baseline_correct))
     discordant = metrics.discordant_rows
-    return mcnemar_counts(rows, (discordant - gain) // 2, (discordant + gain) // 2)
+    return mcnemar_counts(table.num_rows, (discordant - gain) // 2, (discordant + gain) // 2)
 
 
 def split_report(
