@@ -8,11 +8,21 @@ part. Per (N, Z) it reports the held-out − tuning accuracy difference (mean, S
 within ±0.5 points), the held-out drop below the final exit, and the acceleration; the final
 exit's own difference on the same partitions is the part no threshold can move.
 
+With `--plain-calibration` and `--plain-test-calibration` (the bundle's plain model on the same
+two splits, as `earlyexit-tune` caches them: `plain-<dataset>-<split>-*.npz`), the drop is
+measured against the plain model instead of the final exit, exactly as `earlyexit-tune` does
+when the manifest names a baseline: the floor is the plain model's accuracy on the tuning rows,
+and the Z margin is on the paired difference. Each partition then also reports the drop on the
+whole pool (tuning and held-out rows together: the best estimate of the population's drop, with
+no anti-correlation to the tuning part) and the held-out acceleration.
+
 Pooling treats the two files' rows as one population (exchangeable); the report says so.
 Writes transfer_study.json and transfer_study.png to --out.
 
     python scripts/transfer_study.py --bundle B --calibration val.npz \
         --test-calibration test.npz --out docs/results/transfer_study
+    python scripts/transfer_study.py ... --plain-calibration plain-val.npz \
+        --plain-test-calibration plain-test.npz --max-drop 0.5 --tune-rows 5000
 """
 
 from __future__ import annotations
@@ -29,10 +39,10 @@ from core.atomic import atomic_write_json
 from core.bundle import BundleError, load_manifest
 from core.plots import pyplot, save_png
 from serving.cli_common import setup_cli_logging
-from thresholds.calibrate import check_against_manifest, read_calibration_file
+from thresholds.calibrate import check_against_manifest, check_plain, read_calibration_file
 from thresholds.costs import macs_cost_model
 from thresholds.errors import TuningError
-from thresholds.evaluate import build_exit_table
+from thresholds.evaluate import build_exit_table, evaluate
 from thresholds.report import transfer
 from thresholds.search import GAConfig
 from thresholds.tuning import TuneOptions, tune
@@ -61,17 +71,29 @@ def study(
     max_drop: float,
     splits: int,
     seed: int,
+    plain_correct: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """One result per (tune_rows, confidence), each over the same `splits` partitions."""
+    """One result per (tune_rows, confidence), each over the same `splits` partitions.
+
+    `plain_correct` (N bool, the plain model's correctness on the pooled rows) makes every drop
+    and margin relative to the plain model, paired row by row, instead of the final exit."""
     rng = np.random.default_rng(seed)
     n = len(labels)
     cells: dict[tuple[int, float], dict[str, list[float]]] = {}
+    pool = None
+    if plain_correct is not None:
+        pool = build_exit_table(probs, labels, fallback, plain_correct)
+
+    def table_of(rows: np.ndarray) -> Any:
+        reference = None if plain_correct is None else plain_correct[rows]
+        return build_exit_table(probs[rows], labels[rows], fallback, reference)
+
     for s in range(splits):
         order = rng.permutation(n)
         for rows in tune_rows:
             part, rest = order[:rows], order[rows:]
-            table = build_exit_table(probs[part], labels[part], fallback)
-            held_out = build_exit_table(probs[rest], labels[rest], fallback)
+            table = table_of(part)
+            held_out = table_of(rest)
             for z in confidences:
                 options = TuneOptions(
                     max_drop=max_drop,
@@ -79,11 +101,24 @@ def study(
                     compare=False,
                     ga=GAConfig(seed=s, progress=False),
                 )
-                outcome = tune(table, costs, options, test_table=held_out)
+                cell = cells.setdefault((rows, z), {})
+                try:
+                    outcome = tune(table, costs, options, test_table=held_out)
+                except TuningError:
+                    # No vector meets the floor on these rows (e.g. the final exit alone is
+                    # below the plain model by more than the margin allows): counted, not fatal.
+                    cell.setdefault("infeasible", []).append(1.0)
+                    continue
                 assert outcome.test is not None  # a held-out table was given
                 moved = transfer(outcome.tune, outcome.test)
-                cell = cells.setdefault((rows, z), {})
+                cell.setdefault("infeasible", []).append(0.0)
+                extra: tuple[tuple[str, float], ...] = ()
+                if pool is not None:
+                    whole = evaluate(pool, np.asarray(outcome.thresholds), costs)
+                    extra = (("pool_drop", pool.baseline_accuracy - whole.accuracy),)
                 for key, value in (
+                    *extra,
+                    ("held_out_acceleration", outcome.test.metrics.acceleration),
                     ("difference", moved["accuracy_difference"]),
                     ("final_exit_difference", moved["final_exit_difference"]),
                     ("se", moved["se"]),
@@ -94,9 +129,30 @@ def study(
         log.info("partition %d/%d done", s + 1, splits)
     results = []
     for (rows, z), cell in cells.items():
+        infeasible = float(np.mean(cell["infeasible"]))
+        if "difference" not in cell:
+            results.append(
+                {
+                    "tune_rows": rows,
+                    "held_out_rows": n - rows,
+                    "confidence": z,
+                    "infeasible": infeasible,
+                }  # fmt: skip
+            )
+            continue
         diffs = np.asarray(cell["difference"])
+        against_plain: dict[str, Any] = {}
+        if "pool_drop" in cell:
+            against_plain = {
+                "pool_drop": _summary(cell["pool_drop"]),
+                "pool_drop_within_max_drop": float(
+                    np.mean(np.asarray(cell["pool_drop"]) <= max_drop + 1e-9)
+                ),
+            }
         results.append(
             {
+                "infeasible": infeasible,
+                "feasible_partitions": len(diffs),
                 "tune_rows": rows,
                 "held_out_rows": n - rows,
                 "confidence": z,
@@ -109,15 +165,30 @@ def study(
                 "binomial_se": float(np.mean(cell["se"])),
                 "held_out_drop": _summary(cell["held_out_drop"]),
                 "drop_within_0_5": float(np.mean(np.asarray(cell["held_out_drop"]) <= WITHIN)),
+                "drop_within_max_drop": float(
+                    np.mean(np.asarray(cell["held_out_drop"]) <= max_drop + 1e-9)
+                ),
                 "acceleration": _summary(cell["acceleration"]),
+                "held_out_acceleration": _summary(cell["held_out_acceleration"]),
+                **against_plain,
+                # Per partition, for plots: (held-out drop, held-out acceleration).
+                "partitions": [
+                    [round(d, 4), round(a, 4)]
+                    for d, a in zip(
+                        cell["held_out_drop"], cell["held_out_acceleration"], strict=True
+                    )
+                ],
             }
         )
     return results
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
+    if report.get("against") == "plain model":
+        plot_against_plain(report, path)
+        return
     plt = pyplot()
-    results = report["results"]
+    results = [r for r in report["results"] if "difference" in r]
     fig, ax = plt.subplots(figsize=(7, 4.4))
     labels = [f"N={r['tune_rows']}\nZ={r['confidence']:g}" for r in results]
     lows = [r["difference"]["p05"] for r in results]
@@ -142,6 +213,30 @@ def plot(report: dict[str, Any], path: Path) -> None:
     save_png(fig, path, dpi=110, tight=False)
 
 
+def plot_against_plain(report: dict[str, Any], path: Path) -> None:
+    """Each partition's held-out drop below the plain model against its held-out acceleration,
+    one colour per (N, Z): where the promise --max-drop makes lands, and what it buys."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for r in report["results"]:
+        if "partitions" not in r:
+            continue
+        points = np.asarray(r["partitions"], dtype=float)
+        label = (
+            f"N={r['tune_rows']} Z={r['confidence']:g}: drop ≤ {report['max_drop']:g} in "
+            f"{100 * r['drop_within_max_drop']:.0f} %, infeasible {100 * r['infeasible']:.0f} %"
+        )
+        ax.scatter(points[:, 1], points[:, 0], s=14, alpha=0.7, label=label)
+    ax.axhline(report["max_drop"], color="tab:red", lw=1, ls="--", label="--max-drop")
+    ax.axhline(0.0, color="0.5", lw=0.8)
+    ax.set_xlabel("MAC acceleration on the held-out rows")
+    ax.set_ylabel("held-out drop below the plain model (points)")
+    ax.set_title(f"{report['splits']} partitions of the pooled rows", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    save_png(fig, path, dpi=110, tight=False)
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
@@ -150,11 +245,36 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
+def _plain_correct(
+    args: argparse.Namespace, manifest: Any, labels: np.ndarray
+) -> np.ndarray | None:
+    """The plain model's correctness on the pooled rows, or None without --plain-*."""
+    files = (args.plain_calibration, args.plain_test_calibration)
+    if files == (None, None):
+        return None
+    if None in files:
+        raise TuningError("--plain-calibration and --plain-test-calibration go together")
+    parts = [read_calibration_file(p) for p in files]
+    for part, what in zip(parts, ("--plain-calibration", "--plain-test-calibration"), strict=True):
+        check_plain(part, manifest, what)
+    plain_labels = np.concatenate([p.labels for p in parts])
+    if not np.array_equal(plain_labels, labels):
+        raise TuningError("the plain calibration files were not run on the same rows")
+    probs = np.concatenate([p.exit_probs[:, -1] for p in parts])
+    return np.asarray(probs.argmax(axis=1) == labels)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--calibration", required=True)
     parser.add_argument("--test-calibration", required=True)
+    parser.add_argument(
+        "--plain-calibration",
+        help="the plain model on --calibration's rows (N×1×C; with --plain-test-calibration): "
+        "drops are then measured against it, paired",
+    )
+    parser.add_argument("--plain-test-calibration")
     parser.add_argument("--tune-rows", type=_ints, default=[2500, 5000, 10000])
     parser.add_argument("--confidence", type=_floats, default=[0.0, 1.0, 1.645])
     parser.add_argument("--max-drop", type=float, default=0.0)
@@ -170,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             check_against_manifest(part, manifest, what)
         probs = np.concatenate([p.exit_probs for p in parts])
         labels = np.concatenate([p.labels for p in parts])
+        plain_correct = _plain_correct(args, manifest, labels)
         if args.splits < 2 or not args.tune_rows or max(args.tune_rows) >= len(labels):
             raise TuningError(
                 f"need --splits >= 2 and every --tune-rows below the {len(labels)} pooled rows"
@@ -184,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_drop,
             args.splits,
             args.seed,
+            plain_correct,
         )
     except (BundleError, TuningError, OSError, ValueError) as exc:
         print(f"transfer_study: error: {exc}", file=sys.stderr)
@@ -193,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "sources": [p.source for p in parts],
         "pooled_rows": int(len(labels)),
         "assumption": "the two files' rows are pooled and treated as exchangeable",
+        "against": "final exit" if plain_correct is None else "plain model",
         "max_drop": args.max_drop,
         "splits": args.splits,
         "seed": args.seed,
@@ -203,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(out / "transfer_study.json", report)
     plot(report, out / "transfer_study.png")
     for r in results:
+        if "difference" not in r:
+            log.info("N=%d Z=%g: infeasible in every partition", r["tune_rows"], r["confidence"])
+            continue
         log.info(
             "N=%d Z=%g: held-out - tuning %.2f ± %.2f (SD), within 0.5: %.0f%% (final exit "
             "alone %.0f%%), held-out drop %.2f (<= 0.5 in %.0f%%), acceleration %.3fx",

@@ -6,8 +6,10 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from core.calibration import save_calibration
 from tests.test_thresholds_cli import tune_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -54,3 +56,55 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
     assert transfer_study.main(argv + extra + ["--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def _plain_files(tmp_path, bundle, val, test):
+    """The plain model on val's and test's rows: the final exit's probabilities with a little
+    noise (so it disagrees on some rows), tagged as collected from the bundle's plain graph."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    sha = manifest["full_model"]["sha256"]
+    rng = np.random.default_rng(7)
+    files = []
+    for source, name in ((val, "plain_val.npz"), (test, "plain_test.npz")):
+        with np.load(source) as z:
+            probs, labels = z["exit_probs"][:, -1:], z["labels"]
+        probs = probs + rng.uniform(0.0, 0.3, probs.shape).astype(probs.dtype)
+        probs /= probs.sum(axis=2, keepdims=True)
+        files.append(save_calibration(tmp_path / name, probs, labels, {"plain_graph_sha256": sha}))
+    return files
+
+
+def test_against_the_plain_model_pairs_every_partition(tmp_path):
+    bundle, val, test = tune_inputs(tmp_path)
+    plain_val, plain_test = _plain_files(tmp_path, bundle, val, test)
+    out = tmp_path / "study"
+    argv = ["--bundle", str(bundle), "--calibration", str(val), "--test-calibration", str(test)]
+    argv += ["--plain-calibration", str(plain_val), "--plain-test-calibration", str(plain_test)]
+    argv += ["--tune-rows", "2000", "--confidence", "0,1", "--splits", "3", "--max-drop", "1"]
+    assert transfer_study.main(argv + ["--out", str(out)]) == 0
+    report = json.loads((out / "transfer_study.json").read_text())
+    assert report["against"] == "plain model"
+    assert (out / "transfer_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for r in report["results"]:
+        feasible = r["feasible_partitions"]
+        assert feasible == round(3 * (1 - r["infeasible"]))
+        assert len(r["partitions"]) == feasible
+        drops = [d for d, _ in r["partitions"]]
+        assert r["drop_within_max_drop"] == pytest.approx(np.mean(np.asarray(drops) <= 1 + 1e-9))
+        assert r["held_out_drop"]["mean"] == pytest.approx(np.mean(drops), abs=1e-3)
+        assert 0.0 <= r["pool_drop_within_max_drop"] <= 1.0
+        # the pool holds the held-out rows (12 of 15 parts here): its drop lies near theirs
+        assert abs(r["pool_drop"]["mean"] - r["held_out_drop"]["mean"]) < 1.0
+
+
+def test_plain_files_must_come_in_pairs_and_match_the_rows(tmp_path, capsys):
+    bundle, val, test = tune_inputs(tmp_path)
+    plain_val, plain_test = _plain_files(tmp_path, bundle, val, test)
+    base = ["--bundle", str(bundle), "--calibration", str(val), "--test-calibration", str(test)]
+    base += ["--out", str(tmp_path / "o")]
+    assert transfer_study.main(base + ["--plain-calibration", str(plain_val)]) == 2
+    assert "go together" in capsys.readouterr().err
+    swapped = ["--plain-calibration", str(plain_test), "--plain-test-calibration", str(plain_val)]
+    assert transfer_study.main(base + swapped) == 2
+    assert "same rows" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
