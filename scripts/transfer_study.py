@@ -137,7 +137,7 @@ def study(
                     "held_out_rows": n - rows,
                     "confidence": z,
                     "infeasible": infeasible,
-                }  # fmt: skip
+                }
             )
             continue
         diffs = np.asarray(cell["difference"])
