@@ -38,6 +38,7 @@ from thresholds.costs import macs_cost_model  # noqa: E402
 from thresholds.errors import TuningError  # noqa: E402
 from thresholds.evaluate import build_exit_table, evaluate_population  # noqa: E402
 from thresholds.pareto import run_nsga2  # noqa: E402
+from thresholds.pipeline import plain_correct  # noqa: E402
 from thresholds.search import GAConfig  # noqa: E402
 
 log = logging.getLogger("fronts_on_heldout")
@@ -51,7 +52,7 @@ def _named(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def plain_correct(
+def plain_rows(
     bundle: Path, args: argparse.Namespace, split: str, labels: np.ndarray
 ) -> np.ndarray:
     """The plain model's correctness on `split`, row for row with `labels`."""
@@ -61,9 +62,7 @@ def plain_correct(
     else:
         manifest = load_manifest(bundle)
         cal = load_or_collect(bundle, manifest, args.dataset, args.data_dir, split, plain=True)
-    if not np.array_equal(cal.labels, labels):
-        raise TuningError(f"the plain model's {split} rows differ from the bundle's")
-    return np.asarray(cal.exit_probs[:, -1].argmax(axis=1) == labels)
+    return plain_correct(cal, labels, f"the plain model's {split} split")[1]
 
 
 def front_of(name: str, bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -72,7 +71,7 @@ def front_of(name: str, bundle: Path, args: argparse.Namespace) -> dict[str, Any
     tables = {}
     for split in (args.split, args.held_out):
         cal = load_or_collect(bundle, manifest, args.dataset, args.data_dir, split)
-        reference = plain_correct(bundle, args, split, cal.labels)
+        reference = plain_rows(bundle, args, split, cal.labels)
         tables[split] = build_exit_table(cal.exit_probs, cal.labels, manifest.fallback, reference)
     front = run_nsga2(tables[args.split], costs, GAConfig(seed=args.seed, progress=False)).front
     thresholds = np.asarray([m.thresholds for m in front])

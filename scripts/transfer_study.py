@@ -39,10 +39,16 @@ from core.atomic import atomic_write_json
 from core.bundle import BundleError, load_manifest
 from core.plots import pyplot, save_png
 from serving.cli_common import setup_cli_logging
-from thresholds.calibrate import check_against_manifest, check_plain, read_calibration_file
+from thresholds.calibrate import (
+    Calibration,
+    check_against_manifest,
+    check_plain,
+    read_calibration_file,
+)
 from thresholds.costs import macs_cost_model
 from thresholds.errors import TuningError
 from thresholds.evaluate import build_exit_table, evaluate
+from thresholds.pipeline import plain_correct
 from thresholds.report import transfer
 from thresholds.search import GAConfig
 from thresholds.tuning import TuneOptions, tune
@@ -71,21 +77,21 @@ def study(
     max_drop: float,
     splits: int,
     seed: int,
-    plain_correct: np.ndarray | None = None,
+    plain_rows: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """One result per (tune_rows, confidence), each over the same `splits` partitions.
 
-    `plain_correct` (N bool, the plain model's correctness on the pooled rows) makes every drop
+    `plain_rows` (N bool, the plain model's correctness on the pooled rows) makes every drop
     and margin relative to the plain model, paired row by row, instead of the final exit."""
     rng = np.random.default_rng(seed)
     n = len(labels)
     cells: dict[tuple[int, float], dict[str, list[float]]] = {}
     pool = None
-    if plain_correct is not None:
-        pool = build_exit_table(probs, labels, fallback, plain_correct)
+    if plain_rows is not None:
+        pool = build_exit_table(probs, labels, fallback, plain_rows)
 
     def table_of(rows: np.ndarray) -> Any:
-        reference = None if plain_correct is None else plain_correct[rows]
+        reference = None if plain_rows is None else plain_rows[rows]
         return build_exit_table(probs[rows], labels[rows], fallback, reference)
 
     for s in range(splits):
@@ -245,23 +251,24 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
-def _plain_correct(
-    args: argparse.Namespace, manifest: Any, labels: np.ndarray
+def _plain_rows(
+    args: argparse.Namespace, manifest: Any, parts: list[Calibration]
 ) -> np.ndarray | None:
-    """The plain model's correctness on the pooled rows, or None without --plain-*."""
+    """The plain model's correctness on the pooled rows of `parts` (the bundle's calibration
+    files, in order), or None without --plain-*."""
     files = (args.plain_calibration, args.plain_test_calibration)
     if files == (None, None):
         return None
     if None in files:
         raise TuningError("--plain-calibration and --plain-test-calibration go together")
-    parts = [read_calibration_file(p) for p in files]
-    for part, what in zip(parts, ("--plain-calibration", "--plain-test-calibration"), strict=True):
-        check_plain(part, manifest, what)
-    plain_labels = np.concatenate([p.labels for p in parts])
-    if not np.array_equal(plain_labels, labels):
-        raise TuningError("the plain calibration files were not run on the same rows")
-    probs = np.concatenate([p.exit_probs[:, -1] for p in parts])
-    return np.asarray(probs.argmax(axis=1) == labels)
+    correct = []
+    for file, part, what in zip(
+        files, parts, ("--plain-calibration", "--plain-test-calibration"), strict=True
+    ):
+        plain = read_calibration_file(file)
+        check_plain(plain, manifest, what)
+        correct.append(plain_correct(plain, part.labels, what)[1])
+    return np.concatenate(correct)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             check_against_manifest(part, manifest, what)
         probs = np.concatenate([p.exit_probs for p in parts])
         labels = np.concatenate([p.labels for p in parts])
-        plain_correct = _plain_correct(args, manifest, labels)
+        plain_rows = _plain_rows(args, manifest, parts)
         if args.splits < 2 or not args.tune_rows or max(args.tune_rows) >= len(labels):
             raise TuningError(
                 f"need --splits >= 2 and every --tune-rows below the {len(labels)} pooled rows"
@@ -305,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_drop,
             args.splits,
             args.seed,
-            plain_correct,
+            plain_rows,
         )
     except (BundleError, TuningError, OSError, ValueError) as exc:
         print(f"transfer_study: error: {exc}", file=sys.stderr)
@@ -315,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "sources": [p.source for p in parts],
         "pooled_rows": int(len(labels)),
         "assumption": "the two files' rows are pooled and treated as exchangeable",
-        "against": "final exit" if plain_correct is None else "plain model",
+        "against": "final exit" if plain_rows is None else "plain model",
         "max_drop": args.max_drop,
         "splits": args.splits,
         "seed": args.seed,

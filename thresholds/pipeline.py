@@ -204,7 +204,7 @@ class BaselineChoice:
         }
 
 
-def _plain_correct(
+def plain_correct(
     calibration: Calibration, labels: np.ndarray, what: str
 ) -> tuple[float, np.ndarray]:
     """(accuracy in percent, N bool correctness) of a plain model's last output on a split
@@ -242,7 +242,7 @@ def resolve_baseline(
         for name in splits:
             cal = _collect(request, request.baseline_bundle, plain, name)
             check_against_manifest(cal, plain, "baseline bundle data")
-            accuracy[name], correct[name] = _plain_correct(
+            accuracy[name], correct[name] = plain_correct(
                 cal, (labels or {}).get(name, cal.labels), "the baseline bundle"
             )
         return BaselineChoice(
@@ -276,7 +276,7 @@ def resolve_baseline(
         measured, correct = {}, {}
         for name in splits:
             cal = _collect(request, request.bundle, manifest, name, plain=True)
-            measured[name], correct[name] = _plain_correct(cal, labels[name], graph)
+            measured[name], correct[name] = plain_correct(cal, labels[name], graph)
             recorded = block.accuracy.get(name)
             if recorded is not None and abs(recorded - measured[name]) > 0.1:
                 logger.warning(
