@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from core.atomic import atomic_write_json
+from core.bundle import Manifest, plain_graph
 from core.calibration import collect_calibration
-from core.costs import acceleration, exit_fractions
-from core.decision import FALLBACK_EXIT, decide
+from core.costs import acceleration, exit_fractions, plain_fallback_cost
+from core.decision import FALLBACK_EXIT, chain_segments, decide
 from core.timing import time_variant_runs, time_variants
 from serving.runtime import EarlyExitRuntime
 
@@ -64,6 +65,18 @@ class BenchConfig:
 # ----------------------------------------------------------------------------- costs
 
 
+def fallback_macs(
+    manifest: Manifest, thresholds: Sequence[float], segment_macs: Sequence[int]
+) -> float | None:
+    """What a row no exit accepts costs when that differs from running every segment (fallback
+    "plain": the segments up to the last enabled exit, then the plain graph); else None."""
+    if manifest.fallback != "plain":
+        return None
+    plain = plain_graph(manifest).macs or manifest.full_model.macs
+    ran = int(chain_segments(list(thresholds), manifest.fallback))
+    return plain_fallback_cost(segment_macs, ran, plain)
+
+
 def threshold_sweep(
     exit_probs: np.ndarray,
     labels: np.ndarray,
@@ -71,18 +84,26 @@ def threshold_sweep(
     segment_macs: Sequence[int],
     full_macs: int,
     points: int = 21,
+    plain_probs: np.ndarray | None = None,
+    plain_macs: float | None = None,
 ) -> list[dict[str, float]]:
     """Accuracy and acceleration with one global threshold t for every exit: `points` evenly
-    spaced in [0, 1] plus the high-confidence values trained networks live at."""
+    spaced in [0, 1] plus the high-confidence values trained networks live at (fallback
+    "plain": `plain_probs` answer the rows no exit takes, at `plain_macs` each)."""
     grid = np.union1d(np.linspace(0.0, 1.0, max(points, 2)), HIGH_CONFIDENCE_THRESHOLDS)
     out = []
     for t in grid:
-        answers, exits = decide(exit_probs, [float(t)] * exit_probs.shape[1], fallback)
+        th = [float(t)] * exit_probs.shape[1]
+        answers, exits = decide(exit_probs, th, fallback, plain_probs)
+        rest = None
+        if fallback == "plain":
+            ran = int(chain_segments(th, fallback))
+            rest = plain_fallback_cost(segment_macs, ran, plain_macs or full_macs)
         out.append(
             {
                 "threshold": round(float(t), 6),
                 "accuracy": 100.0 * float(np.mean(answers.argmax(axis=1) == labels)),
-                "acceleration": acceleration(exits, segment_macs, full_macs),
+                "acceleration": acceleration(exits, segment_macs, full_macs, rest),
             }
         )
     return out
@@ -154,7 +175,8 @@ def _timing_for_batch_size(
     }
     batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
     seconds = time_variants(variants, batches, repeats)
-    mac_speedup = acceleration(exits, executed_macs, m.full_model.macs)
+    rest = fallback_macs(m, runtime.thresholds, executed_macs)
+    mac_speedup = acceleration(exits, executed_macs, m.full_model.macs, rest)
     vs_full = seconds["full_model"] / seconds["dynamic"]
     segments = segment_costs(runtime, x, batch_size, executed_macs, seconds["full_model"] / len(x))
     return {
@@ -314,8 +336,14 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         100.0 * float(np.mean(exit_probs[:, j].argmax(axis=1) == labels)) for j in range(k)
     ]
     thresholds = runtime.thresholds
-    cal_answers, cal_exits = decide(exit_probs, thresholds, m.fallback)
-    fallback_answers, _ = decide(exit_probs, (1.0,) * k, m.fallback)
+    plain = None
+    if m.fallback == "plain":  # the rows no exit accepts are the plain graph's
+        step = config.eval_batch_size
+        plain = np.concatenate(
+            [runtime.run_plain(x[i : i + step])[0] for i in range(0, len(x), step)]
+        )
+    cal_answers, cal_exits = decide(exit_probs, thresholds, m.fallback, plain)
+    fallback_answers, _ = decide(exit_probs, (1.0,) * k, m.fallback, plain)
 
     answers, exits, seg_seconds, seg_rows = _dynamic_pass(
         runtime, x, config.eval_batch_size, config.progress
@@ -339,8 +367,15 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         "calibration_accuracy": 100.0 * float(np.mean(cal_predicted == labels)),
         "calibration_agreement": agreement,
         "exit_fractions": exit_fractions(exits, k),
-        "acceleration": acceleration(exits, m.segment_macs(), m.full_model.macs),
-        "mac_speedup_executed": acceleration(exits, executed, m.full_model.macs),
+        "acceleration": acceleration(
+            exits,
+            m.segment_macs(),
+            m.full_model.macs,
+            fallback_macs(m, thresholds, m.segment_macs()),
+        ),
+        "mac_speedup_executed": acceleration(
+            exits, executed, m.full_model.macs, fallback_macs(m, thresholds, executed)
+        ),
         "stage_files_used": [bool(s) for s in skips],
         "rows_per_segment": seg_rows,
         "segment_seconds": seg_seconds,
@@ -366,7 +401,14 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     by_exit = latency_by_exit(runtime, timing_x, config.repeats)
 
     sweep = threshold_sweep(
-        exit_probs, labels, m.fallback, m.segment_macs(), m.full_model.macs, config.sweep_points
+        exit_probs,
+        labels,
+        m.fallback,
+        m.segment_macs(),
+        m.full_model.macs,
+        config.sweep_points,
+        plain,
+        plain_graph(m).macs,
     )
     report: dict[str, Any] = {
         "bundle": {

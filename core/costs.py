@@ -1,7 +1,9 @@
 """What a row costs and what early exit saves, in MACs (or any per-segment cost).
 
-A row answered at exit k ran segments 1..k; a fallback row (exit 0) ran all K. Acceleration is
-the full model's cost divided by the mean cost per row (CONTRACT.md, "Units").
+A row answered at exit k ran segments 1..k; a fallback row (exit 0) ran all K, or, with
+fallback "plain", what `fallback_cost` says (the segments up to the last enabled exit plus the
+plain graph: `plain_fallback_cost`). Acceleration is the full model's cost divided by the mean
+cost per row (CONTRACT.md, "Units").
 """
 
 from __future__ import annotations
@@ -12,18 +14,33 @@ import numpy as np
 import numpy.typing as npt
 
 
-def row_macs(exits: npt.ArrayLike, segment_costs: Sequence[float]) -> npt.NDArray[np.float64]:
-    """Per-row cost: the segments 1..k a row answered at exit k ran; a fallback row (0) ran all."""
+def row_macs(
+    exits: npt.ArrayLike, segment_costs: Sequence[float], fallback_cost: float | None = None
+) -> npt.NDArray[np.float64]:
+    """Per-row cost: the segments 1..k a row answered at exit k ran; a fallback row (0) ran all,
+    or costs `fallback_cost` when given."""
     path = np.cumsum(np.asarray(segment_costs, dtype=np.float64))
     taken = np.asarray(exits)
-    return np.asarray(np.where(taken > 0, path[np.maximum(taken, 1) - 1], path[-1]))
+    rest = path[-1] if fallback_cost is None else float(fallback_cost)
+    return np.asarray(np.where(taken > 0, path[np.maximum(taken, 1) - 1], rest))
+
+
+def plain_fallback_cost(
+    segment_costs: Sequence[float], chain_segments: int, plain_cost: float
+) -> float:
+    """What a row no exit accepts costs with fallback "plain": the first `chain_segments`
+    segments (`core.decision.chain_segments`) and then the whole plain graph."""
+    return float(np.sum(np.asarray(segment_costs, dtype=np.float64)[:chain_segments]) + plain_cost)
 
 
 def acceleration(
-    exits: npt.ArrayLike, segment_costs: Sequence[float], full_model_cost: float
+    exits: npt.ArrayLike,
+    segment_costs: Sequence[float],
+    full_model_cost: float,
+    fallback_cost: float | None = None,
 ) -> float:
     """The full model's cost ÷ the mean, over rows, of what each row ran."""
-    return float(full_model_cost / row_macs(exits, segment_costs).mean())
+    return float(full_model_cost / row_macs(exits, segment_costs, fallback_cost).mean())
 
 
 def exit_fractions(exits: npt.ArrayLike, num_exits: int) -> list[float]:

@@ -49,6 +49,7 @@ def confidence_reference(
     *,
     thresholds: Sequence[float] | None = None,
     fallback: str = "ensemble",
+    plain_probs: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The `tuned.reference` record for these tuning rows: `points` evenly spaced quantiles of
     exit 1's confidence (rounded to 6 digits: far below the KS resolution), the row count and
@@ -67,7 +68,7 @@ def confidence_reference(
         "quantiles": [round(float(q), 6) for q in quantiles],
     }
     if thresholds is not None:
-        agree, _ = agrees_with_final(exit_probs, list(thresholds), fallback)
+        agree, _ = agrees_with_final(exit_probs, list(thresholds), fallback, plain_probs)
         record["agreement"] = {
             "thresholds": [float(t) for t in thresholds],
             "percent": round(100.0 * float(agree.mean()), 4),

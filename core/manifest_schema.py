@@ -132,7 +132,7 @@ class ManifestModel(_Strict):
     labels: Annotated[list[Name], Field(min_length=1, max_length=1_000_000)]
     input: InputModel
     segments: Annotated[list[SegmentModel], Field(min_length=1, max_length=1024)]
-    fallback: Literal["ensemble", "last"] = "ensemble"
+    fallback: Literal["ensemble", "last", "plain"] = "ensemble"
     full_model: FullModelModel
     provenance: dict[str, Any] = Field(default_factory=dict)
     baseline: BaselineModel | None = None

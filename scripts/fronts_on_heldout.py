@@ -72,7 +72,13 @@ def front_of(name: str, bundle: Path, args: argparse.Namespace) -> dict[str, Any
     for split in (args.split, args.held_out):
         cal = load_or_collect(bundle, manifest, args.dataset, args.data_dir, split)
         reference = plain_rows(bundle, args, split, cal.labels)
-        tables[split] = build_exit_table(cal.exit_probs, cal.labels, manifest.fallback, reference)
+        own = None  # fallback "plain": the bundle's own plain graph answers the rest
+        if manifest.fallback == "plain":
+            mine = load_or_collect(bundle, manifest, args.dataset, args.data_dir, split, plain=True)
+            own = plain_correct(mine, cal.labels, f"the bundle's plain model on {split}")[1]
+        tables[split] = build_exit_table(
+            cal.exit_probs, cal.labels, manifest.fallback, reference, own
+        )
     front = run_nsga2(tables[args.split], costs, GAConfig(seed=args.seed, progress=False)).front
     thresholds = np.asarray([m.thresholds for m in front])
     held = evaluate_population(tables[args.held_out], thresholds, costs)

@@ -87,12 +87,16 @@ def study(
     n = len(labels)
     cells: dict[tuple[int, float], dict[str, list[float]]] = {}
     pool = None
+    # Fallback "plain": the same plain model also answers the rows no exit accepts.
+    answers_fallback = fallback == "plain"
     if plain_rows is not None:
-        pool = build_exit_table(probs, labels, fallback, plain_rows)
+        own = plain_rows if answers_fallback else None
+        pool = build_exit_table(probs, labels, fallback, plain_rows, own)
 
     def table_of(rows: np.ndarray) -> Any:
         reference = None if plain_rows is None else plain_rows[rows]
-        return build_exit_table(probs[rows], labels[rows], fallback, reference)
+        own = reference if answers_fallback else None
+        return build_exit_table(probs[rows], labels[rows], fallback, reference, own)
 
     for s in range(splits):
         order = rng.permutation(n)
@@ -319,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = {
         "bundle": {"name": manifest.name, "version": manifest.version},
-        "sources": [p.source for p in parts],
+        "sources": [Path(p.source).name for p in parts],  # names: no machine paths
         "pooled_rows": int(len(labels)),
         "assumption": "the two files' rows are pooled and treated as exchangeable",
         "against": "final exit" if plain_rows is None else "plain model",

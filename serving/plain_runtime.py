@@ -22,9 +22,11 @@ import numpy as np
 from core.bundle import Manifest, PlainGraph, load_manifest, plain_graph
 from serving.metrics import FULL_EXIT
 from serving.runtime import (
+    PLAIN_INPUT,
+    PLAIN_OUTPUT,
     BatchResult,
-    check_io,
     open_session,
+    plain_io_names,
     preprocess_images,
     provider_list,
     resolve_providers,
@@ -33,9 +35,7 @@ from serving.runtime import (
 
 logger = logging.getLogger(__name__)
 
-# The tensor names export gives every single graph; the manifest's baseline block names none.
-PLAIN_INPUT = "input"
-PLAIN_OUTPUT = "probs"
+__all__ = ["PLAIN_INPUT", "PLAIN_OUTPUT", "PlainModelRuntime"]
 
 
 class PlainModelRuntime:
@@ -69,7 +69,9 @@ class PlainModelRuntime:
         self._session = open_session(
             ort, self.bundle_dir, self.graph.file, self._options, self.providers
         )
-        self._input_name, self._output_name = self._io_names()
+        self._input_name, self._output_name = plain_io_names(
+            self._session, self.manifest, self.graph
+        )
         self._input_shape = tuple(self.manifest.input.shape)
         exits = np.array([FULL_EXIT], dtype=np.int64)
         exits.flags.writeable = False
@@ -82,24 +84,6 @@ class PlainModelRuntime:
             self.graph.source,
             self.providers[0],
         )
-
-    def _io_names(self) -> tuple[str, str]:
-        """(input, probabilities output) of the served graph, checked against the manifest's
-        input shape and class count."""
-        m = self.manifest
-        if self.graph.source == "full_model":
-            input_name, output = m.full_model.input_name, m.full_model.probs_output
-        else:
-            # The baseline block names no tensors: take the graph's only input, and the output
-            # export names "probs" (or the only output of a graph written otherwise).
-            inputs = [i.name for i in self._session.get_inputs()]
-            outputs = [o.name for o in self._session.get_outputs()]
-            input_name = inputs[0] if len(inputs) == 1 else PLAIN_INPUT
-            output = outputs[0] if len(outputs) == 1 else PLAIN_OUTPUT
-        check_io(
-            self._session, self.graph.file, input_name, m.input.shape, {output: (m.num_classes,)}
-        )
-        return input_name, output
 
     @property
     def thresholds(self) -> tuple[float, ...]:

@@ -13,6 +13,11 @@ no row can fall back at all (t_K < 1/C: exit K's max probability is at least 1/C
 every row reaching it). Otherwise every segment runs with its head and the ensemble is the
 mean over ALL K exits' probabilities, exactly as in `decide`.
 
+With fallback "plain" a row no exit accepts is answered by the plain graph (`core.bundle.
+plain_graph`) run on that row's input, and the chain stops after the last enabled exit
+(`core.decision.chain_segments`): later segments would compute nothing anyone reads. The plain
+graph's run time is `BatchResult.plain_seconds`, outside the per-segment lists.
+
 On CUDA, feature maps stay on the device between segments (IOBinding); only probabilities are
 copied to the host. When only some rows continue, a tiny ONNX Gather graph selects them on the
 device, so features are never copied to the host.
@@ -35,7 +40,9 @@ from core.bundle import (
     BundleError,
     InputSpec,
     Manifest,
+    PlainGraph,
     load_manifest,
+    plain_graph,
     read_thresholds,
     validate_threshold_values,
 )
@@ -44,6 +51,7 @@ from core.decision import (
     accept_mask,
     accepts_row,
     can_fall_back,
+    chain_segments,
     decide,
     skipped_heads,
 )
@@ -77,6 +85,8 @@ class BatchResult:
     exit_probs: np.ndarray | None  # N×K×C float32, full mode only
     rows_per_segment: list[int]  # rows that entered segment k (0 when none reached it)
     segment_seconds: list[float]  # wall-clock seconds spent running segment k
+    plain_seconds: float = 0.0  # fallback "plain": seconds in the plain graph (0 when unused)
+    plain_probs: np.ndarray | None = None  # N×C: the plain graph's, full mode + fallback "plain"
 
     @property
     def labels(self) -> np.ndarray:
@@ -129,7 +139,7 @@ class EarlyExitRuntime:
         self._thresholds: tuple[float, ...] = stored.values
         self.tuned: dict[str, Any] = dict(stored.tuned)
         self._lock = threading.Lock()
-        self._plans: dict[tuple[float, ...], tuple[list[bool], bool]] = {}
+        self._plans: dict[tuple[float, ...], tuple[list[bool], bool, int]] = {}
         self._input_shape = tuple(self.manifest.input.shape)
         # Batch-1 answers share these read-only exit arrays: building one is a cold numpy call
         # on the latency path.
@@ -154,6 +164,13 @@ class EarlyExitRuntime:
         ]
         self._full = self._open(m.full_model.file)
         self._check_chain()
+        # Fallback "plain": the graph that answers the rows no exit accepts, and its tensors.
+        self._plain: Any | None = None
+        self._plain_io = ("", "")
+        if m.fallback == "plain":
+            graph = plain_graph(m)
+            self._plain = self._full if graph.file == m.full_model.file else self._open(graph.file)
+            self._plain_io = plain_io_names(self._plain, m, graph)
         # Output names per segment, built once: probabilities first, then features if any.
         self._outputs = [
             [spec.probs_output] + ([spec.feature_output] if spec.feature_output else [])
@@ -236,13 +253,16 @@ class EarlyExitRuntime:
         """False when exit K accepts every row reaching it (`core.decision.can_fall_back`)."""
         return bool(can_fall_back(thresholds, self.manifest.num_classes))
 
-    def _plan(self, thresholds: tuple[float, ...]) -> tuple[list[bool], bool]:
-        """(stage_skips, keep every exit's probabilities for the ensemble), cached per vector:
-        a serving process sees one or two threshold vectors, and batch-1 latency is short."""
+    def _plan(self, thresholds: tuple[float, ...]) -> tuple[list[bool], bool, int]:
+        """(stage_skips, keep every exit's probabilities for the ensemble, segments a row runs
+        before falling back), cached per vector: a serving process sees one or two threshold
+        vectors, and batch-1 latency is short."""
         plan = self._plans.get(thresholds)
         if plan is None:
-            keep_all = self.manifest.fallback == "ensemble" and self.can_fall_back(thresholds)
-            plan = (self.stage_skips(thresholds), keep_all)
+            m = self.manifest
+            keep_all = m.fallback == "ensemble" and self.can_fall_back(thresholds)
+            stop = int(chain_segments(thresholds, m.fallback))
+            plan = (self.stage_skips(thresholds), keep_all, stop)
             if len(self._plans) < 64:
                 self._plans[thresholds] = plan
         return plan
@@ -294,6 +314,15 @@ class EarlyExitRuntime:
 
     # ------------------------------------------------------------------------- inference
 
+    def run_plain(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """Fallback "plain": the plain graph's N×C probabilities for these rows, and seconds."""
+        if self._plain is None:
+            raise RuntimeError("this bundle's fallback is not 'plain'")
+        start = time.perf_counter()
+        input_name, output = self._plain_io
+        probs: np.ndarray = self._plain.run([output], {input_name: x})[0]
+        return probs, time.perf_counter() - start
+
     def run_full_model(self, batch: np.ndarray) -> np.ndarray:
         """The plain single-graph model (no exits): N×C probabilities."""
         x = self._check_batch(batch)
@@ -337,8 +366,11 @@ class EarlyExitRuntime:
                 exit_probs[:, k] = outputs[0]
                 if spec.feature_output:
                     feats = outputs[1]
-        answers, exits = decide(exit_probs, thresholds, m.fallback)
-        return BatchResult(answers, exits, exit_probs, [n] * m.num_exits, seconds)
+        plain, plain_seconds = self.run_plain(x) if self._plain is not None and n else (None, 0.0)
+        answers, exits = decide(exit_probs, thresholds, m.fallback, plain)
+        return BatchResult(
+            answers, exits, exit_probs, [n] * m.num_exits, seconds, plain_seconds, plain
+        )
 
     def _new_outputs(
         self, n: int, keep_all: bool
@@ -378,7 +410,7 @@ class EarlyExitRuntime:
         m = self.manifest
         n = x.shape[0]
         device = self._device
-        skips, keep_all = self._plan(thresholds)
+        skips, keep_all, stop = self._plan(thresholds)
         answers, exits, seen = self._new_outputs(n, keep_all)
         rows = np.arange(n)
         rows_per_segment: list[int] = []
@@ -388,6 +420,10 @@ class EarlyExitRuntime:
             feats = self._ort.OrtValue.ortvalue_from_numpy(x, *device)
         last_probs = None
         for k in range(m.num_exits):
+            if k >= stop:  # fallback "plain" after the last enabled exit: nothing left to run
+                rows_per_segment.append(0)
+                seconds.append(0.0)
+                continue
             rows_per_segment.append(int(rows.size))
             if rows.size == 0:
                 seconds.append(0.0)
@@ -404,8 +440,8 @@ class EarlyExitRuntime:
             if next_feats is not None and rows.size:
                 feats = next_feats if stay is None else self._keep(next_feats, stay, device)
             last_probs = probs
-        self._fallback(answers, rows, seen, last_probs)
-        return BatchResult(answers, exits, None, rows_per_segment, seconds)
+        plain_seconds = self._fallback(answers, rows, seen, last_probs, x)
+        return BatchResult(answers, exits, None, rows_per_segment, seconds, plain_seconds)
 
     def _step_on_host(
         self, k: int, feats: np.ndarray, skip: bool, seconds: list[float]
@@ -481,12 +517,14 @@ class EarlyExitRuntime:
         max over a short list also costs a third of what a numpy reduction does right after
         onnxruntime has run (≈ 3 against ≈ 6 µs a segment, measured in the chain)."""
         m = self.manifest
-        skips, keep_all = self._plan(thresholds)
+        skips, keep_all, stop = self._plan(thresholds)
         seen: list[np.ndarray] = []
         seconds: list[float] = []
         feats = x
         probs = None
         for k, spec in enumerate(m.segments):
+            if k >= stop:  # fallback "plain": no enabled exit after this one
+                break
             outputs = self._run_segment(k, feats, skips[k], seconds)
             if skips[k]:
                 feats = outputs[0]
@@ -503,11 +541,19 @@ class EarlyExitRuntime:
                 )
             if spec.feature_output:
                 feats = outputs[1]
-        # No exit accepted the row (rare): the batch path's fallback, on a batch of one.
+        # No exit accepted the row: the batch path's fallback, on a batch of one.
         answers, exits, _ = self._new_outputs(1, keep_all=False)
         stacked = np.stack(seen, axis=1) if keep_all else None
-        self._fallback(answers, np.arange(1), stacked, probs)
-        return BatchResult(answers, exits, None, [1] * m.num_exits, seconds)
+        plain_seconds = self._fallback(answers, np.arange(1), stacked, probs, x)
+        ran = len(seconds)
+        return BatchResult(
+            answers,
+            exits,
+            None,
+            [1] * ran + [0] * (m.num_exits - ran),
+            seconds + [0.0] * (m.num_exits - ran),
+            plain_seconds,
+        )
 
     def _fallback(
         self,
@@ -515,10 +561,16 @@ class EarlyExitRuntime:
         rows: np.ndarray,
         seen: np.ndarray | None,
         last_probs: np.ndarray | None,
-    ) -> None:
-        """Answer the rows no exit accepted (the same arithmetic as `decide`)."""
+        x: np.ndarray,
+    ) -> float:
+        """Answer the rows no exit accepted (the same arithmetic as `decide`); returns the
+        seconds the plain graph ran (fallback "plain"), else 0."""
         if rows.size == 0:
-            return
+            return 0.0
+        if self._plain is not None:
+            probs, seconds = self.run_plain(x if rows.size == x.shape[0] else x[rows])
+            answers[rows] = probs
+            return seconds
         if self.manifest.fallback == "ensemble":
             if seen is None:
                 # Heads are skipped only when exit K accepts every row; a row falling back here
@@ -527,6 +579,7 @@ class EarlyExitRuntime:
             answers[rows] = seen[rows].mean(axis=1)
         else:
             answers[rows] = last_probs
+        return 0.0
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
@@ -553,6 +606,29 @@ def _check_shape(file: str, name: str, actual: Sequence[Any], expected: Sequence
 # ----------------------------------------------------------------------------- shared helpers
 # Used by EarlyExitRuntime and by serving.plain_runtime.PlainModelRuntime (the plain single
 # graph served with --full-model), so both open, check and feed their graphs the same way.
+
+
+# The tensor names export gives every single graph; the manifest's baseline block names none.
+PLAIN_INPUT = "input"
+PLAIN_OUTPUT = "probs"
+
+
+def plain_io_names(session: Any, manifest: Manifest, graph: PlainGraph) -> tuple[str, str]:
+    """(input, probabilities output) of a bundle's plain graph, checked against the manifest's
+    input shape and class count."""
+    if graph.source == "full_model":
+        input_name, output = manifest.full_model.input_name, manifest.full_model.probs_output
+    else:
+        # The baseline block names no tensors: take the graph's only input, and the output
+        # export names "probs" (or the only output of a graph written otherwise).
+        inputs = [i.name for i in session.get_inputs()]
+        outputs = [o.name for o in session.get_outputs()]
+        input_name = inputs[0] if len(inputs) == 1 else PLAIN_INPUT
+        output = outputs[0] if len(outputs) == 1 else PLAIN_OUTPUT
+    check_io(
+        session, graph.file, input_name, manifest.input.shape, {output: (manifest.num_classes,)}
+    )
+    return input_name, output
 
 
 def session_options(ort: Any, intra: int, inter: int, allow_spinning: bool | None) -> Any:

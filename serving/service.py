@@ -368,7 +368,7 @@ class ServingState:
                               manifest_bytes)  # fmt: skip
             store = await asyncio.to_thread(
                 ShadowStore, path, manifest.num_exits, manifest.num_classes,
-                settings.shadow_capacity, settings.shadow_max_bytes,
+                settings.shadow_capacity, settings.shadow_max_bytes, manifest.fallback == "plain",
             )  # fmt: skip
         except (OSError, sqlite3.Error) as exc:
             self.shadow_error = f"shadow sample store could not be opened: {exc}"
@@ -528,7 +528,7 @@ class ServingState:
                               progress=False)  # fmt: skip
                 outcome = await asyncio.to_thread(
                     guarded_retune, rows.exit_probs, manifest.fallback, macs_cost_model(manifest),
-                    eps, confidence, held_out_fraction, seed, ga,
+                    eps, confidence, held_out_fraction, seed, ga, rows.plain_probs,
                 )  # fmt: skip
             except SampleTooSmall as exc:
                 self.metrics.retunes.labels(outcome="too_small").inc()
@@ -558,7 +558,8 @@ class ServingState:
                 "method": "live-retune",
                 # Drift keeps a reference after the window has left the store.
                 "reference": confidence_reference(
-                    rows.exit_probs, "live", thresholds=new_thresholds, fallback=manifest.fallback
+                    rows.exit_probs, "live", thresholds=new_thresholds, fallback=manifest.fallback,
+                    plain_probs=rows.plain_probs,
                 ),
                 "source": trigger,
                 "max_drop": eps,

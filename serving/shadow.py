@@ -99,9 +99,14 @@ class ShadowSampler:
         if self.rate <= 0.0 or self._closing:
             return
         now = time.time()
+        # Fallback "plain": a row answered with full=true still lacks the plain model's answer,
+        # so every sampled row is run again from its image.
+        rerun = self.store.plain
         for image, served, probs in zip(images, served_exits, exit_probs, strict=True):
             if self.rate < 1.0 and self._random.random() >= self.rate:
                 continue
+            if rerun:
+                probs = None
             job = _ShadowJob(None if probs is not None else image, probs, int(served), now)
             try:
                 self._queue.put_nowait(job)
@@ -173,12 +178,18 @@ class ShadowSampler:
                 images.append(job.image)
             else:
                 raise ValueError("a shadow job carries neither an image nor exit probabilities")
+        plain = None
         if to_run:
             batch = self._runtime.preprocess(np.stack(images))
             result = self._runtime.classify(batch, full=True)
             probs[to_run] = np.asarray(result.exit_probs)
+            if self.store.plain:  # every row was run (offer), so these are all the rows
+                plain = np.asarray(result.plain_probs)
         self.store.append(
-            np.array([j.answered_at for j in jobs]), np.array([j.served_exit for j in jobs]), probs
+            np.array([j.answered_at for j in jobs]),
+            np.array([j.served_exit for j in jobs]),
+            probs,
+            plain,
         )
         self.sampled += len(jobs)
         if self._on_stored is not None:
@@ -203,7 +214,7 @@ def agreement_signals(
         return {"rows": 0, "agreement": None, "estimated_drop": None,
                 "estimated_drop_lower": None, "estimated_drop_upper": None,
                 "per_exit": per_exit}  # fmt: skip
-    agree, exits = agrees_with_final(rows.exit_probs, list(thresholds), fallback)
+    agree, exits = agrees_with_final(rows.exit_probs, list(thresholds), fallback, rows.plain_probs)
     for k in [*range(1, num_exits + 1), 0]:
         mask = exits == k
         count = int(mask.sum())

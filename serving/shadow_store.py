@@ -38,6 +38,7 @@ class ShadowRows:
     times: np.ndarray  # N float64, seconds since the epoch
     served_exits: np.ndarray  # N int64: 1..K, 0 = fallback
     exit_probs: np.ndarray  # N×K×C float32
+    plain_probs: np.ndarray | None = None  # N×C float32: the plain model's (fallback "plain")
 
     @property
     def num_rows(self) -> int:
@@ -55,11 +56,19 @@ class ShadowStore:
     """Bounded, persistent, thread-safe (one lock; every call is short)."""
 
     def __init__(
-        self, path: Path, num_exits: int, num_classes: int, capacity: int, max_bytes: int
+        self,
+        path: Path,
+        num_exits: int,
+        num_classes: int,
+        capacity: int,
+        max_bytes: int,
+        plain: bool = False,
     ) -> None:
         self.path = path
         self.num_exits, self.num_classes = num_exits, num_classes
-        self.row_bytes = 4 * num_exits * num_classes + ROW_OVERHEAD_BYTES
+        # Fallback "plain": each row also keeps the plain model's probabilities, after the exits'.
+        self.plain = plain
+        self.row_bytes = 4 * (num_exits + int(plain)) * num_classes + ROW_OVERHEAD_BYTES
         self.max_rows = max(0, min(capacity, max_bytes // self.row_bytes))
         self.recovered: str | None = None  # why an existing file was moved aside, if it was
         self._lock = threading.Lock()
@@ -113,6 +122,8 @@ class ShadowStore:
             "exits": str(self.num_exits),
             "classes": str(self.num_classes),
         }
+        if self.plain:  # absent in older stores, which never kept a plain model's answers
+            want["plain"] = "1"
         have = dict(db.execute("SELECT key, value FROM meta").fetchall())
         if not have:
             db.executemany("INSERT INTO meta VALUES (?, ?)", list(want.items()))
@@ -122,12 +133,24 @@ class ShadowStore:
 
     # ------------------------------------------------------------------ rows
 
-    def append(self, times: np.ndarray, served_exits: np.ndarray, exit_probs: np.ndarray) -> int:
-        """Add rows (N, N, N×K×C) and drop the oldest beyond the caps. Returns rows stored now."""
+    def append(
+        self,
+        times: np.ndarray,
+        served_exits: np.ndarray,
+        exit_probs: np.ndarray,
+        plain_probs: np.ndarray | None = None,
+    ) -> int:
+        """Add rows (N, N, N×K×C, and N×C for a plain-fallback store) and drop the oldest beyond
+        the caps. Returns rows stored now."""
         probs = np.ascontiguousarray(exit_probs, dtype=np.float32)
         if probs.ndim != 3 or probs.shape[1:] != (self.num_exits, self.num_classes):
             raise ValueError(f"expected N×{self.num_exits}×{self.num_classes} probabilities")
-        final = probs[:, -1, :].argmax(axis=1)
+        if self.plain:
+            plain = np.asarray(plain_probs, dtype=np.float32)
+            if plain_probs is None or plain.shape != (probs.shape[0], self.num_classes):
+                raise ValueError(f"expected N×{self.num_classes} plain-model probabilities")
+            probs = np.ascontiguousarray(np.concatenate([probs, plain[:, None, :]], axis=1))
+        final = probs[:, -1, :].argmax(axis=1)  # full depth: exit K, or the plain model
         records = [
             (float(t), int(e), int(f), p.tobytes())
             for t, e, f, p in zip(times, served_exits, final, probs, strict=True)
@@ -173,14 +196,15 @@ class ShadowStore:
             ).fetchall()
         if reverse:
             found.reverse()
-        shape = (self.num_exits, self.num_classes)
+        shape = (self.num_exits + int(self.plain), self.num_classes)
         probs = np.empty((len(found), *shape), dtype=np.float32)
         for i, (_, _, blob) in enumerate(found):
             probs[i] = np.frombuffer(blob, dtype=np.float32).reshape(shape)
         return ShadowRows(
             times=np.array([r[0] for r in found], dtype=np.float64),
             served_exits=np.array([r[1] for r in found], dtype=np.int64),
-            exit_probs=probs,
+            exit_probs=probs[:, : self.num_exits],
+            plain_probs=probs[:, -1] if self.plain else None,
         )
 
     def close(self) -> None:

@@ -216,6 +216,29 @@ def test_baseline_run_is_recorded_and_exported_as_its_own_graph(checkpoint_file,
     assert json.loads((out / "manifest.json").read_text())["provenance"]["checkpoint"] == "last.pt"
 
 
+def test_fallback_plain_exports_a_cascade_into_the_baseline_graph(checkpoint_file, tmp_path):
+    """`--fallback plain --baseline-run`: rows no exit takes get baseline.onnx's answer; the
+    export-greedy thresholds' agreement is measured against that plain model."""
+    from serving.plain_runtime import PlainModelRuntime
+    from serving.runtime import EarlyExitRuntime
+    from tests.conftest import normalise, tiny_uint8_images
+
+    run, _ = _plain_run(tmp_path, seed=5)
+    data = write_tiny_cifar10(tmp_path / "data", per_batch=40)
+    out = tmp_path / "bundle"
+    assert main(["--checkpoint", str(checkpoint_file), "--out", str(out), "--exporter",
+                 "torchscript", "--fallback", "plain", "--baseline-run", str(run),
+                 "--data-dir", str(data), "--quiet"]) == 0  # fmt: skip
+    manifest = load_manifest(out)
+    assert manifest.fallback == "plain" and manifest.baseline.file == "baseline.onnx"
+    agreement = read_thresholds(out, 2).tuned["reference"]["agreement"]
+    assert 0.0 <= agreement["percent"] <= 100.0
+    x = normalise(tiny_uint8_images(8, seed=4))
+    runtime = EarlyExitRuntime(out, intra_op_threads=1)
+    plain = PlainModelRuntime(out, intra_op_threads=1).run(x)
+    np.testing.assert_array_equal(runtime.classify(x, thresholds=(1.0, 1.0)).probs, plain)
+
+
 def test_baseline_of_the_bundles_own_backbone_needs_no_extra_graph(tmp_path):
     """Exits trained on a frozen backbone: full_model.onnx already is the plain model."""
     plain = build_tiny_model(exits=1, seed=3)

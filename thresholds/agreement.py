@@ -34,12 +34,22 @@ class SampleTooSmall(TuningError):
         self.rows, self.needed = rows, needed
 
 
-def agreement_table(exit_probs: np.ndarray, fallback: str) -> ExitTable:
-    """Exit table whose label is the final exit's own prediction (agreement with full depth)."""
+def agreement_table(
+    exit_probs: np.ndarray, fallback: str, plain_probs: np.ndarray | None = None
+) -> ExitTable:
+    """Exit table whose label is full depth's own prediction (agreement with full depth): the
+    final exit's, or with fallback "plain" the plain model's (`plain_probs`, N×C), which then
+    answers every row that falls back in agreement with itself."""
     probs = np.asarray(exit_probs)
     if probs.ndim != 3 or probs.shape[0] == 0:
         raise TuningError(f"exit_probs must be a non-empty N×K×C array, got {list(probs.shape)}")
-    return build_exit_table(probs, probs[:, -1, :].argmax(axis=1), fallback)
+    if fallback != "plain":
+        return build_exit_table(probs, probs[:, -1, :].argmax(axis=1), fallback)
+    if plain_probs is None or np.shape(plain_probs) != (probs.shape[0], probs.shape[2]):
+        raise TuningError("fallback 'plain': the sample needs the plain model's N×C answers")
+    labels = np.asarray(plain_probs).argmax(axis=1)
+    itself = np.ones(len(labels), dtype=bool)  # the plain model agrees with itself
+    return build_exit_table(probs, labels, fallback, itself, itself)
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,7 @@ def guarded_retune(
     held_out_fraction: float = 0.3,
     seed: int = 0,
     ga: GAConfig | None = None,
+    plain_probs: np.ndarray | None = None,
 ) -> GuardedRetune:
     """Tune on part of a shadow sample for agreement ≥ 100 − `eps` at one-sided `confidence`,
     then check that guard on the held-out rest. Raises SampleTooSmall / TuningError."""
@@ -89,8 +100,13 @@ def guarded_retune(
     if probs.ndim != 3 or probs.shape[0] < needed:
         raise SampleTooSmall(int(probs.shape[0]) if probs.ndim else 0, needed)
     tune_idx, held_idx = split_sample(probs.shape[0], held_out_fraction, seed)
-    tune_table = agreement_table(probs[tune_idx], fallback)
-    held_table = agreement_table(probs[held_idx], fallback)
+    plain = None if plain_probs is None else np.asarray(plain_probs)
+    tune_table = agreement_table(
+        probs[tune_idx], fallback, None if plain is None else plain[tune_idx]
+    )
+    held_table = agreement_table(
+        probs[held_idx], fallback, None if plain is None else plain[held_idx]
+    )
     options = TuneOptions(max_drop=eps, confidence=confidence or None, compare=False)
     if ga is not None:
         options = replace(options, ga=ga)

@@ -143,7 +143,7 @@ def grid_tables(
     correct = _flagged_answers(flat, shape, steps, table.correct.astype(np.float64))
     # Cost = sum over segments j of (rows reaching j) × (what j costs at this grid point); a
     # disabled exit's segment costs its stage when the head is unneeded (see skipped_heads).
-    unneeded = (table.fallback == "last") | ~can_fall_back(grid[:, None], table.num_classes)
+    unneeded = (table.fallback != "ensemble") | ~can_fall_back(grid[:, None], table.num_classes)
     segment_cost: list[np.ndarray] = []
     for j in range(k):
         cost = np.full((1,) * k, costs.segment_costs[j])
@@ -151,6 +151,12 @@ def grid_tables(
             disabled = np.expand_dims(grid >= 1.0, tuple(a for a in range(k) if a != j))
             skip = disabled & np.expand_dims(unneeded, tuple(range(k - 1)))
             cost = cost - (costs.segment_costs[j] - costs.stage_costs[j]) * skip
+        if table.fallback == "plain":
+            # chain_segments: segment j runs only when some exit from j on is enabled.
+            runs = np.zeros((1,) * k, dtype=bool)
+            for i in range(j, k):
+                runs = runs | np.expand_dims(grid < 1.0, tuple(a for a in range(k) if a != i))
+            cost = cost * runs
         segment_cost.append(cost)
     total_cost = np.zeros((steps,) * k)
     n = float(table.num_rows)
@@ -161,6 +167,8 @@ def grid_tables(
         for j in range(k):
             total_cost[rows] += reaching * _take(segment_cost[j], rows)
             reaching = reaching - _take(answered[j], rows)
+        if table.fallback == "plain":  # the rows no exit took run the plain graph
+            total_cost[rows] += reaching * costs.plain_cost
     return grid, correct, total_cost
 
 

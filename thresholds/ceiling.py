@@ -51,7 +51,10 @@ _MAX_SUBSET_EXITS = 10
 def _configurations(table: ExitTable, costs: CostModel) -> list[tuple[np.ndarray, np.ndarray]]:
     """(allowed K+1 columns, their K+1 costs) for every set of enabled exits."""
     k = table.num_exits
-    everything = (np.ones(k + 1, dtype=bool), costs.exit_costs())  # fallback allowed too
+    everything = (
+        np.ones(k + 1, dtype=bool),
+        costs.exit_costs(table.fallback),
+    )  # fallback allowed too
     if k - 1 > _MAX_SUBSET_EXITS:
         return [everything]
     configurations = [everything]
@@ -96,7 +99,8 @@ def oracle_ceiling(table: ExitTable, costs: CostModel, accuracy: float) -> Ceili
         at_accuracy=accuracy,
         acceleration=costs.full_model / min(at_floor) if at_floor else None,
         max_accuracy=100.0 * int(np.count_nonzero(answered)) / rows,
-        acceleration_at_max_accuracy=costs.full_model / float(costs.exit_costs()[earliest].mean()),
+        acceleration_at_max_accuracy=costs.full_model
+        / float(costs.exit_costs(table.fallback)[earliest].mean()),
     )
 
 

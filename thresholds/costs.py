@@ -5,6 +5,8 @@ full model's cost divided by the mean cost per row. Like the runtime, a disabled
 whose segment has a `stage_file` costs only its stage (no head) when the head's probabilities
 cannot matter: fallback "last", or exit K accepting every row (t_K < 1/C) —
 `core.decision.skipped_heads`, the rule `serving.runtime.EarlyExitRuntime.stage_skips` applies.
+With fallback "plain" a row no exit accepts costs the segments up to the last enabled exit
+(`core.decision.chain_segments`) and then the plain graph (`CostModel.plain_cost`).
 
 With `--cost latency` the per-segment and full-model costs are seconds per row measured with the
 serving runtime at one batch size and kept in the bundle as `latency_profile.json`, reused while
@@ -29,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from core.atomic import atomic_write_json
-from core.bundle import Manifest
-from core.decision import skipped_heads
+from core.bundle import Manifest, plain_graph
+from core.decision import chain_segments, skipped_heads
 from thresholds.errors import TuningError
 from thresholds.runner import RuntimeOptions
 
@@ -51,9 +53,16 @@ class CostModel:
     source: str = ""
     # Segment k run as its stage file (no exit head), for disabled exits; None = no stage files.
     stage_costs: tuple[float, ...] | None = None
+    # The plain graph a fallback "plain" row runs; None = it costs what the full model does.
+    plain: float | None = None
 
     def __post_init__(self) -> None:
-        values = (*self.segment_costs, self.full_model, *(self.stage_costs or ()))
+        values = (
+            *self.segment_costs,
+            self.full_model,
+            *(self.stage_costs or ()),
+            *(() if self.plain is None else (self.plain,)),
+        )
         if not self.segment_costs or not all(math.isfinite(v) and v > 0 for v in values):
             raise TuningError("segment and full-model costs must be positive finite numbers")
         if self.stage_costs is not None and len(self.stage_costs) != len(self.segment_costs):
@@ -63,10 +72,17 @@ class CostModel:
     def num_exits(self) -> int:
         return len(self.segment_costs)
 
-    def exit_costs(self) -> np.ndarray:
-        """K+1 costs: answering at exit 1..K (cumulative), then the fallback (all K)."""
+    @property
+    def plain_cost(self) -> float:
+        """What the plain graph costs a row that falls back to it (fallback "plain")."""
+        return self.full_model if self.plain is None else self.plain
+
+    def exit_costs(self, fallback: str = "ensemble") -> np.ndarray:
+        """K+1 costs with every exit enabled: answering at exit 1..K (cumulative), then the
+        fallback (all K, and the plain graph with fallback "plain")."""
         cumulative = np.cumsum(np.asarray(self.segment_costs, dtype=np.float64))
-        return np.append(cumulative, cumulative[-1])
+        extra = self.plain_cost if fallback == "plain" else 0.0
+        return np.append(cumulative, cumulative[-1] + extra)
 
     def exit_cost_matrix(
         self, thresholds: np.ndarray, fallback: str, num_classes: int
@@ -79,7 +95,12 @@ class CostModel:
             skip = skipped_heads(thresholds, fallback, num_classes)
             segments = np.where(skip, np.asarray(self.stage_costs, dtype=np.float64), segments)
         cumulative = np.cumsum(segments, axis=1)
-        return np.concatenate([cumulative, cumulative[:, -1:]], axis=1)
+        if fallback != "plain":
+            return np.concatenate([cumulative, cumulative[:, -1:]], axis=1)
+        ran = chain_segments(thresholds, fallback)  # P: segments a fallback row runs
+        padded = np.concatenate([np.zeros((cumulative.shape[0], 1)), cumulative], axis=1)
+        rest = padded[np.arange(padded.shape[0]), ran] + self.plain_cost
+        return np.concatenate([cumulative, rest[:, None]], axis=1)
 
     @property
     def full_depth_acceleration(self) -> float:
@@ -93,6 +114,7 @@ class CostModel:
             "segments": list(self.segment_costs),
             "stages": None if self.stage_costs is None else list(self.stage_costs),
             "full_model": self.full_model,
+            "plain": self.plain_cost,
         }
 
 
@@ -103,12 +125,14 @@ def macs_cost_model(manifest: Manifest) -> CostModel:
         float(s.stage_macs) if s.stage_file and s.stage_macs else float(s.macs)
         for s in manifest.segments
     )
+    plain = plain_graph(manifest).macs
     return CostModel(
         segment_costs=segments,
         full_model=float(manifest.full_model.macs),
         unit="macs",
         source="manifest",
         stage_costs=stages if stages != segments else None,
+        plain=float(plain) if plain else None,
     )
 
 

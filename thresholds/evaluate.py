@@ -2,10 +2,11 @@
 
 Decision rule, identical to the runtime: exit k accepts a row when its max probability is
 strictly greater than t_k (t = 1.0 disables an exit); the first accepting exit answers; a row no
-exit accepts gets the fallback ("ensemble": argmax of the mean of all K exits' probabilities, or
-"last": exit K's answer, still counted as a fallback row). A row answered at exit k ran segments
-1..k; a fallback row ran all K (what that costs, including disabled exits run without their
-heads, is `thresholds.costs`).
+exit accepts gets the fallback ("ensemble": argmax of the mean of all K exits' probabilities,
+"last": exit K's answer, still counted as a fallback row, or "plain": the plain model's answer).
+A row answered at exit k ran segments 1..k; a fallback row ran all K, or with "plain" the
+segments up to the last enabled exit and the plain graph (what that costs, including disabled
+exits run without their heads, is `thresholds.costs`).
 
 Everything that does not depend on the thresholds (max probabilities, per-exit and fallback
 correctness) is computed once in `build_exit_table`, so scoring a population of P vectors is a
@@ -101,14 +102,27 @@ class ExitTable:
         return 100.0 * int(np.count_nonzero(self.baseline_correct)) / self.num_rows
 
 
+def _check_rows(name: str, values: np.ndarray | None, n: int) -> np.ndarray | None:
+    if values is None:
+        return None
+    array = np.asarray(values)
+    if array.shape != (n,) or array.dtype != np.bool_:
+        raise TuningError(
+            f"{name} must be {n} booleans, got {array.dtype} of shape {list(array.shape)}"
+        )
+    return array
+
+
 def build_exit_table(
     exit_probs: np.ndarray,
     labels: np.ndarray,
     fallback: str = "ensemble",
     reference_correct: np.ndarray | None = None,
+    plain_correct: np.ndarray | None = None,
 ) -> ExitTable:
     """Precompute max probabilities and correctness from N×K×C probabilities and N labels;
-    `reference_correct` (N bool) is a reference model's correctness on the same rows.
+    `reference_correct` (N bool) is a reference model's correctness on the same rows, and
+    `plain_correct` (N bool) the bundle's own plain graph's, which fallback "plain" answers with.
 
     Raises TuningError on empty data, wrong shapes, labels outside [0, C) or non-finite values.
     """
@@ -135,19 +149,20 @@ def build_exit_table(
     predictions = probs.argmax(axis=2)  # N×K
     correct = np.empty((n, k + 1), dtype=bool)
     correct[:, :k] = predictions == labels[:, None]
+    reference = _check_rows("reference correctness", reference_correct, n)
+    plain = _check_rows("plain-model correctness", plain_correct, n)
     if fallback == "ensemble":
         correct[:, k] = probs.mean(axis=1).argmax(axis=1) == labels
+    elif fallback == "plain":
+        if plain is None:
+            raise TuningError(
+                "fallback 'plain' needs the plain model's answers on the same rows: tune on a "
+                "dataset split (not a saved calibration file) of a bundle with its plain graph"
+            )
+        correct[:, k] = plain
     else:
         correct[:, k] = correct[:, k - 1]
     agrees = predictions == predictions[:, k - 1 : k]
-    reference = None
-    if reference_correct is not None:
-        reference = np.asarray(reference_correct)
-        if reference.shape != (n,) or reference.dtype != np.bool_:
-            raise TuningError(
-                f"reference correctness must be {n} booleans, got {reference.dtype} of shape "
-                f"{list(reference.shape)}"
-            )
     return ExitTable(probs.max(axis=2), correct, fallback, c, agrees, reference)
 
 
@@ -266,7 +281,7 @@ def evaluate_population(
     correct_counts = np.concatenate(corrects)
     exit_counts = np.concatenate(counts)
     n = table.num_rows
-    if costs.stage_costs is None:
+    if costs.stage_costs is None and table.fallback != "plain":
         mean_cost = exit_counts @ costs.exit_costs() / n
     else:
         per_exit = costs.exit_cost_matrix(matrix, table.fallback, table.num_classes)

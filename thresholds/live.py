@@ -65,6 +65,12 @@ def save_live_calibration(url: str, target: Path, rows: int = DEFAULT_LIVE_ROWS)
     TuningError when it is empty."""
     answer = fetch_live_sample(url, rows)
     sample = answer["sample"]
+    if sample.get("fallback") == "plain":
+        # A saved calibration holds no plain-model answers, which such a bundle's tuning needs.
+        raise TuningError(
+            f"{url}: the served bundle falls back to its plain model; retune it on the server "
+            "(POST /v1/thresholds/retune), which pairs the sample with that model's answers"
+        )
     exit_probs = np.asarray(sample["exit_probs"], dtype=np.float32)
     if exit_probs.ndim != 3 or exit_probs.shape[0] == 0:
         raise TuningError(f"{url}: the live sample is empty; wait for traffic")

@@ -304,16 +304,55 @@ def _table(
     manifest: Manifest,
     what: str,
     reference_correct: np.ndarray | None = None,
+    own_plain_correct: np.ndarray | None = None,
 ) -> ExitTable:
     """The exit table of `calibration`; `reference_correct` (the plain model's correctness on
-    the whole split) is cut to the calibration's rows, which are the split's first ones."""
+    the whole split) and `own_plain_correct` (the bundle's own plain graph's, for fallback
+    "plain") are cut to the calibration's rows, which are the split's first ones."""
     check_against_manifest(calibration, manifest, what)
-    reference = None
-    if reference_correct is not None:
-        reference = reference_correct[: calibration.num_rows]
+    rows = calibration.num_rows
     return build_exit_table(
-        calibration.exit_probs, calibration.labels, manifest.fallback, reference
+        calibration.exit_probs,
+        calibration.labels,
+        manifest.fallback,
+        None if reference_correct is None else reference_correct[:rows],
+        None if own_plain_correct is None else own_plain_correct[:rows],
     )
+
+
+def own_plain_answers(
+    request: TuneRequest,
+    manifest: Manifest,
+    splits: dict[str, str | None],
+    labels: dict[str, np.ndarray] | None,
+) -> dict[str, Calibration | None]:
+    """Fallback "plain": per role ("tune", "test"), the bundle's own plain graph run on the
+    whole split (cached beside the calibration), which answers every row no exit accepts. None
+    for every role with another fallback."""
+    if manifest.fallback != "plain":
+        return dict.fromkeys(splits)
+    if labels is None:
+        raise TuningError(
+            "this bundle falls back to its plain model: tune it on a dataset split (--dataset "
+            "and --data-dir), not a saved calibration file, so that model runs on the same rows"
+        )
+    graph = plain_graph(manifest).file
+    out: dict[str, Calibration | None] = {}
+    for role, name in splits.items():
+        out[role] = None
+        if name is not None:
+            cal = _collect(request, request.bundle, manifest, name, plain=True)
+            plain_correct(cal, labels[name], graph)  # the same rows, or a TuningError
+            out[role] = cal
+    return out
+
+
+def _right(calibration: Calibration | None) -> np.ndarray | None:
+    """A plain model's correctness per row of its calibration arrays."""
+    if calibration is None:
+        return None
+    right: np.ndarray = calibration.exit_probs[:, -1].argmax(axis=1) == calibration.labels
+    return right
 
 
 def run(request: TuneRequest) -> dict[str, Any]:
@@ -359,10 +398,15 @@ def run(request: TuneRequest) -> dict[str, Any]:
             f", {baseline.test}% on {test_split}" if test_split else "",
             " (paired row by row)" if baseline.tune_correct is not None else "",
         )
-    table = _table(tune_cal, manifest, "calibration data", baseline.tune_correct)
+    own = own_plain_answers(request, manifest, {"tune": split, "test": test_split}, labels)
+    table = _table(
+        tune_cal, manifest, "calibration data", baseline.tune_correct, _right(own["tune"])
+    )
     test_table = None
     if test_cal is not None:
-        test_table = _table(test_cal, manifest, "test calibration data", baseline.test_correct)
+        test_table = _table(
+            test_cal, manifest, "test calibration data", baseline.test_correct, _right(own["test"])
+        )
     # Paired: baseline None = the table's reference model on the very rows tuned on (with
     # --limit, its accuracy on those rows, not on the whole split).
     paired = baseline.tune_correct is not None
@@ -389,8 +433,13 @@ def run(request: TuneRequest) -> dict[str, Any]:
     tuned["baseline"] = baseline.to_dict()
     values = validate_threshold_values(list(outcome.thresholds), manifest.num_exits)
     # What the server's drift statistic and drop alert compare live traffic with (core.drift).
+    plain = own["tune"]
     tuned["reference"] = confidence_reference(
-        tune_cal.exit_probs, split, thresholds=values, fallback=manifest.fallback
+        tune_cal.exit_probs,
+        split,
+        thresholds=values,
+        fallback=manifest.fallback,
+        plain_probs=None if plain is None else plain.exit_probs[: tune_cal.num_rows, -1],
     )
     files: dict[str, Any] = {
         "thresholds_file": None,

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fallback",
         choices=FALLBACKS,
         default="ensemble",
-        help="answer for rows no exit accepts: mean of all exits, or the last exit",
+        help="answer for rows no exit accepts: mean of all exits (ensemble), the last exit, or "
+        "the plain model (plain: --baseline-run's graph, else full_model.onnx)",
     )
     parser.add_argument(
         "--exporter",

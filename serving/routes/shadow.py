@@ -79,6 +79,8 @@ async def shadow(
                 "exit_probs": sample.exit_probs.tolist(),
                 "fallback": state.manifest.fallback,
             }
+            if sample.plain_probs is not None:
+                signals["sample"]["plain_probs"] = sample.plain_probs.tolist()
     except NoThresholdsError as exc:
         raise HTTPException(409, str(exc)) from exc
     except ShadowUnavailableError as exc:

@@ -381,10 +381,27 @@ def _calibrate(
         "metrics": metrics,
         # What the server's drift statistic compares live traffic with (core.drift).
         "reference": confidence_reference(
-            exit_probs, options.calibration_split, thresholds=values, fallback=manifest.fallback
+            exit_probs,
+            options.calibration_split,
+            thresholds=values,
+            fallback=manifest.fallback,
+            plain_probs=_plain_probs(runtime, data.images)
+            if manifest.fallback == "plain"
+            else None,
         ),
     }
     return Thresholds(values=values, tuned=tuned)
+
+
+def _plain_probs(runtime: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Fallback "plain": the plain graph's probabilities on the calibration images (full depth,
+    which the recorded agreement compares with)."""
+    return np.concatenate(
+        [
+            runtime.run_plain(runtime.preprocess(images[i : i + batch_size]))[0]
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
 def _version(module: str) -> str | None:
