@@ -310,7 +310,11 @@ class DynamicBatcher:
         exit_probs = None if result.exit_probs is None else np.asarray(result.exit_probs)
         if self._metrics is not None:
             self._metrics.observe_batch(
-                exits, probs.max(axis=1), result.rows_per_segment, result.segment_seconds
+                exits,
+                probs.max(axis=1),
+                result.rows_per_segment,
+                result.segment_seconds,
+                result.plain_seconds,
             )
         for row, job in enumerate(batch):
             if job.future.done():

@@ -245,8 +245,11 @@ class ServingMetrics:
         confidences: np.ndarray,
         rows_per_segment: Sequence[int],
         segment_seconds: Sequence[float],
+        plain_seconds: float = 0.0,
     ) -> None:
-        """One runtime batch: every answered row counts once under the exit that answered it."""
+        """One runtime batch: every answered row counts once under the exit that answered it;
+        `plain_seconds` (fallback "plain") is the plain graph's run, under segment `full` as
+        when the plain model is served alone."""
         self.batch_size.observe(int(exits.shape[0]))
         for exit_index, confidence in zip(exits.tolist(), confidences.tolist(), strict=True):
             count, confidence_histogram = self._for_exit(exit_label(int(exit_index)))
@@ -257,6 +260,8 @@ class ServingMetrics:
         ):
             if rows > 0:
                 self._for_segment(k).observe(float(seconds))
+        if plain_seconds > 0:
+            self.segment_duration.labels(segment=FULL).observe(float(plain_seconds))
 
     def set_shadow_signals(self, signals: dict[str, Any]) -> None:
         """Gauges from a `/v1/shadow` answer (see ServingState.shadow_signals)."""

@@ -243,3 +243,20 @@ def test_tune_pairs_the_fallback_with_the_plain_graph_and_refuses_saved_calibrat
     assert len(cached) == 1
     assert main(["--bundle", str(plain_bundle), "--calibration", str(cached[0]), "-q"]) == 2
     assert "falls back to its plain model" in capsys.readouterr().err
+
+
+def test_the_plain_graphs_time_is_a_segment_metric():
+    """Fallback "plain": the plain graph's run is observed under segment `full`, as the plain
+    model served alone is."""
+    from prometheus_client import generate_latest
+
+    from serving.metrics import ServingMetrics
+
+    metrics = ServingMetrics()
+    exits, confidences = np.array([1, 0]), np.array([0.9, 0.4])
+    metrics.observe_batch(exits, confidences, [2, 1, 0], [0.001, 0.002, 0.0], 0.004)
+    metrics.observe_batch(exits[:1], confidences[:1], [1, 0, 0], [0.001, 0.0, 0.0], 0.0)
+    text = generate_latest(metrics.registry).decode()
+    assert 'earlyexit_segment_duration_seconds_count{segment="full"} 1.0' in text
+    assert 'earlyexit_segment_duration_seconds_sum{segment="full"} 0.004' in text
+    assert 'earlyexit_segment_duration_seconds_count{segment="1"} 2.0' in text
