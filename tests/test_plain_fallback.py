@@ -260,3 +260,27 @@ def test_the_plain_graphs_time_is_a_segment_metric():
     assert 'earlyexit_segment_duration_seconds_count{segment="full"} 1.0' in text
     assert 'earlyexit_segment_duration_seconds_sum{segment="full"} 0.004' in text
     assert 'earlyexit_segment_duration_seconds_count{segment="1"} 2.0' in text
+
+
+def test_consistency_ceiling_routes_to_the_plain_models_answer_by_hand():
+    """Full depth is the plain model: a row stops at the first enabled exit predicting its
+    class, else the plain model answers it, for the cheapest set of enabled exits."""
+    from thresholds.ceiling import consistency_ceiling
+
+    # Exit predictions: rows 0, 1, 2 -> exit 1 says 0, 0, 0; exit 2 says 1, 1, 2.
+    plain = np.array([1, 2, 2])  # agrees with exit 2 on rows 0 and 2, with no exit on row 1
+    table = build_exit_table(PROBS, LABELS, "plain", plain_predictions=plain)
+    assert table.agrees_final.tolist() == [[False, True], [False, False], [False, True]]
+    costs = CostModel((2.0, 3.0), 4.0, "macs", plain=12.0)
+    ceiling = consistency_ceiling(table, costs)
+    # none enabled: 12 a row; exit 1 only: 2 + 12; exit 2 only or both: rows 0 and 2 stop at
+    # exit 2 (5), row 1 runs both segments and the plain model (17): 27 / 3 = 9.
+    assert ceiling.enabled_exits == (2,) and ceiling.acceleration == pytest.approx(4 / 9)
+    assert ceiling.accuracy == pytest.approx(100 / 3)  # the plain model's: row 2 only
+    # Without the plain model's predictions there is no ceiling to report.
+    assert (
+        consistency_ceiling(
+            build_exit_table(PROBS, LABELS, "plain", plain_correct=plain == LABELS), costs
+        )
+        is None
+    )

@@ -49,7 +49,7 @@ def agreement_table(
         raise TuningError("fallback 'plain': the sample needs the plain model's N×C answers")
     labels = np.asarray(plain_probs).argmax(axis=1)
     itself = np.ones(len(labels), dtype=bool)  # the plain model agrees with itself
-    return build_exit_table(probs, labels, fallback, itself, itself)
+    return build_exit_table(probs, labels, fallback, itself, plain_predictions=labels)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ to the tuned thresholds is what a better confidence signal could still win.
 The consistency ceiling asks less of its oracle: it stops each row at the first enabled exit that
 predicts what the final exit would, so every answer, and the accuracy, is the final exit's. It
 is the most a rule can accelerate without ever changing an answer of the full model, the fair
-target for "no accuracy loss".
+target for "no accuracy loss". With fallback "plain" full depth is the plain model: a row stops
+at the first enabled exit predicting the plain model's class, else the plain model answers it,
+so the accuracy is the plain model's; every set of enabled exits is tried, exit K included.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def oracle_ceiling(table: ExitTable, costs: CostModel, accuracy: float) -> Ceili
 
 @dataclass(frozen=True)
 class ConsistencyCeiling:
-    accuracy: float  # percent: the final exit's, which this router never changes
+    accuracy: float  # percent: full depth's (final exit or plain model), which it never changes
     acceleration: float
     enabled_exits: tuple[int, ...]  # 1-based exits of the best configuration
 
@@ -123,6 +125,8 @@ def consistency_ceiling(table: ExitTable, costs: CostModel) -> ConsistencyCeilin
     the final exit's prediction, for the best set of enabled exits (None without predictions)."""
     if table.agrees_final is None:
         return None
+    if table.fallback == "plain":
+        return _plain_consistency_ceiling(table, table.agrees_final, costs)
     k = table.num_exits
     best_cost = math.inf
     best_enabled: tuple[int, ...] = (k,)
@@ -136,6 +140,32 @@ def consistency_ceiling(table: ExitTable, costs: CostModel) -> ConsistencyCeilin
             best_enabled = tuple(int(i) + 1 for i in np.flatnonzero(allowed[:k]))
     return ConsistencyCeiling(
         accuracy=table.final_accuracy,
+        acceleration=costs.full_model / best_cost,
+        enabled_exits=best_enabled,
+    )
+
+
+def _plain_consistency_ceiling(
+    table: ExitTable, agrees: np.ndarray, costs: CostModel
+) -> ConsistencyCeiling:
+    """`consistency_ceiling` for fallback "plain" (`agrees`: N×K, exit k predicts the plain
+    model's class): rows no enabled exit agrees on go to the plain model, after the segments up
+    to the last enabled exit (`CostModel.exit_cost_matrix`)."""
+    k, n = table.num_exits, table.num_rows
+    subsets = range(1 << k) if k <= _MAX_SUBSET_EXITS else [(1 << k) - 1]
+    best_cost, best_enabled = math.inf, tuple(range(1, k + 1))
+    rest = np.ones((n, 1), dtype=bool)  # the plain model agrees with itself
+    for subset in subsets:
+        enabled = np.array([bool(subset >> i & 1) for i in range(k)])
+        thresholds = np.where(enabled, 0.5, 1.0)[None, :]  # t < 1 enabled, t = 1 disabled
+        exit_costs = costs.exit_cost_matrix(thresholds, "plain", table.num_classes)[0]
+        usable = np.concatenate([agrees & enabled, rest], axis=1)
+        mean_cost = float(exit_costs[usable.argmax(axis=1)].mean())
+        if mean_cost < best_cost:
+            best_cost = mean_cost
+            best_enabled = tuple(int(i) + 1 for i in np.flatnonzero(enabled))
+    return ConsistencyCeiling(
+        accuracy=100.0 * int(np.count_nonzero(table.correct[:, k])) / n,
         acceleration=costs.full_model / best_cost,
         enabled_exits=best_enabled,
     )

@@ -49,7 +49,8 @@ class ExitTable:
     fallback: str
     num_classes: int
     # N×K bool: exit k predicts the final exit's class (None when built without predictions);
-    # what a label-free "stop once the answer will not change" router needs.
+    # what a label-free "stop once the answer will not change" router needs. With fallback
+    # "plain" the class full depth answers is the plain model's (None without its predictions).
     agrees_final: np.ndarray | None = None
     # N bool: whether a reference model (the plain model the early exits are compared with) is
     # right on each row; None = the baseline is the final exit on the same rows.
@@ -119,10 +120,12 @@ def build_exit_table(
     fallback: str = "ensemble",
     reference_correct: np.ndarray | None = None,
     plain_correct: np.ndarray | None = None,
+    plain_predictions: np.ndarray | None = None,
 ) -> ExitTable:
     """Precompute max probabilities and correctness from N×K×C probabilities and N labels;
     `reference_correct` (N bool) is a reference model's correctness on the same rows, and
-    `plain_correct` (N bool) the bundle's own plain graph's, which fallback "plain" answers with.
+    `plain_correct` (N bool) the bundle's own plain graph's, which fallback "plain" answers with
+    (or its `plain_predictions`, N classes, which also give the agreement with full depth).
 
     Raises TuningError on empty data, wrong shapes, labels outside [0, C) or non-finite values.
     """
@@ -150,6 +153,13 @@ def build_exit_table(
     correct = np.empty((n, k + 1), dtype=bool)
     correct[:, :k] = predictions == labels[:, None]
     reference = _check_rows("reference correctness", reference_correct, n)
+    plain_pred = None
+    if plain_predictions is not None:
+        plain_pred = np.asarray(plain_predictions)
+        if plain_pred.shape != (n,) or not np.issubdtype(plain_pred.dtype, np.integer):
+            raise TuningError(f"plain-model predictions must be {n} class indices")
+        if plain_correct is None:
+            plain_correct = plain_pred == labels
     plain = _check_rows("plain-model correctness", plain_correct, n)
     if fallback == "ensemble":
         correct[:, k] = probs.mean(axis=1).argmax(axis=1) == labels
@@ -162,7 +172,9 @@ def build_exit_table(
         correct[:, k] = plain
     else:
         correct[:, k] = correct[:, k - 1]
-    agrees = predictions == predictions[:, k - 1 : k]
+    agrees: np.ndarray | None = predictions == predictions[:, k - 1 : k]
+    if fallback == "plain":
+        agrees = None if plain_pred is None else predictions == plain_pred[:, None]
     return ExitTable(probs.max(axis=2), correct, fallback, c, agrees, reference)
 
 

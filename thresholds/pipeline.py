@@ -304,19 +304,20 @@ def _table(
     manifest: Manifest,
     what: str,
     reference_correct: np.ndarray | None = None,
-    own_plain_correct: np.ndarray | None = None,
+    own_plain: Calibration | None = None,
 ) -> ExitTable:
     """The exit table of `calibration`; `reference_correct` (the plain model's correctness on
-    the whole split) and `own_plain_correct` (the bundle's own plain graph's, for fallback
-    "plain") are cut to the calibration's rows, which are the split's first ones."""
+    the whole split) and `own_plain` (the bundle's own plain graph on the whole split, for
+    fallback "plain") are cut to the calibration's rows, which are the split's first ones."""
     check_against_manifest(calibration, manifest, what)
     rows = calibration.num_rows
+    plain = None if own_plain is None else own_plain.exit_probs[:rows, -1].argmax(axis=1)
     return build_exit_table(
         calibration.exit_probs,
         calibration.labels,
         manifest.fallback,
         None if reference_correct is None else reference_correct[:rows],
-        None if own_plain_correct is None else own_plain_correct[:rows],
+        plain_predictions=plain,
     )
 
 
@@ -345,14 +346,6 @@ def own_plain_answers(
             plain_correct(cal, labels[name], graph)  # the same rows, or a TuningError
             out[role] = cal
     return out
-
-
-def _right(calibration: Calibration | None) -> np.ndarray | None:
-    """A plain model's correctness per row of its calibration arrays."""
-    if calibration is None:
-        return None
-    right: np.ndarray = calibration.exit_probs[:, -1].argmax(axis=1) == calibration.labels
-    return right
 
 
 def run(request: TuneRequest) -> dict[str, Any]:
@@ -399,13 +392,11 @@ def run(request: TuneRequest) -> dict[str, Any]:
             " (paired row by row)" if baseline.tune_correct is not None else "",
         )
     own = own_plain_answers(request, manifest, {"tune": split, "test": test_split}, labels)
-    table = _table(
-        tune_cal, manifest, "calibration data", baseline.tune_correct, _right(own["tune"])
-    )
+    table = _table(tune_cal, manifest, "calibration data", baseline.tune_correct, own["tune"])
     test_table = None
     if test_cal is not None:
         test_table = _table(
-            test_cal, manifest, "test calibration data", baseline.test_correct, _right(own["test"])
+            test_cal, manifest, "test calibration data", baseline.test_correct, own["test"]
         )
     # Paired: baseline None = the table's reference model on the very rows tuned on (with
     # --limit, its accuracy on those rows, not on the whole split).
