@@ -108,3 +108,23 @@ def test_plain_files_must_come_in_pairs_and_match_the_rows(tmp_path, capsys):
     assert transfer_study.main(base + swapped) == 2
     assert "same rows" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_plain_fallback_bundle_is_studied_with_its_plain_model(tmp_path, capsys):
+    """Fallback "plain": the plain files also answer the rows no exit takes, so every partition
+    can reach the plain model's accuracy (every exit off); without them the study refuses."""
+    bundle, val, test = tune_inputs(tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["fallback"] = "plain"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    plain_val, plain_test = _plain_files(tmp_path, bundle, val, test)
+    argv = ["--bundle", str(bundle), "--calibration", str(val), "--test-calibration", str(test)]
+    argv += ["--tune-rows", "2000", "--confidence", "1", "--splits", "3", "--max-drop", "0"]
+    out = tmp_path / "study"
+    assert transfer_study.main(argv + ["--out", str(out)]) == 2
+    assert "plain model's answers" in capsys.readouterr().err
+    argv += ["--plain-calibration", str(plain_val), "--plain-test-calibration", str(plain_test)]
+    assert transfer_study.main(argv + ["--out", str(out)]) == 0
+    report = json.loads((out / "transfer_study.json").read_text())
+    assert report["results"][0]["infeasible"] == 0.0  # every exit disabled is the plain model
+    assert report["sources"] == ["val.npz", "test.npz"]  # names, not machine paths
