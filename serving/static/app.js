@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { numExits: null };
+const state = { numExits: null, fallback: null };
 
 function setText(id, text) { $(id).textContent = text; }
 
@@ -15,6 +15,7 @@ async function loadModel() {
     if (!res.ok) throw new Error((await res.json()).detail || res.statusText);
     const m = await res.json();
     state.numExits = m.num_exits;
+    state.fallback = m.fallback;
     // A --full-model server answers with the plain single graph: no exits, no thresholds.
     setText("model-line", m.mode === "full_model"
       ? `${m.name} ${m.version} · plain model ${m.served_graph.file} (no exits) · ` +
@@ -103,8 +104,11 @@ async function classify(file) {
     if (!res.ok) throw new Error(answer.detail || `${res.status} ${res.statusText}`);
     if (upload !== latestUpload) return;
     setText("label", answer.label);
+    // With fallback "plain" the plain model answered: the chain stopped at its last enabled exit.
     setText("exit", answer.exit === "fallback"
-      ? `fallback (no exit was sure; ${answer.num_exits} exits ran)`
+      ? (state.fallback === "plain"
+        ? "fallback (no exit was sure; the plain model answered)"
+        : `fallback (no exit was sure; ${answer.num_exits} exits ran)`)
       : answer.exit === "full"
         ? "full (the plain model answers every image)"
         : `${answer.exit} of ${answer.num_exits}`);
