@@ -284,3 +284,22 @@ def test_consistency_ceiling_routes_to_the_plain_models_answer_by_hand():
         )
         is None
     )
+
+
+def test_the_oracle_ceiling_may_send_rows_to_the_plain_model_with_any_exits_on():
+    """With every exit off the oracle is the plain model alone (its accuracy at 1 plain pass a
+    row); with the exits it can only do better, and never worse than the consistency router."""
+    from thresholds.ceiling import consistency_ceiling, oracle_ceiling
+
+    probs, labels = synthetic_calibration(rows=1200, exits=3, classes=5, seed=9)
+    plain, right = _plain_truth(probs, labels, 4)
+    table = build_exit_table(probs, labels, "plain", plain_predictions=plain.argmax(axis=1))
+    assert np.array_equal(table.correct[:, 3], right)
+    costs = CostModel((1.0, 1.5, 2.5), 5.0, "macs", plain=5.0)
+    floor = 100.0 * right.mean()
+    oracle = oracle_ceiling(table, costs, floor)
+    consistency = consistency_ceiling(table, costs)
+    assert consistency.accuracy == pytest.approx(floor)
+    assert oracle.acceleration >= consistency.acceleration - 1e-12
+    # A floor only the plain model alone meets is met at no more than its cost.
+    assert oracle.acceleration >= 1.0

@@ -66,6 +66,14 @@ def _configurations(table: ExitTable, costs: CostModel) -> list[tuple[np.ndarray
         thresholds = np.array([[0.5 if on else 1.0 for on in enabled] + [0.0]])
         row_costs = costs.exit_cost_matrix(thresholds, table.fallback, table.num_classes)[0]
         configurations.append((np.array([*enabled, True, False]), row_costs))
+    if table.fallback == "plain" and k <= _MAX_SUBSET_EXITS:
+        # The plain model may answer with any set of exits on, exit K's included: the chain
+        # then stops at the last enabled exit, which makes the plain model's rows cheaper.
+        for subset in range(1 << k):
+            on = np.array([bool(subset >> i & 1) for i in range(k)])
+            thresholds = np.where(on, 0.5, 1.0)[None, :]
+            row_costs = costs.exit_cost_matrix(thresholds, "plain", table.num_classes)[0]
+            configurations.append((np.append(on, True), row_costs))
     return configurations
 
 
