@@ -276,6 +276,7 @@ def test_consistency_ceiling_routes_to_the_plain_models_answer_by_hand():
     # none enabled: 12 a row; exit 1 only: 2 + 12; exit 2 only or both: rows 0 and 2 stop at
     # exit 2 (5), row 1 runs both segments and the plain model (17): 27 / 3 = 9.
     assert ceiling.enabled_exits == (2,) and ceiling.acceleration == pytest.approx(4 / 9)
+    assert ceiling.to_dict()["agrees_with"] == "plain model"
     assert ceiling.accuracy == pytest.approx(100 / 3)  # the plain model's: row 2 only
     # Without the plain model's predictions there is no ceiling to report.
     assert (

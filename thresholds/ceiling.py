@@ -119,12 +119,14 @@ class ConsistencyCeiling:
     accuracy: float  # percent: full depth's (final exit or plain model), which it never changes
     acceleration: float
     enabled_exits: tuple[int, ...]  # 1-based exits of the best configuration
+    agrees_with: str = "final exit"  # full depth: the final exit, or "plain model"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "accuracy": self.accuracy,
             "acceleration": self.acceleration,
             "enabled_exits": list(self.enabled_exits),
+            "agrees_with": self.agrees_with,
         }
 
 
@@ -176,4 +178,5 @@ def _plain_consistency_ceiling(
         accuracy=100.0 * int(np.count_nonzero(table.correct[:, k])) / n,
         acceleration=costs.full_model / best_cost,
         enabled_exits=best_enabled,
+        agrees_with="plain model",
     )

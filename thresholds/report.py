@@ -302,8 +302,9 @@ def summary_text(result: dict[str, Any]) -> str:
     consistency = result.get("consistency_ceiling")
     if consistency:
         lines.append(
-            f"{result['split']}: stopping at the first exit that agrees with the final one "
-            f"reaches {consistency['acceleration']:.3f}x at the final exit's accuracy "
+            f"{result['split']}: stopping at the first exit that agrees with the "
+            f"{consistency.get('agrees_with', 'final exit')} reaches "
+            f"{consistency['acceleration']:.3f}x at its accuracy "
             f"({_pct(consistency['accuracy'])}); these thresholds reach "
             f"{100 * result['acceleration'] / consistency['acceleration']:.0f}% of it"
         )
