@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from core.atomic import atomic_write_json
-from core.bundle import Manifest, plain_graph
+from core.bundle import plain_macs
 from core.calibration import collect_calibration
 from core.costs import acceleration, exit_fractions, plain_fallback_cost
 from core.decision import FALLBACK_EXIT, chain_segments, decide
@@ -66,15 +66,14 @@ class BenchConfig:
 
 
 def fallback_macs(
-    manifest: Manifest, thresholds: Sequence[float], segment_macs: Sequence[int]
+    fallback: str, thresholds: Sequence[float], segment_macs: Sequence[int], plain_macs: float
 ) -> float | None:
     """What a row no exit accepts costs when that differs from running every segment (fallback
     "plain": the segments up to the last enabled exit, then the plain graph); else None."""
-    if manifest.fallback != "plain":
+    if fallback != "plain":
         return None
-    plain = plain_graph(manifest).macs or manifest.full_model.macs
-    ran = int(chain_segments(list(thresholds), manifest.fallback))
-    return plain_fallback_cost(segment_macs, ran, plain)
+    ran = int(chain_segments(list(thresholds), fallback))
+    return plain_fallback_cost(segment_macs, ran, plain_macs)
 
 
 def threshold_sweep(
@@ -95,10 +94,7 @@ def threshold_sweep(
     for t in grid:
         th = [float(t)] * exit_probs.shape[1]
         answers, exits = decide(exit_probs, th, fallback, plain_probs)
-        rest = None
-        if fallback == "plain":
-            ran = int(chain_segments(th, fallback))
-            rest = plain_fallback_cost(segment_macs, ran, plain_macs or full_macs)
+        rest = fallback_macs(fallback, th, segment_macs, plain_macs or full_macs)
         out.append(
             {
                 "threshold": round(float(t), 6),
@@ -175,7 +171,7 @@ def _timing_for_batch_size(
     }
     batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
     seconds = time_variants(variants, batches, repeats)
-    rest = fallback_macs(m, runtime.thresholds, executed_macs)
+    rest = fallback_macs(m.fallback, runtime.thresholds, executed_macs, plain_macs(m))
     mac_speedup = acceleration(exits, executed_macs, m.full_model.macs, rest)
     vs_full = seconds["full_model"] / seconds["dynamic"]
     segments = segment_costs(runtime, x, batch_size, executed_macs, seconds["full_model"] / len(x))
@@ -371,10 +367,13 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
             exits,
             m.segment_macs(),
             m.full_model.macs,
-            fallback_macs(m, thresholds, m.segment_macs()),
+            fallback_macs(m.fallback, thresholds, m.segment_macs(), plain_macs(m)),
         ),
         "mac_speedup_executed": acceleration(
-            exits, executed, m.full_model.macs, fallback_macs(m, thresholds, executed)
+            exits,
+            executed,
+            m.full_model.macs,
+            fallback_macs(m.fallback, thresholds, executed, plain_macs(m)),
         ),
         "stage_files_used": [bool(s) for s in skips],
         "rows_per_segment": seg_rows,
@@ -408,7 +407,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         m.full_model.macs,
         config.sweep_points,
         plain,
-        plain_graph(m).macs,
+        plain_macs(m),
     )
     report: dict[str, Any] = {
         "bundle": {

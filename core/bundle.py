@@ -297,6 +297,12 @@ def plain_graph(manifest: Manifest) -> PlainGraph:
     return PlainGraph(full.file, full.sha256, "full_model", full.macs)
 
 
+def plain_macs(manifest: Manifest) -> int:
+    """MACs per row of the plain graph (`plain_graph`): what a fallback "plain" row pays for it,
+    the full model's count when the baseline's was not recorded."""
+    return plain_graph(manifest).macs or manifest.full_model.macs
+
+
 def check_paths(bundle_dir: str | os.PathLike[str], manifest: Manifest) -> None:
     """Refuse a file name that resolves outside the bundle directory, through a symlink too:
     a manifest must not make the server read files it was not shipped with."""

@@ -73,7 +73,9 @@ def front_of(name: str, bundle: Path, args: argparse.Namespace) -> dict[str, Any
         cal = load_or_collect(bundle, manifest, args.dataset, args.data_dir, split)
         reference = plain_rows(bundle, args, split, cal.labels)
         own = None  # fallback "plain": the bundle's own plain graph answers the rest
-        if manifest.fallback == "plain":
+        if manifest.fallback == "plain" and args.baseline_bundle is None:
+            own = reference  # plain_rows ran that very graph on these rows
+        elif manifest.fallback == "plain":
             mine = load_or_collect(bundle, manifest, args.dataset, args.data_dir, split, plain=True)
             own = plain_correct(mine, cal.labels, f"the bundle's plain model on {split}")[1]
         tables[split] = build_exit_table(

@@ -146,8 +146,10 @@ class ShadowStore:
         if probs.ndim != 3 or probs.shape[1:] != (self.num_exits, self.num_classes):
             raise ValueError(f"expected N×{self.num_exits}×{self.num_classes} probabilities")
         if self.plain:
+            if plain_probs is None:
+                raise ValueError(f"expected N×{self.num_classes} plain-model probabilities")
             plain = np.asarray(plain_probs, dtype=np.float32)
-            if plain_probs is None or plain.shape != (probs.shape[0], self.num_classes):
+            if plain.shape != (probs.shape[0], self.num_classes):
                 raise ValueError(f"expected N×{self.num_classes} plain-model probabilities")
             probs = np.ascontiguousarray(np.concatenate([probs, plain[:, None, :]], axis=1))
         final = probs[:, -1, :].argmax(axis=1)  # full depth: exit K, or the plain model

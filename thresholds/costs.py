@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from core.atomic import atomic_write_json
-from core.bundle import Manifest, plain_graph
+from core.bundle import Manifest, plain_macs
 from core.decision import chain_segments, skipped_heads
 from thresholds.errors import TuningError
 from thresholds.runner import RuntimeOptions
@@ -125,14 +125,13 @@ def macs_cost_model(manifest: Manifest) -> CostModel:
         float(s.stage_macs) if s.stage_file and s.stage_macs else float(s.macs)
         for s in manifest.segments
     )
-    plain = plain_graph(manifest).macs
     return CostModel(
         segment_costs=segments,
         full_model=float(manifest.full_model.macs),
         unit="macs",
         source="manifest",
         stage_costs=stages if stages != segments else None,
-        plain=float(plain) if plain else None,
+        plain=float(plain_macs(manifest)),
     )
 
 
