@@ -1,0 +1,310 @@
+"""Recover trainable PyTorch weights from a bundle's exported ONNX graphs.
+
+A bundle keeps only ONNX files, whose exporter folded every BatchNorm into the convolution in
+front of it (`X.weight` scaled, `X.weight_bias` added). This script writes a state_dict that
+`earlyexit-train --init FILE --init-heads` accepts, so a shipped model can be trained further
+(e.g. a second learning-rate cycle) when its training checkpoint is gone.
+
+The folded network is exact in eval mode, but a BatchNorm in train mode normalises by batch
+statistics, so "identity" BatchNorms would erase each layer's scale and shift. Instead every
+BatchNorm is re-parametrised from the statistics of its own input on training images: with the
+folded convolution rescaled to the norm of a fresh Kaiming initialisation (so the first
+learning-rate steps act as they would on a network in training) by s,
+
+    running_mean = s·m,  running_var = s²·v,  weight = sqrt(s²·v + eps) / s,  bias = m + b,
+
+which returns the folded output W·x + b exactly in eval mode, and approximately in train mode
+(batch statistics ≈ m, v). The script checks both: the eval-mode probabilities against
+onnxruntime on the same rows, and the train-mode accuracy on a batch.
+
+    python scripts/recover_weights.py --bundle serving/default_bundle --which network \\
+        --data-dir ../shared/data --out runs/recovered/sd.pt
+    python scripts/recover_weights.py --bundle serving/default_bundle --which plain ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("recover_weights")
+
+WHICH = ("network", "plain")
+TOLERANCE = 1e-3  # max |p_torch - p_onnx| accepted (float32 graphs agree to ~1e-6)
+
+
+class RecoverError(ValueError):
+    """The bundle or data cannot give the weights (bad input: one line, exit 2)."""
+
+
+def _initializers(paths: list[Path]) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    found: dict[str, np.ndarray] = {}
+    for path in paths:
+        if not path.is_file():
+            raise RecoverError(f"{path}: no such ONNX file")
+        for init in onnx.load(str(path)).graph.initializer:
+            found.setdefault(init.name.removeprefix("net."), numpy_helper.to_array(init))
+    return found
+
+
+def _conv_before(bn_name: str) -> str:
+    """The convolution a BatchNorm follows, by this project's module naming."""
+    parent, _, last = bn_name.rpartition(".")
+    if last.startswith("bn"):
+        return f"{parent}.conv{last[2:]}"
+    if last.isdigit() and int(last) > 0:
+        return f"{parent}.{int(last) - 1}"
+    raise RecoverError(f"{bn_name}: cannot tell which convolution this BatchNorm follows")
+
+
+def _read_manifest(bundle: Path) -> dict[str, Any]:
+    path = bundle / "manifest.json"
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RecoverError(f"{path}: cannot read the manifest ({exc})") from exc
+    cfg = (manifest.get("provenance") or {}).get("training_config")
+    if not isinstance(cfg, dict) or "arch" not in cfg:
+        raise RecoverError(f"{path}: no provenance.training_config to rebuild the network from")
+    return manifest
+
+
+def _build(manifest: dict[str, Any], which: str, bundle: Path) -> tuple[Any, list[Path]]:
+    from training.models import create_model
+
+    cfg = manifest["provenance"]["training_config"]
+    kwargs: dict[str, Any] = {"in_chans": int(manifest["input"]["shape"][0])}
+    for key in ("width", "stem", "head", "act", "groups"):
+        if cfg.get(key) is not None:
+            kwargs[key] = cfg[key]
+    if which == "network":
+        files = [bundle / s["file"] for s in manifest["segments"]]
+        if cfg.get("exit_blocks"):
+            kwargs["exit_blocks"] = tuple(int(b) for b in cfg["exit_blocks"])
+        exits = len(files)
+    else:
+        baseline = manifest.get("baseline") or {}
+        if not baseline.get("file"):
+            raise RecoverError(f"{bundle}: its manifest names no plain model (baseline.file)")
+        files = [bundle / baseline["file"]]
+        exits = 1  # the same backbone with one exit; the ONNX comparison below checks it
+    try:
+        model = create_model(cfg["arch"], len(manifest["labels"]), exits=exits, **kwargs)
+    except ValueError as exc:
+        raise RecoverError(f"cannot rebuild {cfg['arch']}: {exc}") from exc
+    return model, files
+
+
+def _onnx_probs(
+    manifest: dict[str, Any], which: str, files: list[Path], x: np.ndarray
+) -> list[np.ndarray]:
+    """Every exit's probabilities from the ONNX graphs (the chain of segments, or the plain graph)."""
+    import onnxruntime as ort
+
+    def session(path: Path) -> Any:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    if which == "plain":
+        sess = session(files[0])
+        return [np.asarray(sess.run(None, {sess.get_inputs()[0].name: x})[0])]
+    probs: list[np.ndarray] = []
+    current = x
+    for seg, path in zip(manifest["segments"], files, strict=True):
+        sess = session(path)
+        names = [o.name for o in sess.get_outputs()]
+        out = dict(zip(names, sess.run(None, {seg["input_name"]: current}), strict=True))
+        probs.append(np.asarray(out[seg["probs_output"]]))
+        if seg.get("feature_output"):
+            current = out[seg["feature_output"]]
+    return probs
+
+
+def recover(
+    bundle: Path, which: str, data_dir: str, batches: int = 40, seed: int = 0
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """(trainable state_dict, checks) of the bundle's network or plain model."""
+    import torch
+    from torch import nn
+
+    from core.datasets import DatasetError, load_split
+    from core.normalize import normalize_images
+
+    if which not in WHICH:
+        raise RecoverError(f"--which {which!r}: choose from {', '.join(WHICH)}")
+    if batches < 1:
+        raise RecoverError(f"--batches must be >= 1, got {batches}")
+    manifest = _read_manifest(bundle)
+    cfg = manifest["provenance"]["training_config"]
+    model, files = _build(manifest, which, bundle)
+    onnx_weights = _initializers(files)
+    state = model.state_dict()
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    folded: dict[str, tuple[str, np.ndarray]] = {}
+    for name in norms:
+        conv = _conv_before(name)
+        if f"{conv}.weight" not in onnx_weights:
+            raise RecoverError(
+                f"{conv}: no folded weight in the ONNX files (exported by another exporter "
+                "than the default dynamo one?)"
+            )
+        # The exporter drops a folded bias that is all zeros.
+        zero = np.zeros(onnx_weights[f"{conv}.weight"].shape[0], np.float32)
+        folded[name] = (conv, onnx_weights.get(f"{conv}.weight_bias", zero))
+    # A multi-exit network classifies with heads.K-1.fc; backbone.fc is in its state_dict but
+    # unused, and gets the same weights.
+    for key in state:
+        owner = key.rpartition(".")[0]
+        if owner in folded:
+            continue  # BatchNorm: set below
+        source = key.replace("backbone.fc.", f"heads.{len(files) - 1}.fc.")
+        if source in onnx_weights:
+            value = torch.from_numpy(onnx_weights[source].copy()).reshape(state[key].shape)
+        elif key.endswith(".bias") and source.removesuffix("bias") + "weight" in onnx_weights:
+            value = torch.zeros_like(state[key])  # an all-zero bias is dropped by the exporter
+        else:
+            raise RecoverError(f"{key}: not in the ONNX files")
+        state[key] = value
+
+    # Step 1: identity BatchNorms carrying the folded bias: the folded graph, exact in eval mode.
+    for name, (_conv, bias) in folded.items():
+        bn = norms[name]
+        state[f"{name}.weight"] = torch.ones_like(bn.weight)
+        state[f"{name}.bias"] = torch.from_numpy(bias.copy()).float()
+        state[f"{name}.running_mean"] = torch.zeros_like(bn.running_mean)
+        state[f"{name}.running_var"] = torch.full_like(bn.running_var, 1.0 - bn.eps)
+    model.load_state_dict(state)
+    model.eval()
+
+    # Step 2: per-channel statistics of every BatchNorm's input on augmented training rows
+    # (crop with 4-pixel padding and flip, as training does; never the held-out rows).
+    try:
+        train = load_split(
+            cfg["dataset"],
+            data_dir,
+            "train",
+            int(cfg.get("val_size", 5000)),
+            int(cfg.get("split_seed", 0)),
+        )
+        test = load_split(cfg["dataset"], data_dir, "test")
+    except DatasetError as exc:
+        raise RecoverError(str(exc)) from exc
+    mean, std = manifest["input"]["mean"], manifest["input"]["std"]
+    gen = np.random.default_rng(seed)
+    sums: dict[str, torch.Tensor] = {}
+    squares: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str) -> Any:
+        def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: Any) -> None:
+            x = inputs[0].double()
+            sums[name] = sums.get(name, 0) + x.sum(dim=(0, 2, 3))
+            squares[name] = squares.get(name, 0) + (x * x).sum(dim=(0, 2, 3))
+            counts[name] = counts.get(name, 0) + x.shape[0] * x.shape[2] * x.shape[3]
+
+        return record
+
+    handles = [bn.register_forward_hook(hook(n)) for n, bn in norms.items()]
+    batch_size = min(256, len(train))
+    _c, h, w = manifest["input"]["shape"]
+    with torch.no_grad():
+        for _ in range(batches):
+            imgs = train.images[gen.choice(len(train), size=batch_size, replace=False)]
+            pad = np.pad(imgs, ((0, 0), (4, 4), (4, 4)) + ((0, 0),) * (imgs.ndim - 3))
+            dy, dx = gen.integers(0, 9, size=2)
+            imgs = pad[:, dy : dy + h, dx : dx + w].copy()
+            flip = gen.random(batch_size) < 0.5
+            imgs[flip] = imgs[flip][:, :, ::-1]
+            model(torch.from_numpy(normalize_images(imgs, mean, std)))
+    for handle in handles:
+        handle.remove()
+
+    # Step 3: rescale each folded convolution to a fresh Kaiming (fan_out) initialisation's expected norm and re-parametrise its
+    # BatchNorm from those statistics (module docstring).
+    for name, (conv, bias) in folded.items():
+        bn = norms[name]
+        m = sums[name] / counts[name]
+        v = (squares[name] / counts[name] - m * m).clamp_min(0.0)
+        weight = state[f"{conv}.weight"].double()
+        fan_out = weight.shape[0] * weight[0, 0].numel()
+        s = math.sqrt(weight.numel() * 2.0 / fan_out) / float(weight.norm())
+        state[f"{conv}.weight"] = (weight * s).float()
+        state[f"{name}.running_mean"] = (s * m).float()
+        state[f"{name}.running_var"] = (s * s * v).float()
+        state[f"{name}.weight"] = (torch.sqrt(s * s * v + bn.eps) / s).float()
+        state[f"{name}.bias"] = (m + torch.from_numpy(np.array(bias, np.float64))).float()
+    model.load_state_dict(state)
+
+    # Checks: eval mode reproduces the ONNX graphs at every exit; train mode (batch statistics)
+    # keeps the final exit's accuracy close to eval mode's.
+    rows = min(512, len(test))
+    x = normalize_images(test.images[:rows], mean, std)
+    model.eval()
+    with torch.no_grad():
+        mine = [torch.softmax(z, -1).numpy() for z in model(torch.from_numpy(x)).logits]
+    theirs = _onnx_probs(manifest, which, files, x)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(theirs, mine, strict=True))
+    labels = test.labels[:rows]
+    # A train-mode forward updates the running statistics: keep the state from before it.
+    recovered = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    with torch.no_grad():
+        train_logits = model(torch.from_numpy(x)).logits[-1]
+    model.eval()
+    checks = {
+        "max_abs_prob_diff": diff,
+        "test_rows": float(rows),
+        "eval_accuracy": float((mine[-1].argmax(1) == labels).mean() * 100),
+        "train_mode_accuracy": float((train_logits.argmax(1).numpy() == labels).mean() * 100),
+    }
+    logger.info(
+        "%s: max |p_torch - p_onnx| %.2e over %d exit(s); final exit on test[:%d]: %.2f %% "
+        "(eval), %.2f %% (train mode, batch statistics)",
+        which,
+        diff,
+        len(mine),
+        rows,
+        checks["eval_accuracy"],
+        checks["train_mode_accuracy"],
+    )
+    if diff > TOLERANCE:
+        raise RecoverError(f"the recovered weights differ from the ONNX graphs by {diff:.2e}")
+    return recovered, checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--which", choices=WHICH, required=True)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--batches", type=int, default=40, help="training batches of 256 rows")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        state, _checks = recover(args.bundle, args.which, args.data_dir, args.batches, args.seed)
+    except RecoverError as exc:
+        print(f"recover_weights: {exc}", file=sys.stderr)
+        return 2
+    import torch
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(args.out)
+    logger.info("wrote %s (%d tensors)", args.out.name, len(state))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
