@@ -221,9 +221,10 @@ def _per_call_seconds(
 def last_exit_latency(
     runtime: EarlyExitRuntime, x: np.ndarray, repeats: int
 ) -> dict[str, Any] | None:
-    """Batch-1 latency of rows that go all the way (exit K or fallback) vs the full model, the
-    deep rows run back to back (their segments' weights stay in cache; `latency_by_exit` has
-    them among the other rows)."""
+    """Batch-1 latency of the rows `x` (those that go all the way: exit K or a fallback that
+    runs every segment; with fallback "plain", exit K's rows and the plain graph's rows are
+    passed separately) vs the full model, run back to back (their segments' weights stay in
+    cache; `latency_by_exit` has them among the other rows)."""
     if len(x) == 0:
         return None
     chain, _, full = _per_call_seconds(runtime, x, repeats)
@@ -395,7 +396,15 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         timing[str(batch_size)] = _timing_for_batch_size(
             runtime, timing_x, timing_exits, batch_size, config.repeats, executed
         )
-    deep = np.flatnonzero((exits == k) | (exits == 0))[: config.last_exit_rows]
+    # Rows past exit K-1. With fallback "plain" the rows no exit accepts pay the plain graph
+    # after the chain, a different cost from exit K's rows: each is measured on its own.
+    if m.fallback == "plain":
+        deep = np.flatnonzero(exits == k)[: config.last_exit_rows]
+        to_plain = np.flatnonzero(exits == 0)[: config.last_exit_rows]
+        plain_last = last_exit_latency(runtime, x[to_plain], config.repeats)
+    else:
+        deep = np.flatnonzero((exits == k) | (exits == 0))[: config.last_exit_rows]
+        plain_last = None
     last = last_exit_latency(runtime, x[deep], config.repeats)
     by_exit = latency_by_exit(runtime, timing_x, config.repeats)
 
@@ -428,6 +437,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         "dynamic": dynamic,
         "timing": timing,
         "last_exit_latency": last,
+        "plain_fallback_latency": plain_last,
         "latency_by_exit": by_exit,
         "sweep": sweep,
     }

@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--timing-rows", type=_positive, default=256, help="rows timed per batch size"
     )
     parser.add_argument(
-        "--last-exit-rows", type=_positive, default=64, help="deep rows timed at batch 1"
+        "--last-exit-rows",
+        type=_positive,
+        default=64,
+        help="deep rows timed at batch 1 (exit K's rows, and separately the plain model's with fallback plain)",
     )
     parser.add_argument(
         "--providers",
@@ -370,6 +373,14 @@ def _summary(report: dict[str, Any]) -> None:
             f"{last['full_model_ms']:.3f} ms: {deep_ratio}"
         )
         counts.append(last["rows"])
+    to_plain = report.get("plain_fallback_latency")
+    if to_plain:
+        plain_ratio = _counted(f"{to_plain['ratio']:.2f}x", to_plain["rows"])
+        lines.append(
+            f"rows the plain model answers, at batch 1: {to_plain['chain_ms']:.3f} ms vs full "
+            f"model {to_plain['full_model_ms']:.3f} ms: {plain_ratio}"
+        )
+        counts.append(to_plain["rows"])
     by_exit = report["latency_by_exit"]["exits"]
     lines.append(
         "batch-1 latency by exit among all rows, vs full model: "

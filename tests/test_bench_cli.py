@@ -81,6 +81,7 @@ def test_bench_writes_json_and_plots(tiny_bundle, cifar_dir, tmp_path, capsys):
                     seg["time_share"] / seg["mac_share"]
                 )
     assert report["last_exit_latency"]["rows"] >= 1
+    assert report["plain_fallback_latency"] is None  # fallback "ensemble": one path past K-1
     by_exit = report["latency_by_exit"]
     # every timing row is answered by exactly one exit (or the fallback)
     assert sum(e["rows"] for e in by_exit["exits"]) == 16

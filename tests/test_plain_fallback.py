@@ -304,3 +304,24 @@ def test_the_oracle_ceiling_may_send_rows_to_the_plain_model_with_any_exits_on()
     assert oracle.acceleration >= consistency.acceleration - 1e-12
     # A floor only the plain model alone meets is met at no more than its cost.
     assert oracle.acceleration >= 1.0
+
+
+def test_bench_times_exit_k_rows_apart_from_the_rows_the_plain_model_answers(
+    plain_bundle, tmp_path, capsys
+):
+    """Past exit K-1 a plain-fallback bundle has two costs: exit K's rows run the chain, the
+    rest also run the plain graph. Mixing them would quote neither."""
+    from benchmarks.cli import main as bench_main
+
+    data = write_tiny_cifar10(tmp_path / "cifar", per_batch=48)
+    argv = ["--bundle", str(plain_bundle), "--dataset", "cifar10", "--data-dir", str(data)]
+    argv += ["--batch-sizes", "1", "--repeats", "1", "--timing-rows", "8", "--threads", "1"]
+    assert bench_main([*argv, "--last-exit-rows", "48", "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    fractions = report["dynamic"]["exit_fractions"]  # exits 1..K, then the plain model
+    rows = report["data"]["rows"]
+    assert fractions[-2] > 0 and fractions[-1] > 0  # the fixture's thresholds: both kinds occur
+    assert report["last_exit_latency"]["rows"] == round(fractions[-2] * rows)
+    assert report["plain_fallback_latency"]["rows"] == round(fractions[-1] * rows)
+    assert bench_main([*argv, "--last-exit-rows", "48"]) == 0
+    assert "rows the plain model answers, at batch 1" in capsys.readouterr().out
