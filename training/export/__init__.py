@@ -8,7 +8,13 @@ By concern: `checkpoint` (load, validate, rebuild the network; the plain baselin
 """
 
 from .bundle import export_bundle, export_checkpoint
-from .checkpoint import build_model, load_for_export, load_plain_baseline, validate_checkpoint
+from .checkpoint import (
+    build_model,
+    load_for_export,
+    load_plain_baseline,
+    model_kwargs,
+    validate_checkpoint,
+)
 from .options import CheckpointError, ExportError, ExportOptions, ExportResult, FileCheck
 
 __all__ = [
@@ -18,6 +24,7 @@ __all__ = [
     "ExportResult",
     "FileCheck",
     "build_model",
+    "model_kwargs",
     "export_bundle",
     "export_checkpoint",
     "load_for_export",

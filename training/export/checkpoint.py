@@ -58,11 +58,10 @@ def validate_checkpoint(checkpoint: Any, where: str = "checkpoint") -> None:
             raise CheckpointError(f"{where}: '{key}' must have {shape[0]} entries")
 
 
-def build_model(checkpoint: dict[str, Any]) -> MultiExitNetwork:
-    """Rebuild the network from the checkpoint's config and load its weights (eval mode)."""
-    validate_checkpoint(checkpoint)
-    config = checkpoint["config"]
-    kwargs: dict[str, Any] = {"in_chans": int(checkpoint["input_shape"][0])}
+def model_kwargs(config: dict[str, Any], in_chans: int) -> dict[str, Any]:
+    """`create_model` keyword arguments (besides arch, classes and exits) that a training
+    config records: the same network for a checkpoint and for a bundle's provenance."""
+    kwargs: dict[str, Any] = {"in_chans": int(in_chans)}
     for key in ("width", "stem", "head", "act"):
         if config.get(key) is not None:
             kwargs[key] = config[key]
@@ -70,6 +69,14 @@ def build_model(checkpoint: dict[str, Any]) -> MultiExitNetwork:
         kwargs["exit_blocks"] = tuple(int(b) for b in config["exit_blocks"])
     if config.get("groups", 1) != 1:
         kwargs["groups"] = int(config["groups"])
+    return kwargs
+
+
+def build_model(checkpoint: dict[str, Any]) -> MultiExitNetwork:
+    """Rebuild the network from the checkpoint's config and load its weights (eval mode)."""
+    validate_checkpoint(checkpoint)
+    config = checkpoint["config"]
+    kwargs = model_kwargs(config, checkpoint["input_shape"][0])
     if checkpoint.get("widths"):  # a pruned network (training.prune): its site widths
         kwargs["widths"] = {str(k): int(v) for k, v in checkpoint["widths"].items()}
     try:
