@@ -2,7 +2,7 @@
 
 A row answered at exit k ran segments 1..k; a fallback row (exit 0) ran all K, or, with
 fallback "plain", what `fallback_cost` says (the segments up to the last enabled exit plus the
-plain graph: `plain_fallback_cost`). Acceleration is the full model's cost divided by the mean
+plain graph: `plain_fallback_costs`). Acceleration is the full model's cost divided by the mean
 cost per row (CONTRACT.md, "Units").
 """
 
@@ -25,12 +25,24 @@ def row_macs(
     return np.asarray(np.where(taken > 0, path[np.maximum(taken, 1) - 1], rest))
 
 
+def plain_fallback_costs(
+    segment_costs: npt.ArrayLike, chain_segments: npt.ArrayLike, plain_cost: float
+) -> npt.NDArray[np.float64]:
+    """What a row no exit accepts costs with fallback "plain": the first `chain_segments`
+    segments (`core.decision.chain_segments`) and then the whole plain graph. Vectorised over
+    leading axes: `segment_costs` is (…, K) (per threshold vector when disabled exits run as
+    stage files), `chain_segments` broadcasts against its leading axes."""
+    costs = np.asarray(segment_costs, dtype=np.float64)
+    padded = np.concatenate([np.zeros((*costs.shape[:-1], 1)), np.cumsum(costs, axis=-1)], axis=-1)
+    ran = np.broadcast_to(np.asarray(chain_segments, dtype=np.int64), costs.shape[:-1])
+    return np.asarray(np.take_along_axis(padded, ran[..., None], axis=-1)[..., 0] + plain_cost)
+
+
 def plain_fallback_cost(
     segment_costs: Sequence[float], chain_segments: int, plain_cost: float
 ) -> float:
-    """What a row no exit accepts costs with fallback "plain": the first `chain_segments`
-    segments (`core.decision.chain_segments`) and then the whole plain graph."""
-    return float(np.sum(np.asarray(segment_costs, dtype=np.float64)[:chain_segments]) + plain_cost)
+    """`plain_fallback_costs` for one segment cost vector."""
+    return float(plain_fallback_costs(segment_costs, chain_segments, plain_cost))
 
 
 def acceleration(

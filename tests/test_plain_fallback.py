@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from core.calibration import CalibrationError
-from core.costs import plain_fallback_cost, row_macs
+from core.costs import plain_fallback_cost, plain_fallback_costs, row_macs
 from core.decision import chain_segments, decide, skipped_heads
 from serving.plain_runtime import PlainModelRuntime
 from serving.runtime import EarlyExitRuntime
@@ -90,6 +90,10 @@ def test_hand_computed_accuracy_and_cost():
     assert m.accuracy == pytest.approx(100 / 3)
     # core.costs says the same for one row.
     assert plain_fallback_cost((2.0, 3.0), 1, 6.0) == 8.0
+    # Vectorised over threshold vectors (one cost vector each, stage files differ): 0, 1, 2
+    # segments before the plain graph.
+    per_vector = np.array([[2.0, 3.0], [1.5, 3.0], [2.0, 2.5]])
+    assert plain_fallback_costs(per_vector, [0, 1, 2], 6.0).tolist() == [6.0, 7.5, 10.5]
     assert row_macs([1, 0], (2.0, 3.0), 8.0).tolist() == [2.0, 8.0]
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from core.atomic import atomic_write_json
 from core.bundle import Manifest, plain_macs
+from core.costs import plain_fallback_costs
 from core.decision import chain_segments, skipped_heads
 from thresholds.errors import TuningError
 from thresholds.runner import RuntimeOptions
@@ -98,8 +99,7 @@ class CostModel:
         if fallback != "plain":
             return np.concatenate([cumulative, cumulative[:, -1:]], axis=1)
         ran = chain_segments(thresholds, fallback)  # P: segments a fallback row runs
-        padded = np.concatenate([np.zeros((cumulative.shape[0], 1)), cumulative], axis=1)
-        rest = padded[np.arange(padded.shape[0]), ran] + self.plain_cost
+        rest = plain_fallback_costs(segments, ran, self.plain_cost)
         return np.concatenate([cumulative, rest[:, None]], axis=1)
 
     @property
