@@ -21,6 +21,7 @@ from tests.conftest import normalise
 from tests.data_fixtures import write_tiny_cifar10
 from tests.plain_fixtures import with_baseline
 from tests.test_thresholds_cli import FAST
+from thresholds import pipeline
 from thresholds.baselines import grid_tables
 from thresholds.cli import main
 from thresholds.costs import CostModel
@@ -227,14 +228,25 @@ def test_a_guarded_retune_pairs_the_sample_with_the_plain_model():
 
 
 def test_tune_pairs_the_fallback_with_the_plain_graph_and_refuses_saved_calibration(
-    plain_bundle, tmp_path, capsys
+    plain_bundle, tmp_path, capsys, monkeypatch
 ):
     data_dir = tmp_path / "data"
     write_tiny_cifar10(data_dir, per_batch=1010)
     argv = ["--bundle", str(plain_bundle), "--dataset", "cifar10", "--data-dir", str(data_dir),
             "--limit", "2000", "--max-drop", "0", "--confidence", "0", "--threads", "1",
             "--json", "-q"] + FAST  # fmt: skip
+    # The plain graph serves as the baseline and as the fallback: read once per split.
+    plain_reads: list[str] = []
+    collect = pipeline.load_or_collect
+
+    def counting(*args, **kwargs):
+        if kwargs.get("plain"):
+            plain_reads.append(args[4])
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_or_collect", counting)
     assert main(argv) == 0
+    assert sorted(plain_reads) == ["test", "val"]
     result = json.loads(capsys.readouterr().out)
     # Every exit disabled is exactly the plain model, so "no loss" is always feasible.
     assert result["accuracy"] >= result["baseline_accuracy"]

@@ -192,6 +192,9 @@ class BaselineChoice:
     # N bool per split: the plain model right on row n of the whole split (None: not run).
     tune_correct: np.ndarray | None = None
     test_correct: np.ndarray | None = None
+    # split -> the bundle's own plain graph run on it (manifest source with data), which
+    # fallback "plain" answers with too: collected once.
+    own_plain: dict[str, Calibration] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         paired = self.source == "final_exit" or self.tune_correct is not None
@@ -273,9 +276,9 @@ def resolve_baseline(
         # bundle's backbone is the plain model) on the same rows, so the accuracy compared with
         # is measured where the early exits are, and the bound pairs the answers row by row.
         graph = plain_graph(manifest).file
-        measured, correct = {}, {}
+        measured, correct, collected = {}, {}, {}
         for name in splits:
-            cal = _collect(request, request.bundle, manifest, name, plain=True)
+            cal = collected[name] = _collect(request, request.bundle, manifest, name, plain=True)
             measured[name], correct[name] = plain_correct(cal, labels[name], graph)
             recorded = block.accuracy.get(name)
             if recorded is not None and abs(recorded - measured[name]) > 0.1:
@@ -295,6 +298,7 @@ def resolve_baseline(
             detail,
             correct[split],
             correct[test_split] if test_split else None,
+            collected,
         )
     return BaselineChoice("final_exit", None, None)
 
@@ -326,10 +330,12 @@ def own_plain_answers(
     manifest: Manifest,
     splits: dict[str, str | None],
     labels: dict[str, np.ndarray] | None,
+    collected: dict[str, Calibration] | None = None,
 ) -> dict[str, Calibration | None]:
     """Fallback "plain": per role ("tune", "test"), the bundle's own plain graph run on the
     whole split (cached beside the calibration), which answers every row no exit accepts. None
-    for every role with another fallback."""
+    for every role with another fallback. `collected` (split -> that graph's calibration,
+    already checked against the labels by `resolve_baseline`) is reused, not read again."""
     if manifest.fallback != "plain":
         return dict.fromkeys(splits)
     if labels is None:
@@ -341,10 +347,13 @@ def own_plain_answers(
     out: dict[str, Calibration | None] = {}
     for role, name in splits.items():
         out[role] = None
-        if name is not None:
+        if name is None:
+            continue
+        cal = (collected or {}).get(name)
+        if cal is None:
             cal = _collect(request, request.bundle, manifest, name, plain=True)
             plain_correct(cal, labels[name], graph)  # the same rows, or a TuningError
-            out[role] = cal
+        out[role] = cal
     return out
 
 
@@ -391,7 +400,9 @@ def run(request: TuneRequest) -> dict[str, Any]:
             f", {baseline.test}% on {test_split}" if test_split else "",
             " (paired row by row)" if baseline.tune_correct is not None else "",
         )
-    own = own_plain_answers(request, manifest, {"tune": split, "test": test_split}, labels)
+    own = own_plain_answers(
+        request, manifest, {"tune": split, "test": test_split}, labels, baseline.own_plain
+    )
     table = _table(tune_cal, manifest, "calibration data", baseline.tune_correct, own["tune"])
     test_table = None
     if test_cal is not None:
