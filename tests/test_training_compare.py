@@ -259,3 +259,37 @@ def test_sigterm_stops_every_run_with_a_checkpoint(tiny_arms, tmp_path):
     # no run is left behind: each exited with its checkpoint
     ps = subprocess.run(["pgrep", "-f", str(runs)], capture_output=True, text=True)
     assert ps.stdout.strip() == ""
+
+
+def test_starting_weights_are_compared_as_the_files_each_seed_names(tmp_path):
+    """A recipe whose init names each seed's own weights ("{seed}") accepts a run that started
+    from the same bytes under another name, and refuses one that started elsewhere."""
+    from training.compare import Arm, check_recipe, render_markdown
+    from training.config import TrainConfig
+
+    (tmp_path / "first_s1.pt").write_bytes(b"seed one weights")
+    (tmp_path / "copy.pt").write_bytes(b"seed one weights")
+    (tmp_path / "other.pt").write_bytes(b"something else")
+    arm = Arm("cycle2", TrainConfig(exits=2, epochs=1, init=str(tmp_path / "first_s{seed}.pt")))
+    run = tmp_path / "cycle2_s1"
+    run.mkdir()
+    for started_from, accepted in [
+        ("first_s{seed}.pt", True),  # the recipe itself
+        ("copy.pt", True),  # the same weights under another name
+        ("other.pt", False),
+        (None, False),  # from scratch
+    ]:
+        init = None if started_from is None else str(tmp_path / started_from)
+        saved = TrainConfig(exits=2, epochs=1, seed=1, init=init)
+        (run / "config.json").write_text(json.dumps(saved.to_dict()))
+        if accepted:
+            assert check_recipe(run, arm, 1).init == init
+            report = {"reference": "cycle2", "seeds": [1], "arms": {"cycle2": {
+                "per_seed": {"1": {"init": init, "exit_accuracy": [50.0, 60.0]}},
+                "mean_exit_accuracy": [50.0, 60.0], "exit_points": ["layer3", "layer4"]}},
+                "budget": {"epochs": 1, "batch_size": 8, "schedule": "linear",
+                           "train_subset": None}}  # fmt: skip
+            assert f"`cycle2` seed 1: `{init}`" in render_markdown(report, "cmd")
+        else:
+            with pytest.raises(RuntimeError, match=r"\(init differ"):
+                check_recipe(run, arm, 1)

@@ -13,7 +13,7 @@ from core.datasets import ImageArrays
 from tests.cli_helpers import assert_train_refuses
 from training.config import TrainConfig
 from training.costs import count_macs, measure_costs
-from training.engine import Trainer, distill_weights, lr_factor
+from training.engine import InitError, Trainer, distill_weights, lr_factor
 from training.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -457,6 +457,20 @@ def test_init_without_freezing_fine_tunes_everything(tmp_path):
     after = tuned.model.state_dict()
     weights = [k for k in plain_state if k.startswith("backbone.") and k.endswith(".weight")]
     assert all(not torch.equal(after[k], plain_state[k]) for k in weights[:3])
+
+
+def test_init_names_each_seeds_own_weights_with_a_seed_placeholder(tmp_path):
+    """A continuation recipe starts seed s from its own first run: "{seed}" in --init."""
+    nets = {seed: create_model("resnet18", 4, exits=1, width=0.125) for seed in (0, 3)}
+    for seed, net in nets.items():
+        torch.save(net.backbone.state_dict(), tmp_path / f"first_s{seed}.pt")
+    template = str(tmp_path / "first_s{seed}.pt")
+    trainer = _trainer(tmp_path / "run", init=template, seed=3, freeze_backbone=True)
+    assert trainer.cfg.init == template  # config.json keeps the recipe, not one seed's file
+    mine = trainer.model.backbone.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in nets[3].backbone.state_dict().items())
+    with pytest.raises(InitError, match="first_s5.pt"):
+        _trainer(tmp_path / "run5", init=template, seed=5, freeze_backbone=True)
 
 
 def test_init_from_a_plain_state_dict(tmp_path):

@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--init",
         help="start from trained weights: a checkpoint of this project (e.g. a plain baseline's "
-        "best.pt) or a plain state_dict of the registry backbone",
+        "best.pt) or a plain state_dict of the registry backbone; {seed} in the path stands for "
+        "the run's seed",
     )
     p.add_argument(
         "--freeze-backbone",

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from core.bundle import sha256_file
 from core.stats import mcnemar
 
 from .config import TrainConfig, read_config
@@ -160,9 +161,21 @@ def epochs_done(run: Path) -> int:
     return int(json.loads(lines[-1]).get("epoch", 0)) if lines else 0
 
 
-def check_recipe(run: Path, arm: Arm, seed: int) -> None:
-    """RuntimeError when the run's config.json is not this arm's recipe at this seed (a stale
-    run directory from another recipe would otherwise be reported under this arm's name)."""
+def same_weights(a: Path | None, b: Path | None) -> bool:
+    """Whether two `init` paths name the same starting weights: the same path, or two files
+    with the same bytes (a run started from a copy, e.g. before a recipe named its starting
+    point per seed)."""
+    if a is None or b is None or a == b:
+        return a == b
+    if not (a.is_file() and b.is_file()):
+        return False
+    return bool(sha256_file(a) == sha256_file(b))
+
+
+def check_recipe(run: Path, arm: Arm, seed: int) -> TrainConfig:
+    """The run's saved config; RuntimeError when it is not this arm's recipe at this seed (a
+    stale run directory from another recipe would otherwise be reported under this arm's
+    name). Starting weights (`init`) are compared as the files they name for this seed."""
     from .engine import RUN_ENVIRONMENT_FIELDS
 
     saved = read_config(run / "config.json")
@@ -170,13 +183,18 @@ def check_recipe(run: Path, arm: Arm, seed: int) -> None:
     differ = [
         f
         for f in saved.to_dict()
-        if f not in RUN_ENVIRONMENT_FIELDS and getattr(saved, f) != getattr(wanted, f)
+        if f not in RUN_ENVIRONMENT_FIELDS
+        and f != "init"
+        and getattr(saved, f) != getattr(wanted, f)
     ]
+    if not same_weights(saved.init_path(), wanted.init_path()):
+        differ.append("init")
     if differ:
         raise RuntimeError(
             f"{run.name} was trained with another recipe ({', '.join(differ)} differ from "
             f"{arm.name}'s); move it away or use another --runs"
         )
+    return saved
 
 
 def measure_step_times(
@@ -266,7 +284,7 @@ def summarize(
         per_seed = {}
         for seed in seeds:
             run = run_dir(runs, arm.name, seed)
-            check_recipe(run, arm, seed)
+            saved = check_recipe(run, arm, seed)
             got = read_predictions(run)
             labels = got.labels
             correct = got.exits == labels[None, :]
@@ -274,6 +292,8 @@ def summarize(
                 "exit_accuracy": [100.0 * float(c.mean()) for c in correct],
                 "rows": int(labels.size),
             }
+            if saved.init:
+                entry["init"] = saved.init  # as the run recorded it: where this seed started
             if arm.name != reference:
                 entry["deepest_vs_reference"] = mcnemar(ref_correct[seed], correct[-1]).to_dict()
             if got.ensemble is not None:
@@ -488,6 +508,14 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             "deepest exit, exact McNemar per seed.",
             "",
         ]
+    starts = [
+        f"`{name}` seed {seed}: `{entry['init']}`"
+        for name, arm in report["arms"].items()
+        for seed, entry in arm["per_seed"].items()
+        if entry.get("init")
+    ]
+    if starts:
+        lines += ["Starting weights (`init`): " + "; ".join(starts) + ".", ""]
     columns = exit_columns(report)
     head = ["arm", *(["varies"] if varied else []), *columns, "deepest − ref (per seed, p)"]
     head += ["ensemble − ref (per seed, p)"] if has_ensemble else []

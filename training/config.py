@@ -86,7 +86,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # EMA of weights (0 = off); evaluated and exported when on
     # start from trained weights (a checkpoint of this project, or a plain state_dict of a
     # registry backbone); with freeze_backbone only the exit heads train and the final exit
-    # stays the plain model bit for bit
+    # stays the plain model bit for bit. "{seed}" in the path stands for this run's seed, so a
+    # continuation recipe (a second cycle) starts every seed from its own first run
     init: str | None = None
     freeze_backbone: bool = False
     init_heads: bool = False  # with init: also load its exit heads (same exits and heads)
@@ -128,6 +129,10 @@ class TrainConfig:
         if self.exit_blocks and self.exits != len(self.exit_blocks) + 1:
             return dataclasses.replace(self, exits=len(self.exit_blocks) + 1)
         return self
+
+    def init_path(self) -> Path | None:
+        """The weights `init` names for this run's seed ("{seed}" replaced), None without."""
+        return None if not self.init else Path(self.init.replace("{seed}", str(self.seed)))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

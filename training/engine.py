@@ -157,13 +157,15 @@ class InitError(ValueError):
 
 
 def load_backbone(model: MultiExitNetwork, cfg: TrainConfig) -> None:
-    """Load trained backbone weights from `cfg.init` into `model.backbone`.
+    """Load trained backbone weights from `cfg.init_path()` into `model.backbone`.
 
     Accepts a checkpoint of this project (its architecture, width, stem and classes must
     match; its EMA weights when it has them) or a plain state_dict of the registry backbone
     (keys with or without a "backbone." prefix). Exit heads keep their fresh initialisation.
     """
-    path = Path(str(cfg.init))
+    path = cfg.init_path()
+    if path is None:
+        raise InitError("no --init checkpoint to load")
     state = read_checkpoint(path, InitError, "--init")
     if not isinstance(state, dict):
         raise InitError(f"--init {path}: expected a dict, got {type(state).__name__}")
