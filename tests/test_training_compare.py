@@ -149,6 +149,21 @@ def test_bad_usage_is_one_line_exit_2(tiny_arms, tmp_path, capsys, extra, needle
     assert not (tmp_path / "r").exists() and not (tmp_path / "o").exists()
 
 
+def test_missing_starting_weights_refuse_before_any_run_starts(tiny_arms, tmp_path, capsys):
+    root, base, sd = tiny_arms
+    cont = tmp_path / "cont.yaml"
+    cont.write_text(sd.read_text() + f"init: {tmp_path}/first_s{{seed}}.pt\n")
+    (tmp_path / "first_s0.pt").write_bytes(b"x")  # seed 0 has one, seed 1 does not
+    code, err = _compare_here(
+        capsys, "--arms", str(base), str(cont), "--reference", "baseline", "--seeds", "0,1",
+        "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o"),
+    )  # fmt: skip
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and "cont seed 1" in lines[0], err
+    assert "first_s1.pt do not exist" in lines[0]
+    assert not (tmp_path / "r").exists() and not (tmp_path / "o").exists()
+
+
 def test_a_run_of_another_recipe_is_not_reported_under_an_arm(tiny_arms, tmp_path, capsys):
     """A finished-looking run directory whose config.json is another recipe is refused."""
     from training.config import TrainConfig

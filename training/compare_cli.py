@@ -195,6 +195,22 @@ def load_arms(args: argparse.Namespace, varied: tuple[str, ...] = ()):
     return arms
 
 
+def _check_starting_weights(arms, seeds: list[int], runs: Path) -> None:
+    """UsageError before anything starts when a run still to train names `init` weights that
+    are not there (e.g. "{seed}" in a continuation recipe whose first run is missing)."""
+    import dataclasses
+
+    from .compare import run_dir, run_finished
+
+    for seed in seeds:
+        for arm in arms:
+            path = dataclasses.replace(arm.config, seed=seed).init_path()
+            if path is None or path.is_file():
+                continue
+            if not run_finished(run_dir(runs, arm.name, seed), arm.config.epochs):
+                raise UsageError(f"{arm.name} seed {seed}: its init weights {path} do not exist")
+
+
 def train_all(arms, seeds: list[int], runs: Path, parallel: int) -> None:
     """Start every unfinished arm × seed as a background `earlyexit-train` (PARALLEL at a
     time), with one progress bar per run (epochs done). SIGTERM or SIGINT is passed on to the
@@ -302,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         varied = _parse_vary(args.vary)
         arms = load_arms(args, varied)
         pairs = _parse_pairs(args.pairs, [a.name for a in arms])
+        if not args.report_only:
+            _check_starting_weights(arms, seeds, Path(args.runs))
     except UsageError as exc:
         print(f"earlyexit-compare: error: {exc}", file=sys.stderr)
         return 2
