@@ -78,14 +78,16 @@ def study(
     splits: int,
     seed: int,
     plain_rows: np.ndarray | None = None,
+    certify: tuple[float | None, ...] = (None,),
 ) -> list[dict[str, Any]]:
-    """One result per (tune_rows, confidence), each over the same `splits` partitions.
+    """One result per (tune_rows, confidence, certify), each over the same `splits` partitions
+    (`certify`: None = choose and bound on the same rows, F = `earlyexit-tune --certify F`).
 
     `plain_rows` (N bool, the plain model's correctness on the pooled rows) makes every drop
     and margin relative to the plain model, paired row by row, instead of the final exit."""
     rng = np.random.default_rng(seed)
     n = len(labels)
-    cells: dict[tuple[int, float], dict[str, list[float]]] = {}
+    cells: dict[tuple[int, float, float | None], dict[str, list[float]]] = {}
     pool = None
     # Fallback "plain": the same plain model also answers the rows no exit accepts.
     answers_fallback = fallback == "plain"
@@ -104,14 +106,15 @@ def study(
             part, rest = order[:rows], order[rows:]
             table = table_of(part)
             held_out = table_of(rest)
-            for z in confidences:
+            for z, fraction in ((z, f) for z in confidences for f in certify):
                 options = TuneOptions(
                     max_drop=max_drop,
                     confidence=z or None,
                     compare=False,
                     ga=GAConfig(seed=s, progress=False),
+                    certify=fraction,
                 )
-                cell = cells.setdefault((rows, z), {})
+                cell = cells.setdefault((rows, z, fraction), {})
                 try:
                     outcome = tune(table, costs, options, test_table=held_out)
                 except TuningError:
@@ -138,7 +141,7 @@ def study(
                     cell.setdefault(key, []).append(float(value))
         log.info("partition %d/%d done", s + 1, splits)
     results = []
-    for (rows, z), cell in cells.items():
+    for (rows, z, fraction), cell in cells.items():
         infeasible = float(np.mean(cell["infeasible"]))
         if "difference" not in cell:
             results.append(
@@ -146,6 +149,7 @@ def study(
                     "tune_rows": rows,
                     "held_out_rows": n - rows,
                     "confidence": z,
+                    "certify": fraction,
                     "infeasible": infeasible,
                 }
             )
@@ -166,6 +170,7 @@ def study(
                 "tune_rows": rows,
                 "held_out_rows": n - rows,
                 "confidence": z,
+                "certify": fraction,
                 "within_0_5": float(np.mean(np.abs(diffs) <= WITHIN)),
                 "difference": _summary(cell["difference"]),
                 "final_exit_difference": _summary(cell["final_exit_difference"]),
@@ -232,8 +237,9 @@ def plot_against_plain(report: dict[str, Any], path: Path) -> None:
         if "partitions" not in r:
             continue
         points = np.asarray(r["partitions"], dtype=float)
+        certified = f" certify {r['certify']:g}" if r.get("certify") else ""
         label = (
-            f"N={r['tune_rows']} Z={r['confidence']:g}: drop ≤ {report['max_drop']:g} in "
+            f"N={r['tune_rows']} Z={r['confidence']:g}{certified}: drop ≤ {report['max_drop']:g} in "
             f"{100 * r['drop_within_max_drop']:.0f} %, infeasible {100 * r['infeasible']:.0f} %"
         )
         ax.scatter(points[:, 1], points[:, 0], s=14, alpha=0.7, label=label)
@@ -253,6 +259,10 @@ def _ints(text: str) -> list[int]:
 
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _fractions(text: str) -> tuple[float | None, ...]:
+    return tuple(None if v.strip() == "none" else float(v) for v in text.split(",") if v.strip())
 
 
 def _plain_rows(
@@ -289,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-rows", type=_ints, default=[2500, 5000, 10000])
     parser.add_argument("--confidence", type=_floats, default=[0.0, 1.0, 1.645])
     parser.add_argument("--max-drop", type=float, default=0.0)
+    parser.add_argument(
+        "--certify",
+        type=_fractions,
+        default=(None,),
+        help="comma-separated earlyexit-tune --certify fractions, 'none' for the plain margin "
+        "(default none)",
+    )
     parser.add_argument("--splits", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
@@ -317,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             args.splits,
             args.seed,
             plain_rows,
+            args.certify,
         )
     except (BundleError, TuningError, OSError, ValueError) as exc:
         print(f"transfer_study: error: {exc}", file=sys.stderr)
@@ -341,10 +359,12 @@ def main(argv: list[str] | None = None) -> int:
             log.info("N=%d Z=%g: infeasible in every partition", r["tune_rows"], r["confidence"])
             continue
         log.info(
-            "N=%d Z=%g: held-out - tuning %.2f ± %.2f (SD), within 0.5: %.0f%% (final exit "
-            "alone %.0f%%), held-out drop %.2f (<= 0.5 in %.0f%%), acceleration %.3fx",
+            "N=%d Z=%g%s: held-out - tuning %.2f ± %.2f (SD), within 0.5: %.0f%% (final exit "
+            "alone %.0f%%), held-out drop %.2f (<= 0.5 in %.0f%%), acceleration %.3fx (held "
+            "out %.3fx), infeasible in %.0f%%%s",
             r["tune_rows"],
             r["confidence"],
+            f" certify {r['certify']:g}" if r.get("certify") else "",
             r["difference"]["mean"],
             r["difference"]["sd"],
             100 * r["within_0_5"],
@@ -352,6 +372,13 @@ def main(argv: list[str] | None = None) -> int:
             r["held_out_drop"]["mean"],
             100 * r["drop_within_0_5"],
             r["acceleration"]["mean"],
+            r["held_out_acceleration"]["mean"],
+            100 * r["infeasible"],
+            (
+                f"; pool drop <= max-drop in {100 * r['pool_drop_within_max_drop']:.0f}%"
+                if "pool_drop_within_max_drop" in r
+                else ""
+            ),
         )
     return 0
 

@@ -326,6 +326,10 @@ def test_margin_line_says_what_the_numbers_mean(confidence, setup, capsys):
         ("limit-text", "--limit: must be a positive integer, got 'ten'"),
         ("restarts-zero", "--restarts must be >= 1, got 0"),
         ("restarts-pareto", "--restarts applies to the GA, not to --pareto"),
+        ("certify-no-floor", "--certify goes with --max-drop"),
+        ("certify-one", "--certify must be a fraction strictly between 0 and 1, got 1.0"),
+        ("certify-pareto", "--certify searches the NSGA-II front itself"),
+        ("certify-tiny", "each part needs at least 100"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(case, message, setup, tmp_path, capsys):
@@ -360,6 +364,10 @@ def test_bad_input_exits_2_with_one_line(case, message, setup, tmp_path, capsys)
             "limit-text": ["--limit", "ten"],
             "restarts-zero": ["--restarts", "0"],
             "restarts-pareto": ["--restarts", "2", "--pareto"],
+            "certify-no-floor": ["--certify", "0.5"],
+            "certify-one": ["--max-drop", "0.5", "--certify", "1"],
+            "certify-pareto": ["--max-drop", "0.5", "--certify", "0.5", "--pareto"],
+            "certify-tiny": ["--max-drop", "0.5", "--certify", "0.01"],
         }[case]
     before = sorted(p.name for p in bundle.iterdir()) if bundle.is_dir() else None
     assert main(argv) == 2

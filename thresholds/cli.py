@@ -132,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
         "i.e. a margin of Z standard errors (default 0 = none; e.g. 1.0 or 1.645 for ~95%%)",
     )
     mode.add_argument(
+        "--certify",
+        type=float,
+        metavar="F",
+        help="with --max-drop: hold this share of the tuning rows back (e.g. 0.5), search the "
+        "NSGA-II front on the rest, test its points on the held-back rows against the "
+        "--confidence bound, safest first, until one fails, and write the fastest that passed "
+        "(a guarantee on new rows, not only a margin)",
+    )
+    mode.add_argument(
         "--pareto",
         action="store_true",
         help="search the accuracy x acceleration front (NSGA-II); the written "
@@ -239,6 +248,7 @@ def _request(args: argparse.Namespace) -> TuneRequest:
         max_drop=args.max_drop,
         confidence=args.confidence,
         pareto=args.pareto,
+        certify=args.certify,
         baseline=args.baseline,
         ga=ga,
         grid_steps=args.grid_steps,

@@ -74,6 +74,17 @@ class ExitTable:
     def num_rows(self) -> int:
         return int(self.max_probs.shape[0])
 
+    def take(self, rows: np.ndarray) -> ExitTable:
+        """The same facts for a subset of the rows (indices or a mask), e.g. to hold some back."""
+        return ExitTable(
+            self.max_probs[rows],
+            self.correct[rows],
+            self.fallback,
+            self.num_classes,
+            None if self.agrees_final is None else self.agrees_final[rows],
+            None if self.reference_correct is None else self.reference_correct[rows],
+        )
+
     @property
     def num_exits(self) -> int:
         return int(self.max_probs.shape[1])

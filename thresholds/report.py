@@ -99,6 +99,8 @@ def tuned_provenance(
             "tuned_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
     )
+    if outcome.certification is not None:
+        tuned["certification"] = outcome.certification.to_dict()
     if data.bundle_sha256:
         tuned["bundle_sha256"] = data.bundle_sha256
     return tuned
@@ -183,6 +185,8 @@ def result_json(
     }
     if outcome.objective.max_drop is not None:
         out["min_accuracy"] = outcome.objective.min_accuracy
+    if outcome.certification is not None:
+        out["certification"] = outcome.certification.to_dict()
     if outcome.pareto is not None:
         out["pareto"] = {
             "points": len(outcome.pareto.front),
@@ -277,6 +281,21 @@ def _rows_text(result: dict[str, Any]) -> str:
     return f"{text} (all of them: --limit {limit} is more)"
 
 
+def _certification_lines(result: dict[str, Any]) -> list[str]:
+    """--certify: what the held-back rows said about the written thresholds."""
+    cert = result.get("certification")
+    if not cert:
+        return []
+    check = cert["check"]
+    return [
+        f"certified on {cert['check_rows']} held-back rows (searched on {cert['search_rows']}): "
+        f"{cert['passed']} of {cert['candidates']} candidates passed in sequence; the fastest "
+        f"of them, written, drops {_points(check['drop'])} points there, at most "
+        f"{_points(-check['lower_bound'])} at {_one_sided_level(cert['confidence'])}% confidence "
+        f"(allowed {result['max_drop']:g})"
+    ]
+
+
 def summary_text(result: dict[str, Any]) -> str:
     """A few human-readable lines about a `result_json` object."""
     lines = [
@@ -292,6 +311,7 @@ def summary_text(result: dict[str, Any]) -> str:
     if result["mode"] == "max_drop":
         lines += _margin_lines(result["split"], result, result["max_drop"])
     lines += _mcnemar_lines(result["split"], result)
+    lines += _certification_lines(result)
     ceiling = result.get("ceiling")
     if ceiling and ceiling["acceleration"]:
         lines.append(

@@ -20,6 +20,7 @@ from thresholds.baselines import (
     grid_search,
 )
 from thresholds.ceiling import Ceiling, ConsistencyCeiling, consistency_ceiling, oracle_ceiling
+from thresholds.certify import Certification, certify, check_fraction
 from thresholds.costs import CostModel
 from thresholds.errors import TuningError
 from thresholds.evaluate import ExitTable, Metrics, evaluate
@@ -37,6 +38,9 @@ class TuneOptions:
     # Z of a one-sided lower confidence bound the max-drop floor applies to; None or 0 = none.
     confidence: float | None = None
     pareto: bool = False  # NSGA-II front; the written point is the front's best for the mode
+    # max-drop only: hold this share of the tuning rows back and certify the written vector on
+    # them (thresholds.certify); None = choose and bound on the same rows
+    certify: float | None = None
     # percent; None = the table's baseline on the same rows (its reference model, else its
     # final exit), paired row by row
     baseline: float | None = None
@@ -53,6 +57,14 @@ class TuneOptions:
         check_confidence(self.confidence, self.max_drop)
         if self.pareto and self.ga.restarts > 1:
             raise TuningError("--restarts applies to the GA, not to --pareto")
+        check_fraction(self.certify)
+        if self.certify is not None:
+            if self.max_drop is None:
+                raise TuningError("--certify goes with --max-drop")
+            if self.pareto or self.ga.restarts > 1:
+                raise TuningError(
+                    "--certify searches the NSGA-II front itself: drop --pareto and --restarts"
+                )
         if self.grid_steps < 2:
             raise TuningError(f"--grid-steps must be >= 2, got {self.grid_steps}")
         # Validates β / EPS / baseline ranges up front, before any data is read.
@@ -205,7 +217,7 @@ def full_depth_thresholds(num_exits: int) -> np.ndarray:
 @dataclass(frozen=True)
 class TuneOutcome:
     objective: Objective
-    method: str  # "ga" or "nsga2"
+    method: str  # "ga", "nsga2" or "nsga2_certified"
     thresholds: tuple[float, ...]
     tune: SplitReport
     seconds: float  # the search itself
@@ -214,6 +226,7 @@ class TuneOutcome:
     grid: BaselineResult | None = None
     global_threshold: BaselineResult | None = None
     test: SplitReport | None = None
+    certification: Certification | None = None
 
     @property
     def fitness(self) -> float:
@@ -248,8 +261,12 @@ def tune(
     )
     search: SearchResult | None = None
     pareto: ParetoResult | None = None
+    certification: Certification | None = None
     start = time.perf_counter()
-    if options.pareto:
+    if options.certify is not None:
+        thresholds, certification, pareto = certify(table, costs, options)
+        method = "nsga2_certified"
+    elif options.pareto:
         pareto = run_nsga2(table, costs, options.ga)
         chosen, _ = pareto.choose(objective)
         if not bool(objective.feasible(chosen.accuracy, chosen.discordant_rows)):
@@ -276,6 +293,7 @@ def tune(
         test=None
         if test_table is None
         else split_report(test_table, thresholds, costs, test_options or options),
+        certification=certification,
     )
     ratio = outcome.ratio_to(grid)
     if grid is not None and ratio is not None:
