@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.stats import mcnemar
+from core.stats import mcnemar, pooled_difference
 from tests.data_fixtures import write_tiny_cifar10
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +26,29 @@ def test_mcnemar_exact_by_hand():
     assert math.isclose(got.p_value, 10 / 16)
     assert math.isclose(got.difference_points, 100 * (1 - 3) / 6)
     assert mcnemar(a, a).p_value == 1.0  # no discordant rows
+
+
+def test_pooled_difference_by_hand():
+    # Two seeds, four images. Per image, d = mean over seeds of (B right) − (A right):
+    # image 0: (1 + 1)/2 = 1; image 1: (0 + 1)/2 = 0.5; image 2: (−1 + 0)/2 = −0.5; image 3: 0.
+    a = [np.array([0, 1, 1, 1], bool), np.array([0, 0, 1, 1], bool)]
+    b = [np.array([1, 1, 0, 1], bool), np.array([1, 1, 1, 1], bool)]
+    got = pooled_difference(a, b)
+    d = np.array([1.0, 0.5, -0.5, 0.0])
+    se = math.sqrt(((d - d.mean()) ** 2).sum() / 3 / 4)  # sample SD over √rows
+    assert (got.rows, got.replicates) == (4, 2)
+    assert got.difference_points == pytest.approx(100 * 0.25)
+    assert got.se_points == pytest.approx(100 * se)
+    assert got.p_value == pytest.approx(math.erfc(0.25 / se / math.sqrt(2)))
+    # An image counts once however many seeds score it: the same seed twice leaves the
+    # difference and its SE as they are, where summed McNemar counts would double.
+    one = pooled_difference(a[:1], b[:1])
+    twice = pooled_difference(a[:1] * 2, b[:1] * 2)
+    assert (twice.difference_points, twice.se_points) == (one.difference_points, one.se_points)
+    assert pooled_difference(a, a).p_value == 1.0  # no difference at all
+    for bad in (([], []), (a, b[:1]), ([a[0]], [b[0][:3]]), ([a[0][:1]], [b[0][:1]])):
+        with pytest.raises(ValueError):
+            pooled_difference(*bad)
 
 
 def test_mcnemar_large_n_matches_normal_approximation():
@@ -115,6 +138,19 @@ def test_two_arms_two_seeds_train_resume_and_report(tiny_arms):
         ens_mc = entry["ensemble_vs_reference"]
         assert ens_mc["only_a"] == int((ref_ok & ~ens_ok).sum())
         assert ens_mc["only_b"] == int((~ref_ok & ens_ok).sum())
+    # One test over both seeds, the test image as the unit, from the same predictions.
+    pooled = sd_arm["deepest_pooled_vs_reference"]
+    diffs = []
+    for seed in ("0", "1"):
+        labels = np.load(runs / f"sd_code_s{seed}" / "test_predictions.npz")["labels"]
+        ref_ok = np.load(runs / f"baseline_s{seed}" / "test_predictions.npz")["predictions"][-1]
+        sd_ok = np.load(runs / f"sd_code_s{seed}" / "test_predictions.npz")["predictions"][-1]
+        diffs.append((sd_ok == labels).astype(float) - (ref_ok == labels).astype(float))
+    per_image = np.mean(diffs, axis=0)
+    assert pooled["replicates"] == 2 and pooled["rows"] == per_image.size
+    assert pooled["difference_points"] == pytest.approx(100 * per_image.mean())
+    assert pooled["difference_points"] == pytest.approx(sd_arm["deepest_difference_points"]["mean"])
+    assert "deepest_pooled_vs_reference" not in report["arms"]["baseline"]
     # One exit has no ensemble of its own.
     assert "ensemble_accuracy" not in report["arms"]["baseline"]["per_seed"]["0"]
     assert len(sd_arm["ensemble_difference_points"]["per_seed"]) == 2
@@ -123,6 +159,7 @@ def test_two_arms_two_seeds_train_resume_and_report(tiny_arms):
     md = (out / "README.md").read_text()
     assert "`sd_code`" in md and "p=" in md and (out / "compare.png").stat().st_size > 1000
     assert "ensemble − ref (per seed, p)" in md
+    assert "; pooled " in md and "`pooled`: one test over every seed" in md
     # Finished runs are not retrained: a second call only reports.
     mtime = (runs / "sd_code_s0" / "last.pt").stat().st_mtime
     again = _compare(*args)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from core.bundle import sha256_file
-from core.stats import mcnemar
+from core.stats import mcnemar, pooled_difference
 
 from .config import TrainConfig, read_config
 
@@ -282,6 +282,7 @@ def summarize(
         ref_correct[seed] = ref.exits[-1] == ref.labels
     for arm in arms:
         per_seed = {}
+        deepest_correct: dict[int, np.ndarray] = {}
         for seed in seeds:
             run = run_dir(runs, arm.name, seed)
             saved = check_recipe(run, arm, seed)
@@ -294,6 +295,7 @@ def summarize(
             }
             if saved.init:
                 entry["init"] = saved.init  # as the run recorded it: where this seed started
+            deepest_correct[seed] = correct[-1]
             if arm.name != reference:
                 entry["deepest_vs_reference"] = mcnemar(ref_correct[seed], correct[-1]).to_dict()
             if got.ensemble is not None:
@@ -337,6 +339,11 @@ def summarize(
             summary["deepest_difference_points"] = _difference_summary(
                 [per_seed[str(s)]["deepest_vs_reference"] for s in seeds]
             )
+            if len(seeds) > 1:
+                # One test over the seeds, the test image as the unit (core.stats).
+                summary["deepest_pooled_vs_reference"] = pooled_difference(
+                    [ref_correct[s] for s in seeds], [deepest_correct[s] for s in seeds]
+                ).to_dict()
             if all("ensemble_vs_reference" in per_seed[str(s)] for s in seeds):
                 summary["ensemble_difference_points"] = _difference_summary(
                     [per_seed[str(s)]["ensemble_vs_reference"] for s in seeds]
@@ -500,6 +507,14 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             "arms interleaved.",
             "",
         ]
+    if any("deepest_pooled_vs_reference" in a for a in report["arms"].values()):
+        lines += [
+            "`pooled`: one test over every seed, with the test image as the unit: per image, "
+            "the mean over seeds of (arm right) − (reference right); its mean ± standard error "
+            "and a two-sided normal p-value (summing the seeds' McNemar counts would count each "
+            "image once per seed). It covers these seeds, not the spread of further ones.",
+            "",
+        ]
     has_ensemble = any("ensemble_difference_points" in a for a in report["arms"].values())
     if has_ensemble:
         lines += [
@@ -532,6 +547,12 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             diff = f"**{arm['deepest_difference_points']['mean']:+.2f}**: " + _per_seed_tests(
                 arm["per_seed"][str(s)]["deepest_vs_reference"] for s in seeds
             )
+            pooled = arm.get("deepest_pooled_vs_reference")
+            if pooled:
+                diff += (
+                    f"; pooled {pooled['difference_points']:+.2f} ± {pooled['se_points']:.2f} "
+                    f"(p={pooled['p_value']:.3g})"
+                )
         ens_cell = []
         if has_ensemble:
             ens = arm.get("ensemble_difference_points")
