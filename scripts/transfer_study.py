@@ -28,6 +28,7 @@ Writes transfer_study.json and transfer_study.png to --out.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -88,25 +89,17 @@ def study(
     rng = np.random.default_rng(seed)
     n = len(labels)
     cells: dict[tuple[int, float, float | None], dict[str, list[float]]] = {}
-    pool = None
-    # Fallback "plain": the same plain model also answers the rows no exit accepts.
-    answers_fallback = fallback == "plain"
-    if plain_rows is not None:
-        own = plain_rows if answers_fallback else None
-        pool = build_exit_table(probs, labels, fallback, plain_rows, own)
-
-    def table_of(rows: np.ndarray) -> Any:
-        reference = None if plain_rows is None else plain_rows[rows]
-        own = reference if answers_fallback else None
-        return build_exit_table(probs[rows], labels[rows], fallback, reference, own)
-
+    # Fallback "plain": the same plain model also answers the rows no exit accepts. Every
+    # column of the table is per row, so each part is the pooled table's rows.
+    own = plain_rows if fallback == "plain" else None
+    pool = build_exit_table(probs, labels, fallback, plain_rows, own)
     for s in range(splits):
         order = rng.permutation(n)
         for rows in tune_rows:
             part, rest = order[:rows], order[rows:]
-            table = table_of(part)
-            held_out = table_of(rest)
-            for z, fraction in ((z, f) for z in confidences for f in certify):
+            table = pool.take(part)
+            held_out = pool.take(rest)
+            for z, fraction in itertools.product(confidences, certify):
                 options = TuneOptions(
                     max_drop=max_drop,
                     confidence=z or None,
@@ -126,7 +119,7 @@ def study(
                 moved = transfer(outcome.tune, outcome.test)
                 cell.setdefault("infeasible", []).append(0.0)
                 extra: tuple[tuple[str, float], ...] = ()
-                if pool is not None:
+                if plain_rows is not None:
                     whole = evaluate(pool, np.asarray(outcome.thresholds), costs)
                     extra = (("pool_drop", pool.baseline_accuracy - whole.accuracy),)
                 for key, value in (

@@ -116,6 +116,7 @@ def test_two_arms_two_seeds_train_resume_and_report(tiny_arms):
     assert report["reference"] == "baseline" and report["seeds"] == [0, 1]
     sd_arm = report["arms"]["sd_code"]
     assert len(sd_arm["mean_exit_accuracy"]) == 2
+    diffs = []  # per seed, per image: (SD right) − (reference right)
     for seed in ("0", "1"):
         entry = sd_arm["per_seed"][seed]
         preds = np.load(runs / f"sd_code_s{seed}" / "test_predictions.npz")
@@ -126,6 +127,7 @@ def test_two_arms_two_seeds_train_resume_and_report(tiny_arms):
         ref = np.load(runs / f"baseline_s{seed}" / "test_predictions.npz")
         ref_ok = ref["predictions"][-1] == labels
         sd_ok = preds["predictions"][-1] == labels
+        diffs.append(sd_ok.astype(float) - ref_ok.astype(float))
         mc = entry["deepest_vs_reference"]
         assert mc["only_a"] == int((ref_ok & ~sd_ok).sum())
         assert mc["only_b"] == int((~ref_ok & sd_ok).sum())
@@ -140,12 +142,6 @@ def test_two_arms_two_seeds_train_resume_and_report(tiny_arms):
         assert ens_mc["only_b"] == int((~ref_ok & ens_ok).sum())
     # One test over both seeds, the test image as the unit, from the same predictions.
     pooled = sd_arm["deepest_pooled_vs_reference"]
-    diffs = []
-    for seed in ("0", "1"):
-        labels = np.load(runs / f"sd_code_s{seed}" / "test_predictions.npz")["labels"]
-        ref_ok = np.load(runs / f"baseline_s{seed}" / "test_predictions.npz")["predictions"][-1]
-        sd_ok = np.load(runs / f"sd_code_s{seed}" / "test_predictions.npz")["predictions"][-1]
-        diffs.append((sd_ok == labels).astype(float) - (ref_ok == labels).astype(float))
     per_image = np.mean(diffs, axis=0)
     assert pooled["replicates"] == 2 and pooled["rows"] == per_image.size
     assert pooled["difference_points"] == pytest.approx(100 * per_image.mean())

@@ -101,8 +101,8 @@ def certify(
     """The certified thresholds for `options` (max-drop with `certify` set), how they were
     certified, and the search part's front."""
     fraction = options.certify
-    if fraction is None or options.max_drop is None:
-        raise TuningError("--certify goes with --max-drop")
+    if fraction is None:  # TuneOptions has checked the rest: --max-drop given, F in (0, 1)
+        raise TuningError("certify() needs options.certify")
     search_rows, check_rows = split_rows(table.num_rows, fraction, options.ga.seed)
     search, check = table.take(search_rows), table.take(check_rows)
     pareto = run_nsga2(search, costs, options.ga)
