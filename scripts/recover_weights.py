@@ -59,13 +59,12 @@ def _initializers(paths: list[Path]) -> dict[str, np.ndarray]:
 
 
 def _conv_before(bn_name: str) -> str:
-    """The convolution a BatchNorm follows, by this project's module naming."""
-    parent, _, last = bn_name.rpartition(".")
-    if last.startswith("bn"):
-        return f"{parent}.conv{last[2:]}"
-    if last.isdigit() and int(last) > 0:
-        return f"{parent}.{int(last) - 1}"
-    raise RecoverError(f"{bn_name}: cannot tell which convolution this BatchNorm follows")
+    from training.folding import conv_before
+
+    try:
+        return conv_before(bn_name)
+    except ValueError as exc:
+        raise RecoverError(str(exc)) from exc
 
 
 def _read_manifest(bundle: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ("training.cli", ["--out", "x", "--bogus"], "unrecognized arguments"),
         ("training.export_cli", ["--out", "x"], "--checkpoint"),
+        ("training.soup_cli", ["a.pt", "b.pt"], "--out"),
         ("thresholds.cli", ["--bundle", "x", "--beta", "nan-ish"], "--beta"),
         ("serving.cli", ["--port", "notaport"], "--port"),
         ("benchmarks.cli", ["--bundle", "x"], "--dataset"),
