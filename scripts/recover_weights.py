@@ -130,6 +130,7 @@ def recover(
 
     from core.datasets import DatasetError, load_split
     from core.normalize import normalize_images
+    from training.folding import channel_statistics
 
     if which not in WHICH:
         raise RecoverError(f"--which {which!r}: choose from {', '.join(WHICH)}")
@@ -192,23 +193,10 @@ def recover(
         raise RecoverError(str(exc)) from exc
     mean, std = manifest["input"]["mean"], manifest["input"]["std"]
     gen = np.random.default_rng(seed)
-    sums: dict[str, torch.Tensor] = {}
-    squares: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name: str) -> Any:
-        def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: Any) -> None:
-            x = inputs[0].double()
-            sums[name] = sums.get(name, 0) + x.sum(dim=(0, 2, 3))
-            squares[name] = squares.get(name, 0) + (x * x).sum(dim=(0, 2, 3))
-            counts[name] = counts.get(name, 0) + x.shape[0] * x.shape[2] * x.shape[3]
-
-        return record
-
-    handles = [bn.register_forward_hook(hook(n)) for n, bn in norms.items()]
-    batch_size = min(256, len(train))
     _c, h, w = manifest["input"]["shape"]
-    with torch.no_grad():
+
+    def batches_of_train() -> Any:
+        batch_size = min(256, len(train))
         for _ in range(batches):
             imgs = train.images[gen.choice(len(train), size=batch_size, replace=False)]
             pad = np.pad(imgs, ((0, 0), (4, 4), (4, 4)) + ((0, 0),) * (imgs.ndim - 3))
@@ -216,16 +204,15 @@ def recover(
             imgs = pad[:, dy : dy + h, dx : dx + w].copy()
             flip = gen.random(batch_size) < 0.5
             imgs[flip] = imgs[flip][:, :, ::-1]
-            model(torch.from_numpy(normalize_images(imgs, mean, std)))
-    for handle in handles:
-        handle.remove()
+            yield torch.from_numpy(normalize_images(imgs, mean, std))
+
+    stats = channel_statistics(model, dict(norms), batches_of_train(), of="input")
 
     # Step 3: rescale each folded convolution to the expected norm of a fresh Kaiming (fan_out)
     # initialisation and re-parametrise its BatchNorm from those statistics (module docstring).
     for name, (conv, bias) in folded.items():
         bn = norms[name]
-        m = sums[name] / counts[name]
-        v = (squares[name] / counts[name] - m * m).clamp_min(0.0)
+        m, v = stats[name]
         weight = state[f"{conv}.weight"].double()
         fan_out = weight.shape[0] * weight[0, 0].numel()
         s = math.sqrt(weight.numel() * 2.0 / fan_out) / float(weight.norm())

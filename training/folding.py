@@ -9,7 +9,7 @@ one recovered from a bundle) can be compared or averaged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -110,3 +110,41 @@ def augmented_batches(
             if done == batches:
                 return
         epoch += 1
+
+
+@torch.no_grad()
+def channel_statistics(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Iterable[torch.Tensor],
+    of: str = "output",
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per channel, the mean and (population) variance in float64 of each module's input or
+    output over `batches` (N×C×H×W), with `model` run as it is (eval or train mode)."""
+    if of not in ("input", "output"):
+        raise ValueError(f"of={of!r}: choose input or output")
+    sums: dict[str, torch.Tensor] = {}
+    squares: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str) -> Any:
+        def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            x = (inputs[0] if of == "input" else out).double()
+            sums[name] = sums.get(name, 0) + x.sum(dim=(0, 2, 3))
+            squares[name] = squares.get(name, 0) + (x * x).sum(dim=(0, 2, 3))
+            counts[name] = counts.get(name, 0) + x.shape[0] * x.shape[2] * x.shape[3]
+
+        return record
+
+    handles = [module.register_forward_hook(hook(n)) for n, module in modules.items()]
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats = {}
+    for name in modules:
+        mean = sums[name] / counts[name]
+        stats[name] = (mean, (squares[name] / counts[name] - mean * mean).clamp_min(0.0))
+    return stats

@@ -40,7 +40,13 @@ from .checkpoint_io import read_checkpoint
 from .data.loader import BatchLoader
 from .engine import exported_weights, predict
 from .export.checkpoint import CheckpointError, build_model, validate_checkpoint
-from .folding import augmented_batches, batchnorms, fold_state, unfold_identity
+from .folding import (
+    augmented_batches,
+    batchnorms,
+    channel_statistics,
+    fold_state,
+    unfold_identity,
+)
 
 log = logging.getLogger("earlyexit.soup")
 
@@ -154,39 +160,15 @@ def average_folded(
     return out
 
 
-@torch.no_grad()
 def output_statistics(
     model: nn.Module,
     norms: dict[str, nn.BatchNorm2d],
     batches: list[torch.Tensor],
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per channel, the mean and standard deviation of every BatchNorm's output in eval mode."""
-    sums: dict[str, torch.Tensor] = {}
-    squares: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name: str) -> Any:
-        def record(_module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
-            x = out.double()
-            sums[name] = sums.get(name, 0) + x.sum(dim=(0, 2, 3))
-            squares[name] = squares.get(name, 0) + (x * x).sum(dim=(0, 2, 3))
-            counts[name] = counts.get(name, 0) + x.shape[0] * x.shape[2] * x.shape[3]
-
-        return record
-
     model.eval()
-    handles = [bn.register_forward_hook(hook(n)) for n, bn in norms.items()]
-    try:
-        for x in batches:
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    stats = {}
-    for name in norms:
-        mean = sums[name] / counts[name]
-        stats[name] = (mean, (squares[name] / counts[name] - mean * mean).clamp_min(0.0).sqrt())
-    return stats
+    stats = channel_statistics(model, dict(norms), batches, of="output")
+    return {name: (mean, var.sqrt()) for name, (mean, var) in stats.items()}
 
 
 @torch.no_grad()
