@@ -113,7 +113,7 @@ def _sha256(path: Path) -> str:
 def load_ingredient(path: str) -> Ingredient:
     """A training checkpoint (its EMA weights when it has them) or a bare state_dict file."""
     loaded = read_checkpoint(path, SoupError)
-    name = Path(path).name
+    name = _portable(path)
     if isinstance(loaded, dict) and "model" in loaded and "config" in loaded:
         try:
             validate_checkpoint(loaded, path)
