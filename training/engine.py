@@ -927,12 +927,23 @@ def write_test_predictions(trainer: Trainer, path: str | Path) -> dict[str, Any]
     test = load_split(cfg.dataset, cfg.data_dir, "test", cfg.val_size, cfg.split_seed)
     loader = BatchLoader(test, 500, trainer.mean, trainer.std, train=False)
     preds, ensemble = predict(trainer.eval_model, loader, trainer.device)
+    save_predictions(path, preds, ensemble, test.labels)
+    return {"rows": int(preds.shape[1]), "exits": int(preds.shape[0])}
+
+
+def save_predictions(
+    path: str | Path, predictions: np.ndarray, ensemble: np.ndarray, labels: np.ndarray
+) -> None:
+    """`predict`'s output and the labels as the .npz paired tests read (training.compare's
+    `read_predictions`): int16 `predictions` (K×N), `ensemble` (N), `labels` (N), atomically."""
     buffer = io.BytesIO()
     np.savez_compressed(
-        buffer, predictions=preds, ensemble=ensemble, labels=test.labels.astype(np.int16)
+        buffer,
+        predictions=predictions.astype(np.int16),
+        ensemble=ensemble.astype(np.int16),
+        labels=labels.astype(np.int16),
     )
     atomic_write_bytes(Path(path), buffer.getvalue())
-    return {"rows": int(preds.shape[1]), "exits": int(preds.shape[0])}
 
 
 def exported_weights(state: dict[str, Any]) -> dict[str, Any]:

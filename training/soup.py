@@ -24,7 +24,6 @@ average directly. BatchNorm is then set by `bn`:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.bundle import sha256_file
 from core.datasets import DatasetError, ImageArrays, load_split
 
 from .checkpoint_io import read_checkpoint
@@ -102,14 +102,6 @@ class Ingredient:
     sha256: str
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_ingredient(path: str) -> Ingredient:
     """A training checkpoint (its EMA weights when it has them) or a bare state_dict file."""
     loaded = read_checkpoint(path, SoupError)
@@ -119,13 +111,13 @@ def load_ingredient(path: str) -> Ingredient:
             validate_checkpoint(loaded, path)
         except CheckpointError as exc:
             raise SoupError(str(exc)) from exc
-        return Ingredient(name, dict(exported_weights(loaded)), loaded, _sha256(Path(path)))
+        return Ingredient(name, dict(exported_weights(loaded)), loaded, sha256_file(path))
     if (
         isinstance(loaded, dict)
         and loaded
         and all(isinstance(v, torch.Tensor) for v in loaded.values())
     ):
-        return Ingredient(name, dict(loaded), None, _sha256(Path(path)))
+        return Ingredient(name, dict(loaded), None, sha256_file(path))
     raise SoupError(f"{path}: neither a training checkpoint nor a state_dict of tensors")
 
 
@@ -256,7 +248,6 @@ def make_soup(config: SoupConfig) -> tuple[dict[str, Any], list[Ingredient]]:
         "ingredient_sha256": [ing.sha256 for ing in ingredients],
     }
     soup["config"]["extra"] = extra
-    soup["soup"] = extra["soup"]
     return soup, ingredients
 
 

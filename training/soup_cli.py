@@ -20,14 +20,13 @@ Method: training/soup.py.
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from core.atomic import atomic_write_bytes, atomic_write_json
+from core.atomic import atomic_write_json
 from serving.cli_common import OneLineParser, UsageError, setup_cli_logging
 
 log = logging.getLogger("earlyexit.soup")
@@ -81,10 +80,7 @@ def _reference_test(reference: Path, predictions: Any, labels: Any) -> dict[str,
 
     from .compare import read_predictions
 
-    path = reference / "test_predictions.npz"
-    if not path.is_file():
-        raise UsageError(f"--reference {reference}: no test_predictions.npz there")
-    ref = read_predictions(reference)
+    ref = read_predictions(reference)  # run() checked the file is there
     if ref.labels.shape != labels.shape or not np.array_equal(ref.labels, labels):
         raise UsageError(f"--reference {reference}: its test labels are not this test split's")
     test = mcnemar(ref.exits[-1] == ref.labels, predictions[-1] == labels)
@@ -140,18 +136,23 @@ def run(args: argparse.Namespace, command: str) -> int:
     import numpy as np
     import torch
 
-    from .engine import atomic_torch_save
+    from .compare import PREDICTIONS
+    from .engine import atomic_torch_save, save_predictions
     from .soup import load_data, make_soup, plot_report, score
 
     config = soup_config(args)
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if args.reference is not None and not (args.reference / "test_predictions.npz").is_file():
-        raise UsageError(f"--reference {args.reference}: no test_predictions.npz there")
+    if args.reference is not None and not (args.reference / PREDICTIONS).is_file():
+        raise UsageError(f"--reference {args.reference}: no {PREDICTIONS} there")
     torch.set_num_threads(args.threads)
     soup, ingredients = make_soup(config)
     splits = {split: load_data(soup, config, split) for split in ("val", "test")}
-    report: dict[str, Any] = {"recipe": soup["soup"], "ingredients": [], "soup": {}}
+    report: dict[str, Any] = {
+        "recipe": soup["config"]["extra"]["soup"],
+        "ingredients": [],
+        "soup": {},
+    }
     for ing in ingredients:
         entry: dict[str, Any] = {"name": ing.name, "sha256": ing.sha256}
         for split, data in splits.items():
@@ -178,14 +179,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     atomic_torch_save(soup, out / "best.pt")
     atomic_write_json(out / "config.json", soup["config"])
     atomic_write_json(out / "test_metrics.json", {"final": test, "best": test})
-    buffer = io.BytesIO()
-    np.savez_compressed(
-        buffer,
-        predictions=predictions.astype(np.int16),
-        ensemble=ensemble.astype(np.int16),
-        labels=labels.astype(np.int16),
-    )
-    atomic_write_bytes(out / "test_predictions.npz", buffer.getvalue())
+    save_predictions(out / PREDICTIONS, predictions, ensemble, labels)
     atomic_write_json(out / "soup.json", {**report, "command": command})
     plot_report(report, out / "soup.png")
     log.info("wrote %s", out)
