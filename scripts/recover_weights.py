@@ -80,8 +80,7 @@ def _read_manifest(bundle: Path) -> dict[str, Any]:
 
 
 def _build(manifest: dict[str, Any], which: str, bundle: Path) -> tuple[Any, list[Path]]:
-    from training.export import model_kwargs
-    from training.models import create_model
+    from training.models import create_model, model_kwargs
 
     cfg = manifest["provenance"]["training_config"]
     kwargs = model_kwargs(cfg, manifest["input"]["shape"][0])

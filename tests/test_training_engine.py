@@ -446,6 +446,47 @@ def test_frozen_backbone_trains_only_heads_and_keeps_the_plain_model(tmp_path):
         assert torch.equal(frozen.model(x).logits[-1], plain(x).logits[-1])
 
 
+def test_init_heads_adds_an_exit_to_a_trained_multi_exit_model(tmp_path):
+    """--init-heads with other exit blocks: the heads at blocks both networks exit after load,
+    a new exit (here after block 1) starts fresh, and on a frozen backbone the final exit stays
+    the trained model's."""
+    sd = _trainer(tmp_path / "sd", head="lite")  # exits after layer2.1, layer3.1, layer4.1
+    sd.fit(max_steps=2, progress=False)
+    ckpt = tmp_path / "sd" / "best.pt"
+    trained = torch.load(ckpt, weights_only=False)["model"]
+    grown = _trainer(tmp_path / "grown", head="lite", exits=4, exit_blocks=(1, 4, 6),
+                     init=str(ckpt), init_heads=True, freeze_backbone=True)  # fmt: skip
+    assert grown.model.exit_points == ("layer1.0", "layer2.1", "layer3.1", "layer4.1")
+    for mine, theirs in ((1, 0), (2, 1)):
+        for name, value in grown.model.heads[mine].state_dict().items():
+            assert torch.equal(value, trained[f"heads.{theirs}.{name}"]), (mine, name)
+    fresh = grown.model.heads[0].state_dict()
+    assert any(not torch.equal(v, trained[f"heads.0.{n}"]) for n, v in fresh.items())
+    grown.fit(max_steps=2, progress=False)
+    x = torch.randn(4, 3, 16, 16)
+    before = create_model("resnet18", 4, exits=3, width=0.125, head="lite").eval()
+    before.load_state_dict(trained)
+    grown.model.eval().to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        assert torch.equal(grown.model(x).logits[-1], before(x).logits[-1])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"exits": 3, "exit_blocks": (1, 3)}, "no shallow exit at this run's blocks"),
+        ({"exits": 4, "exit_blocks": (1, 4, 6), "head": "pool"}, "after layer2.1 does not fit"),
+    ],
+)
+def test_init_heads_with_no_fitting_head_is_refused(tmp_path, overrides, needle):
+    sd = _trainer(tmp_path / "sd", head="lite")
+    sd.fit(max_steps=1, progress=False)
+    with pytest.raises(InitError, match=needle):
+        _trainer(tmp_path / "run", init=str(tmp_path / "sd" / "best.pt"), init_heads=True,
+                 **{"head": "lite", **overrides})  # fmt: skip
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
 def test_init_without_freezing_fine_tunes_everything(tmp_path):
     ckpt = _plain_checkpoint(tmp_path)
     plain_state = torch.load(ckpt, weights_only=False)["model"]

@@ -269,8 +269,8 @@ def test_a_trained_model_pruned_then_fine_tuned(tmp_path):
     assert all(torch.equal(v, trained[f"heads.{k}"]) for k, v in heads.items())
     tuned.fit(max_steps=2, progress=False)
     assert tuned.pruned_epochs == [0]
-    with pytest.raises(InitError, match="exit heads of .* do not fit this run's 2 lite exits"):
-        tiny_trainer(tmp_path / "other", init=init, init_heads=True, exits=2)
+    with pytest.raises(InitError, match="exit heads of .* do not fit this run's 3 attention"):
+        tiny_trainer(tmp_path / "other", init=init, init_heads=True, head="attention")
 
 
 def test_a_pruned_run_exports_tunes_and_serves(tmp_path, capsys):

@@ -197,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-heads",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="with --init of a multi-exit checkpoint of the same exits and heads: load its exit "
-        "heads too (e.g. a trained self-distilled model to prune and fine-tune)",
+        help="with --init of a multi-exit checkpoint: load its exit heads too, each into the "
+        "exit after the same block (e.g. a trained self-distilled model to prune and "
+        "fine-tune); exits it lacks, such as one added with --exit-blocks, start fresh",
     )
     p.add_argument(
         "--prune-ratio",

@@ -90,7 +90,7 @@ class TrainConfig:
     # continuation recipe (a second cycle) starts every seed from its own first run
     init: str | None = None
     freeze_backbone: bool = False
-    init_heads: bool = False  # with init: also load its exit heads (same exits and heads)
+    init_heads: bool = False  # with init: also load its exit heads, matched by exit block
     # structured L1 channel pruning (training.prune; seeds 000 and 004 §4.6): before each
     # listed epoch (0 = before training, e.g. a trained --init model then fine-tuned) remove
     # this fraction of every block-internal channel set; the pruned widths live in the

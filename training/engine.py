@@ -30,7 +30,7 @@ from .costs import measure_costs
 from .data import AugmentConfig, BatchLoader
 from .losses import create_loss
 from .losses.inputs import LossInputs, capture_stage_maps
-from .models import MultiExitNetwork, create_model
+from .models import MultiExitNetwork, create_model, model_kwargs
 from .teacher import Teacher, TeacherError  # noqa: F401  (TeacherError: bad --teacher)
 
 if TYPE_CHECKING:
@@ -169,6 +169,7 @@ def load_backbone(model: MultiExitNetwork, cfg: TrainConfig) -> None:
     state = read_checkpoint(path, InitError, "--init")
     if not isinstance(state, dict):
         raise InitError(f"--init {path}: expected a dict, got {type(state).__name__}")
+    their_points: tuple[str, ...] | None = None
     if "config" in state and "model" in state:  # this project's checkpoint
         theirs = state["config"] if isinstance(state["config"], dict) else {}
         for key in ("arch", "width", "stem"):
@@ -181,6 +182,8 @@ def load_backbone(model: MultiExitNetwork, cfg: TrainConfig) -> None:
             raise InitError(
                 f"--init {path}: {state['num_classes']} classes, this run has {model.num_classes}"
             )
+        if cfg.init_heads:
+            their_points = checkpoint_exit_points(state, model)
         ema = state.get("ema_model")
         state = ema if ema is not None else state["model"]
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -203,8 +206,45 @@ def load_backbone(model: MultiExitNetwork, cfg: TrainConfig) -> None:
     model.backbone.load_state_dict(weights)
     logger.info("backbone initialised from %s", path.name)
     if cfg.init_heads:
-        # A trained multi-exit model carried over whole (seed 004's prune-and-fine-tune).
-        heads = {k.removeprefix("heads."): v for k, v in tensors.items() if k.startswith("heads.")}
+        load_exit_heads(model, cfg, path, tensors, their_points)
+
+
+def checkpoint_exit_points(state: dict[str, Any], model: MultiExitNetwork) -> tuple[str, ...]:
+    """The blocks a checkpoint's exits follow, from its recorded config (its layout only,
+    built on the meta device); this run's own when the config does not say."""
+    config = state["config"] if isinstance(state["config"], dict) else {}
+    if "exits" not in config:
+        return tuple(model.exit_points)
+    try:
+        with torch.device("meta"):
+            theirs = create_model(
+                str(config.get("arch", "")),
+                model.num_classes,
+                exits=int(config["exits"]),
+                # Channels change the stem, not where exits sit; the checkpoint's own if known.
+                **model_kwargs(config, int((state.get("input_shape") or [3])[0])),
+            )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InitError(f"--init-heads: cannot read the exits of the checkpoint: {exc}") from exc
+    return tuple(theirs.exit_points)
+
+
+def load_exit_heads(
+    model: MultiExitNetwork,
+    cfg: TrainConfig,
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    their_points: tuple[str, ...] | None,
+) -> None:
+    """--init-heads: load the checkpoint's shallow exit heads into this run's heads at the
+    same blocks. Every exit of the same layout is carried over whole (seed 004's prune and
+    fine-tune); with other exit blocks (e.g. a block-1 exit added to a trained stage-end
+    model), the heads at shared blocks load and the others keep their fresh initialisation.
+    """
+    mine_points = tuple(model.exit_points)
+    theirs = their_points if their_points is not None else mine_points
+    heads = {k.removeprefix("heads."): v for k, v in tensors.items() if k.startswith("heads.")}
+    if theirs == mine_points:
         mine = model.heads.state_dict()
         if set(heads) != set(mine) or any(heads[k].shape != mine[k].shape for k in mine):
             raise InitError(
@@ -213,6 +253,33 @@ def load_backbone(model: MultiExitNetwork, cfg: TrainConfig) -> None:
             )
         model.heads.load_state_dict(heads)
         logger.info("exit heads initialised from %s", path.name)
+        return
+    # The final exit is the backbone's own head (loaded with it); only shallow heads map.
+    shared = [
+        (k, theirs.index(point)) for k, point in enumerate(mine_points[:-1]) if point in theirs[:-1]
+    ]
+    if not shared:
+        raise InitError(
+            f"--init-heads: {path} has no shallow exit at this run's blocks "
+            f"({', '.join(mine_points[:-1])}; it has {', '.join(theirs[:-1]) or 'none'})"
+        )
+    for k, j in shared:
+        prefix = f"{j}."
+        sub = {n.removeprefix(prefix): v for n, v in heads.items() if n.startswith(prefix)}
+        want = model.heads[k].state_dict()
+        if set(sub) != set(want) or any(sub[n].shape != want[n].shape for n in want):
+            raise InitError(
+                f"--init-heads: the exit head of {path} after {mine_points[k]} does not fit "
+                f"this run's {cfg.head} head there"
+            )
+        model.heads[k].load_state_dict(sub)
+    fresh = [p for k, p in enumerate(mine_points[:-1]) if k not in {m for m, _ in shared}]
+    logger.info(
+        "exit heads after %s initialised from %s; fresh after %s",
+        ", ".join(mine_points[k] for k, _ in shared),
+        path.name,
+        ", ".join(fresh) or "none",
+    )
 
 
 def forward_for_loss(

@@ -12,7 +12,6 @@ from .checkpoint import (
     build_model,
     load_for_export,
     load_plain_baseline,
-    model_kwargs,
     validate_checkpoint,
 )
 from .options import CheckpointError, ExportError, ExportOptions, ExportResult, FileCheck
@@ -24,7 +23,6 @@ __all__ = [
     "ExportResult",
     "FileCheck",
     "build_model",
-    "model_kwargs",
     "export_bundle",
     "export_checkpoint",
     "load_for_export",

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..checkpoint_io import read_checkpoint
-from ..models import MultiExitNetwork, create_model
+from ..models import MultiExitNetwork, create_model, model_kwargs
 from .options import CheckpointError, ExportOptions, PlainBaseline
 
 logger = logging.getLogger(__name__)
@@ -56,20 +56,6 @@ def validate_checkpoint(checkpoint: Any, where: str = "checkpoint") -> None:
     for key in ("mean", "std"):
         if len(checkpoint[key]) != shape[0]:
             raise CheckpointError(f"{where}: '{key}' must have {shape[0]} entries")
-
-
-def model_kwargs(config: dict[str, Any], in_chans: int) -> dict[str, Any]:
-    """`create_model` keyword arguments (besides arch, classes and exits) that a training
-    config records: the same network for a checkpoint and for a bundle's provenance."""
-    kwargs: dict[str, Any] = {"in_chans": int(in_chans)}
-    for key in ("width", "stem", "head", "act"):
-        if config.get(key) is not None:
-            kwargs[key] = config[key]
-    if config.get("exit_blocks"):
-        kwargs["exit_blocks"] = tuple(int(b) for b in config["exit_blocks"])
-    if config.get("groups", 1) != 1:
-        kwargs["groups"] = int(config["groups"])
-    return kwargs
 
 
 def build_model(checkpoint: dict[str, Any]) -> MultiExitNetwork:

@@ -8,7 +8,14 @@ from .multi_exit import (
     parse_exit_blocks,
     stage_groups,
 )
-from .registry import UnknownModelError, create_backbone, create_model, list_models, register_model
+from .registry import (
+    UnknownModelError,
+    create_backbone,
+    create_model,
+    list_models,
+    model_kwargs,
+    register_model,
+)
 
 __all__ = [
     "MultiExitNetwork",
@@ -20,6 +27,7 @@ __all__ = [
     "create_backbone",
     "create_model",
     "list_models",
+    "model_kwargs",
     "register_model",
     "stage_groups",
 ]

@@ -132,6 +132,20 @@ def create_model(
     return network
 
 
+def model_kwargs(config: dict[str, Any], in_chans: int) -> dict[str, Any]:
+    """`create_model` keyword arguments (besides arch, classes and exits) that a training
+    config records: the same network for a checkpoint and for a bundle's provenance."""
+    kwargs: dict[str, Any] = {"in_chans": int(in_chans)}
+    for key in ("width", "stem", "head", "act"):
+        if config.get(key) is not None:
+            kwargs[key] = config[key]
+    if config.get("exit_blocks"):
+        kwargs["exit_blocks"] = tuple(int(b) for b in config["exit_blocks"])
+    if config.get("groups", 1) != 1:
+        kwargs["groups"] = int(config["groups"])
+    return kwargs
+
+
 def _ensure_registered() -> None:
     # Importing the modules runs their @register_model decorators.
     from . import mobilenetv2, resnet, resnet_kl, vgg, wideresnet  # noqa: F401

@@ -1,0 +1,209 @@
+"""Keep a subset of a trained network's exits: a finished run directory of its own.
+
+On a frozen backbone every exit head trains independently of the others, so one run with an
+exit after every block (configs/r18w05_soup_heads_frozen_allblocks.yaml) holds every placement
+at once. This script writes the network with only the exits after `--exit-blocks` (the final
+exit is always kept): the backbone and the heads at those blocks bit for bit, scored per exit
+on val and test like a training run (best.pt, config.json, test_metrics.json,
+test_predictions.npz), for `earlyexit-export --checkpoint`.
+
+    python scripts/select_exits.py --run runs/soup_heads/all --exit-blocks 1,2,4,6 \\
+        --out runs/soup_heads/sel_1246 --data-dir ../shared/data
+
+Bad input (no such run, blocks the run has no exit after, a network that does not fit) is
+one line on stderr and exit 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("select_exits")
+
+
+class SelectError(ValueError):
+    """The run or the chosen blocks cannot give the network (bad input: one line, exit 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="select_exits.py", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    p.add_argument("--run", required=True, type=Path, help="a training run directory (best.pt)")
+    p.add_argument(
+        "--exit-blocks",
+        required=True,
+        help="comma-separated 1-based blocks to keep an exit after (the final exit is kept)",
+    )
+    p.add_argument("--out", required=True, type=Path, help="the new run directory")
+    p.add_argument(
+        "--heads-from",
+        type=Path,
+        help="a checkpoint with the same backbone (e.g. the model the run's heads were trained "
+        "on): its heads replace the run's at the blocks both exit after",
+    )
+    p.add_argument("--data-dir", help="dataset directory (default: the run's own)")
+    p.add_argument("--threads", type=int, default=1)
+    return p
+
+
+def select(
+    run: Path, blocks: tuple[int, ...], data_dir: str | None, heads_from: Path | None = None
+) -> dict[str, Any]:
+    """The checkpoint of `run` with exits after `blocks` only (heads at blocks `heads_from`
+    exits after taken from it), val metrics filled in."""
+    import torch
+
+    from training.config import TrainConfig
+    from training.costs import measure_costs
+    from training.engine import (
+        InitError,
+        checkpoint_exit_points,
+        load_backbone,
+        load_exit_heads,
+        network_from_config,
+    )
+    from training.soup import score
+
+    source = run / "best.pt"
+    if not source.is_file():
+        raise SelectError(f"--run {run}: no best.pt there")
+    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    config = dict(checkpoint["config"])
+    if not config.get("exit_blocks"):
+        raise SelectError(f"--run {run}: its exits sit at stage ends; nothing to select from")
+    have = tuple(int(b) for b in config["exit_blocks"])
+    extra = sorted(set(blocks) - set(have))
+    if extra:
+        raise SelectError(f"--exit-blocks {extra}: {run} has exits after blocks {list(have)} only")
+    known = {f.name for f in TrainConfig.__dataclass_fields__.values()}
+    base = TrainConfig(**{k: v for k, v in config.items() if k in known})
+    cfg = replace(
+        base,
+        exits=len(blocks) + 1,
+        exit_blocks=tuple(blocks),
+        init=str(source),
+        init_heads=True,
+        # The new run is a selection, not a training: no --init recorded as a machine path.
+    )
+    model = network_from_config(cfg, int(checkpoint["num_classes"]))
+    try:
+        load_backbone(model, cfg)
+    except InitError as exc:
+        raise SelectError(str(exc)) from exc
+    if heads_from is not None:
+        other = torch.load(heads_from, map_location="cpu", weights_only=False)
+        if not isinstance(other, dict) or "model" not in other or "config" not in other:
+            raise SelectError(f"--heads-from {heads_from}: not a training checkpoint")
+        mine = model.backbone.state_dict()
+        theirs = other["model"]
+        if any(
+            f"backbone.{k}" not in theirs or not torch.equal(v, theirs[f"backbone.{k}"])
+            for k, v in mine.items()
+        ):
+            raise SelectError(
+                f"--heads-from {heads_from}: its backbone differs from the run's; heads only "
+                "carry over between networks with the same frozen backbone"
+            )
+        try:
+            load_exit_heads(model, cfg, heads_from, theirs, checkpoint_exit_points(other, model))
+        except InitError as exc:
+            raise SelectError(str(exc)) from exc
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = {
+        k: v
+        for k, v in checkpoint.items()
+        if k not in ("optimizer", "scheduler", "rng", "epoch_partial", "loss", "ema_state")
+    }
+    out["model"] = state
+    out["ema_model"] = None
+    # Costs per exit change with the exits kept (fewer heads on each path).
+    out["costs"] = measure_costs(model, tuple(checkpoint["input_shape"])).to_dict()
+    saved = dict(config)
+    saved["exits"] = len(blocks) + 1
+    saved["exit_blocks"] = list(blocks)
+    saved["extra"] = {
+        **dict(config.get("extra") or {}),
+        "selected_from": {
+            "run": run.name,
+            "exit_blocks": list(have),
+            "heads_from": None if heads_from is None else heads_from.name,
+        },
+    }
+    out["config"] = saved
+    val, _, _ = score(out, state, split_of(out, data_dir, "val"))
+    out["val_metrics"] = val
+    out["best_value"] = val["acc_last"]
+    return out
+
+
+def split_of(checkpoint: dict[str, Any], data_dir: str | None, split: str) -> Any:
+    """The split the checkpoint's recipe names (its val rows held out as in training)."""
+    from core.datasets import DatasetError, load_split
+
+    cfg = checkpoint["config"]
+    where = data_dir or cfg.get("data_dir")
+    if not where:
+        raise SelectError("no data directory: pass --data-dir")
+    try:
+        return load_split(
+            str(cfg.get("dataset", "cifar10")),
+            where,
+            split,
+            int(cfg.get("val_size", 5000)),
+            int(cfg.get("split_seed", 0)),
+        )
+    except DatasetError as exc:
+        raise SelectError(str(exc)) from exc
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from core.atomic import atomic_write_json
+    from training.compare import PREDICTIONS
+    from training.engine import atomic_torch_save, save_predictions
+    from training.soup import score
+
+    try:
+        blocks = tuple(int(b) for b in str(args.exit_blocks).split(",") if b.strip())
+    except ValueError as exc:
+        raise SelectError(f"--exit-blocks {args.exit_blocks!r}: not integers") from exc
+    if not blocks or list(blocks) != sorted(set(blocks)):
+        raise SelectError(f"--exit-blocks {args.exit_blocks!r}: must increase strictly")
+    if args.threads < 1:
+        raise SelectError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    checkpoint = select(args.run, blocks, args.data_dir, args.heads_from)
+    test_data = split_of(checkpoint, args.data_dir, "test")
+    test, predictions, ensemble = score(checkpoint, checkpoint["model"], test_data)
+    logger.info("val %s", checkpoint["val_metrics"])
+    logger.info("test %s", test)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(checkpoint, args.out / "best.pt")
+    atomic_write_json(args.out / "config.json", checkpoint["config"])
+    atomic_write_json(args.out / "test_metrics.json", {"final": test, "best": test})
+    labels = test_data.labels.astype(np.int64)
+    save_predictions(args.out / PREDICTIONS, predictions, ensemble, labels)
+    logger.info("wrote %s", args.out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return run_cli(args)
+    except (SelectError, ValueError) as exc:
+        print(f"select_exits.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
