@@ -115,3 +115,36 @@ def test_heads_from_a_checkpoint_of_the_same_backbone(all_blocks_run, tmp_path, 
     assert select_exits.main([*argv2, "--heads-from", str(tmp_path / "foreign.pt")]) == 2
     assert "backbone differs" in capsys.readouterr().err
     assert not out2.exists()
+
+
+def test_plot_exits_reads_selected_runs(all_blocks_run, tmp_path, capsys):
+    """scripts/plot_exits.py: per-exit val/test accuracy against the MACs of the path to each
+    exit (cumulative, earlier heads included), from run directories."""
+    import json
+
+    import plot_exits
+
+    run, _ = all_blocks_run
+    for blocks in ("2,5", "1,2,4,6"):
+        out = tmp_path / blocks.replace(",", "")
+        assert (
+            select_exits.main(["--run", str(run), "--exit-blocks", blocks, "--out", str(out)]) == 0
+        )
+    figures = tmp_path / "fig"
+    argv = [
+        "--run",
+        f"a={tmp_path / '25'}",
+        "--run",
+        f"b={tmp_path / '1246'}",
+        "--out",
+        str(figures),
+    ]
+    assert plot_exits.main(argv) == 0
+    data = json.loads((figures / "exits.json").read_text())
+    assert [len(data[k]["test"]) for k in ("a", "b")] == [3, 5]
+    for entry in data.values():
+        assert entry["macs"] == sorted(entry["macs"]) and len(entry["val"]) == len(entry["macs"])
+    assert data["a"]["exit_blocks"] == [2, 5]
+    assert (figures / "exits.png").stat().st_size > 0
+    assert plot_exits.main(["--run", str(tmp_path / "25"), "--out", str(figures)]) == 2
+    assert "LABEL=DIR" in capsys.readouterr().err

@@ -275,7 +275,7 @@ def load_exit_heads(
         model.heads[k].load_state_dict(sub)
     fresh = [p for k, p in enumerate(mine_points[:-1]) if k not in {m for m, _ in shared}]
     logger.info(
-        "exit heads after %s initialised from %s; fresh after %s",
+        "exit heads after %s initialised from %s; those after %s left as they were",
         ", ".join(mine_points[k] for k, _ in shared),
         path.name,
         ", ".join(fresh) or "none",
