@@ -15,6 +15,7 @@ import pickle
 import struct
 import tarfile
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,22 @@ def load_split(
     keep = np.ones(len(full), dtype=bool)
     keep[held] = False
     return full.subset(np.flatnonzero(keep))
+
+
+def recipe_split(
+    recipe: Mapping[str, Any], data_dir: str | os.PathLike[str], split: str
+) -> ImageArrays:
+    """`split` of the dataset a training recipe names (a checkpoint's `config`, a manifest's
+    training config), with its val rows held out exactly as that training held them out."""
+    val_size = recipe.get("val_size")
+    split_seed = recipe.get("split_seed")
+    return load_split(
+        str(recipe.get("dataset") or "cifar10"),
+        data_dir,
+        split,
+        DEFAULT_VAL_SIZE if val_size is None else int(val_size),
+        DEFAULT_SPLIT_SEED if split_seed is None else int(split_seed),
+    )
 
 
 # ----------------------------------------------------------------------------- download

@@ -127,7 +127,7 @@ def recover(
     import torch
     from torch import nn
 
-    from core.datasets import DatasetError, load_split
+    from core.datasets import DatasetError, load_split, recipe_split
     from core.normalize import normalize_images
     from training.folding import channel_statistics
 
@@ -180,13 +180,7 @@ def recover(
     # Step 2: per-channel statistics of every BatchNorm's input on augmented training rows
     # (crop with 4-pixel padding and flip, as training does; never the held-out rows).
     try:
-        train = load_split(
-            cfg["dataset"],
-            data_dir,
-            "train",
-            int(cfg.get("val_size", 5000)),
-            int(cfg.get("split_seed", 0)),
-        )
+        train = recipe_split(cfg, data_dir, "train")
         test = load_split(cfg["dataset"], data_dir, "test")
     except DatasetError as exc:
         raise RecoverError(str(exc)) from exc

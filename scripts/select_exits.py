@@ -144,20 +144,14 @@ def select(
 
 def split_of(checkpoint: dict[str, Any], data_dir: str | None, split: str) -> Any:
     """The split the checkpoint's recipe names (its val rows held out as in training)."""
-    from core.datasets import DatasetError, load_split
+    from core.datasets import DatasetError, recipe_split
 
     cfg = checkpoint["config"]
     where = data_dir or cfg.get("data_dir")
     if not where:
         raise SelectError("no data directory: pass --data-dir")
     try:
-        return load_split(
-            str(cfg.get("dataset", "cifar10")),
-            where,
-            split,
-            int(cfg.get("val_size", 5000)),
-            int(cfg.get("split_seed", 0)),
-        )
+        return recipe_split(cfg, where, split)
     except DatasetError as exc:
         raise SelectError(str(exc)) from exc
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.datasets import DatasetError, load_split, val_indices
+from core.datasets import DatasetError, load_split, recipe_split, val_indices
 from tests.data_fixtures import write_tiny_cifar10, write_tiny_cifar100, write_tiny_fashion_mnist
 from training.data import AugmentConfig, BatchLoader, cutout, random_crop, random_flip
 
@@ -142,3 +142,16 @@ def test_autoaugment_cifar_policy_runs_and_is_seeded():
     a = aug(x, torch.Generator().manual_seed(5))
     b = aug(x, torch.Generator().manual_seed(5))
     assert a.shape == x.shape and torch.equal(a, b) and float(a.min()) >= 0 and float(a.max()) <= 1
+
+
+def test_recipe_split_holds_out_what_the_recipe_held_out(tmp_path):
+    """recipe_split reads dataset, val_size and split_seed from a training config; a recipe
+    that held out nothing (val_size 0) keeps every training row, absent keys are defaults."""
+    write_tiny_cifar10(tmp_path, per_batch=20)
+    recipe = {"dataset": "cifar10", "val_size": 30, "split_seed": 3}
+    val = recipe_split(recipe, tmp_path, "val")
+    assert np.array_equal(val.labels, load_split("cifar10", tmp_path, "val", 30, 3).labels)
+    assert len(recipe_split({**recipe, "val_size": 0}, tmp_path, "train")) == 100
+    assert len(recipe_split({}, tmp_path, "test")) == 20
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        recipe_split({"dataset": "mnist"}, tmp_path, "val")

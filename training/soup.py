@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from core.bundle import sha256_file
-from core.datasets import DatasetError, ImageArrays, load_split
+from core.datasets import DatasetError, ImageArrays, recipe_split
 
 from .checkpoint_io import read_checkpoint
 from .data.loader import BatchLoader
@@ -271,13 +271,7 @@ def load_data(template: dict[str, Any], config: SoupConfig, split: str) -> Image
     if not data_dir:
         raise SoupError("no data directory: pass --data-dir")
     try:
-        return load_split(
-            str(cfg.get("dataset", "cifar10")),
-            data_dir,
-            split,
-            int(cfg.get("val_size", 5000)),
-            int(cfg.get("split_seed", 0)),
-        )
+        return recipe_split(cfg, data_dir, split)
     except DatasetError as exc:
         raise SoupError(str(exc)) from exc
 
