@@ -59,6 +59,7 @@ def select(
     exits after taken from it), val metrics filled in."""
     import torch
 
+    from training.checkpoint_io import derived_checkpoint
     from training.config import TrainConfig
     from training.costs import measure_costs
     from training.engine import (
@@ -115,13 +116,7 @@ def select(
         except InitError as exc:
             raise SelectError(str(exc)) from exc
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    out = {
-        k: v
-        for k, v in checkpoint.items()
-        if k not in ("optimizer", "scheduler", "rng", "epoch_partial", "loss", "ema_state")
-    }
-    out["model"] = state
-    out["ema_model"] = None
+    out = derived_checkpoint(checkpoint, state)
     # Costs per exit change with the exits kept (fewer heads on each path).
     out["costs"] = measure_costs(model, tuple(checkpoint["input_shape"])).to_dict()
     saved = dict(config)

@@ -21,3 +21,16 @@ def read_checkpoint(path: str | os.PathLike[str], error: type[Exception], flag: 
         return torch.load(source, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch.load raises many types on a corrupt or foreign file
         raise error(f"{label}{source}: not a readable torch checkpoint ({exc})") from exc
+
+
+# What only resuming a training needs; a checkpoint of derived weights leaves it out.
+TRAINING_STATE = ("optimizer", "scheduler", "rng", "epoch_partial", "loss", "ema_state")
+
+
+def derived_checkpoint(template: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """A finished checkpoint holding `state` (weights derived from `template`'s run, e.g. a
+    soup or a subset of its exits): the template's metadata without its training state."""
+    out = {k: v for k, v in template.items() if k not in TRAINING_STATE}
+    out["model"] = state
+    out["ema_model"] = None
+    return out

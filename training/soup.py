@@ -36,7 +36,7 @@ from torch import nn
 from core.bundle import sha256_file
 from core.datasets import DatasetError, ImageArrays, recipe_split
 
-from .checkpoint_io import read_checkpoint
+from .checkpoint_io import derived_checkpoint, read_checkpoint
 from .data.loader import BatchLoader
 from .engine import exported_weights, predict
 from .export.checkpoint import CheckpointError, build_model, validate_checkpoint
@@ -231,13 +231,7 @@ def make_soup(config: SoupConfig) -> tuple[dict[str, Any], list[Ingredient]]:
         model.load_state_dict(state)
         renormalise(model, norms, targets, batches)
         state = {k: v.clone() for k, v in model.state_dict().items()}
-    soup = {
-        k: v
-        for k, v in template.items()
-        if k not in ("optimizer", "scheduler", "rng", "epoch_partial", "loss", "ema_state")
-    }
-    soup["model"] = state
-    soup["ema_model"] = None
+    soup = derived_checkpoint(template, state)
     soup["config"] = dict(template["config"])
     extra = dict(soup["config"].get("extra") or {})
     # Relative paths, names and hashes only: the soup must not carry this machine's paths.
