@@ -295,15 +295,19 @@ def load_split(
 
 
 def recipe_split(
-    recipe: Mapping[str, Any], data_dir: str | os.PathLike[str], split: str
+    recipe: Mapping[str, Any], data_dir: str | os.PathLike[str] | None, split: str
 ) -> ImageArrays:
     """`split` of the dataset a training recipe names (a checkpoint's `config`, a manifest's
-    training config), with its val rows held out exactly as that training held them out."""
+    training config), with its val rows held out exactly as that training held them out.
+    `data_dir` None means the recipe's own `data_dir`; DatasetError when neither is set."""
+    where = data_dir if data_dir is not None else recipe.get("data_dir")
+    if not where:
+        raise DatasetError("no data directory: pass --data-dir")
     val_size = recipe.get("val_size")
     split_seed = recipe.get("split_seed")
     return load_split(
         str(recipe.get("dataset") or "cifar10"),
-        data_dir,
+        where,
         split,
         DEFAULT_VAL_SIZE if val_size is None else int(val_size),
         DEFAULT_SPLIT_SEED if split_seed is None else int(split_seed),

@@ -18,23 +18,30 @@ from pathlib import Path
 from typing import Any
 
 
-def read_run(path: Path) -> dict[str, Any]:
-    import torch
+class PlotError(ValueError):
+    """A run directory this plot cannot read (bad input: one line, exit 2)."""
 
-    checkpoint = torch.load(path / "best.pt", map_location="cpu", weights_only=False)
-    test = json.loads((path / "test_metrics.json").read_text(encoding="utf-8"))["best"]
-    val = checkpoint["val_metrics"]
-    segments = checkpoint["costs"]["segment_macs"]
-    exits = len(segments)
-    cumulative = [sum(segments[: k + 1]) for k in range(exits)]
-    config = checkpoint["config"]
-    return {
-        "exit_blocks": config.get("exit_blocks"),
-        "head": config.get("head"),
-        "macs": cumulative,
-        "val": [round(float(val[f"acc_exit{k}"]), 2) for k in range(1, exits + 1)],
-        "test": [round(float(test[f"acc_exit{k}"]), 2) for k in range(1, exits + 1)],
-    }
+
+def read_run(path: Path) -> dict[str, Any]:
+    from training.checkpoint_io import read_checkpoint
+
+    checkpoint = read_checkpoint(path / "best.pt", PlotError, "--run")
+    try:
+        test = json.loads((path / "test_metrics.json").read_text(encoding="utf-8"))["best"]
+        val = checkpoint["val_metrics"]
+        segments = checkpoint["costs"]["segment_macs"]
+        config = checkpoint["config"]
+        exits = range(1, len(segments) + 1)
+        return {
+            "exit_blocks": config.get("exit_blocks"),
+            "head": config.get("head"),
+            # A row reaching exit k has run segments 1..k.
+            "macs": [sum(segments[:k]) for k in exits],
+            "val": [round(float(val[f"acc_exit{k}"]), 2) for k in exits],
+            "test": [round(float(test[f"acc_exit{k}"]), 2) for k in exits],
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PlotError(f"--run {path}: not a finished run with per-exit metrics ({exc})") from exc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"plot_exits.py: error: --run {item!r}: need LABEL=DIR with best.pt and "
                   "test_metrics.json", file=sys.stderr)  # fmt: skip
             return 2
-        runs[label] = read_run(path)
+        try:
+            runs[label] = read_run(path)
+        except PlotError as exc:
+            print(f"plot_exits.py: error: {exc}", file=sys.stderr)
+            return 2
 
     from core.atomic import atomic_write_json
     from core.plots import pyplot, save_png

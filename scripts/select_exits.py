@@ -59,12 +59,13 @@ def select(
     exits after taken from it), val metrics filled in."""
     import torch
 
-    from training.checkpoint_io import derived_checkpoint
+    from training.checkpoint_io import derived_checkpoint, read_checkpoint
     from training.config import TrainConfig
     from training.costs import measure_costs
     from training.engine import (
         InitError,
         checkpoint_exit_points,
+        exported_weights,
         load_backbone,
         load_exit_heads,
         network_from_config,
@@ -72,9 +73,9 @@ def select(
     from training.soup import score
 
     source = run / "best.pt"
-    if not source.is_file():
-        raise SelectError(f"--run {run}: no best.pt there")
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(source, SelectError, "--run")
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
+        raise SelectError(f"--run {run}: best.pt is not a training checkpoint")
     config = dict(checkpoint["config"])
     if not config.get("exit_blocks"):
         raise SelectError(f"--run {run}: its exits sit at stage ends; nothing to select from")
@@ -88,9 +89,9 @@ def select(
         base,
         exits=len(blocks) + 1,
         exit_blocks=tuple(blocks),
+        # Only for loading here: the saved config is the run's own, with the exits kept.
         init=str(source),
         init_heads=True,
-        # The new run is a selection, not a training: no --init recorded as a machine path.
     )
     model = network_from_config(cfg, int(checkpoint["num_classes"]))
     try:
@@ -98,11 +99,11 @@ def select(
     except InitError as exc:
         raise SelectError(str(exc)) from exc
     if heads_from is not None:
-        other = torch.load(heads_from, map_location="cpu", weights_only=False)
+        other = read_checkpoint(heads_from, SelectError, "--heads-from")
         if not isinstance(other, dict) or "model" not in other or "config" not in other:
             raise SelectError(f"--heads-from {heads_from}: not a training checkpoint")
         mine = model.backbone.state_dict()
-        theirs = other["model"]
+        theirs = exported_weights(other)  # as load_backbone reads a checkpoint: EMA if any
         if any(
             f"backbone.{k}" not in theirs or not torch.equal(v, theirs[f"backbone.{k}"])
             for k, v in mine.items()
@@ -141,12 +142,8 @@ def split_of(checkpoint: dict[str, Any], data_dir: str | None, split: str) -> An
     """The split the checkpoint's recipe names (its val rows held out as in training)."""
     from core.datasets import DatasetError, recipe_split
 
-    cfg = checkpoint["config"]
-    where = data_dir or cfg.get("data_dir")
-    if not where:
-        raise SelectError("no data directory: pass --data-dir")
     try:
-        return recipe_split(cfg, where, split)
+        return recipe_split(checkpoint["config"], data_dir or None, split)
     except DatasetError as exc:
         raise SelectError(str(exc)) from exc
 

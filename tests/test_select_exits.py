@@ -148,3 +148,28 @@ def test_plot_exits_reads_selected_runs(all_blocks_run, tmp_path, capsys):
     assert (figures / "exits.png").stat().st_size > 0
     assert plot_exits.main(["--run", str(tmp_path / "25"), "--out", str(figures)]) == 2
     assert "LABEL=DIR" in capsys.readouterr().err
+
+
+def test_unreadable_checkpoints_are_one_line_exit_2(all_blocks_run, tmp_path, capsys):
+    """A --heads-from file that is missing or not a checkpoint, and a --run whose best.pt is
+    not a torch file, answer one line and exit 2 (no traceback); plot_exits likewise for a run
+    without per-exit metrics."""
+    import plot_exits
+
+    run, _ = all_blocks_run
+    out = tmp_path / "sel"
+    argv = ["--run", str(run), "--exit-blocks", "2", "--out", str(out)]
+    assert select_exits.main([*argv, "--heads-from", str(tmp_path / "none.pt")]) == 2
+    assert "--heads-from checkpoint not found" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "best.pt").write_bytes(b"not a checkpoint")
+    (broken / "test_metrics.json").write_text("{}")
+    assert select_exits.main(["--run", str(broken), "--exit-blocks", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a readable torch checkpoint" in err and "\n" not in err
+    assert not out.exists()
+    torch.save({"config": {}}, broken / "best.pt")
+    assert plot_exits.main(["--run", f"x={broken}", "--out", str(tmp_path / "fig")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a finished run with per-exit metrics" in err and "\n" not in err

@@ -184,8 +184,7 @@ def load_backbone(model: MultiExitNetwork, cfg: TrainConfig) -> None:
             )
         if cfg.init_heads:
             their_points = checkpoint_exit_points(state, model)
-        ema = state.get("ema_model")
-        state = ema if ema is not None else state["model"]
+        state = exported_weights(state)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     prefixed = any(k.startswith("backbone.") for k in tensors)
     weights = (
@@ -273,7 +272,8 @@ def load_exit_heads(
                 f"this run's {cfg.head} head there"
             )
         model.heads[k].load_state_dict(sub)
-    fresh = [p for k, p in enumerate(mine_points[:-1]) if k not in {m for m, _ in shared}]
+    loaded = {k for k, _ in shared}
+    fresh = [p for k, p in enumerate(mine_points[:-1]) if k not in loaded]
     logger.info(
         "exit heads after %s initialised from %s; those after %s left as they were",
         ", ".join(mine_points[k] for k, _ in shared),

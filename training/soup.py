@@ -260,12 +260,8 @@ def _statistics_batches(template: dict[str, Any], config: SoupConfig) -> list[to
 
 
 def load_data(template: dict[str, Any], config: SoupConfig, split: str) -> ImageArrays:
-    cfg = template["config"]
-    data_dir = config.data_dir or cfg.get("data_dir")
-    if not data_dir:
-        raise SoupError("no data directory: pass --data-dir")
     try:
-        return recipe_split(cfg, data_dir, split)
+        return recipe_split(template["config"], config.data_dir or None, split)
     except DatasetError as exc:
         raise SoupError(str(exc)) from exc
 
