@@ -471,6 +471,23 @@ def test_init_heads_adds_an_exit_to_a_trained_multi_exit_model(tmp_path):
         assert torch.equal(grown.model(x).logits[-1], before(x).logits[-1])
 
 
+def test_init_heads_from_a_plain_state_dict_reads_it_as_stage_ends(tmp_path):
+    """A plain state_dict (e.g. weights recovered from a stage-end bundle) records no exit
+    layout: its heads are read as the stage-end placement for their count, so a block-1 exit
+    can be added to it as to a checkpoint."""
+    sd = _trainer(tmp_path / "sd", head="lite")  # exits after layer2.1, layer3.1, layer4.1
+    sd.fit(max_steps=1, progress=False)
+    trained = torch.load(tmp_path / "sd" / "best.pt", weights_only=False)["model"]
+    torch.save(trained, tmp_path / "weights.pt")
+    grown = _trainer(tmp_path / "grown", head="lite", exits=4, exit_blocks=(1, 4, 6),
+                     init=str(tmp_path / "weights.pt"), init_heads=True)  # fmt: skip
+    for mine, theirs in ((1, 0), (2, 1), (3, 2)):
+        for name, value in grown.model.heads[mine].state_dict().items():
+            assert torch.equal(value, trained[f"heads.{theirs}.{name}"]), (mine, name)
+    fresh = grown.model.heads[0].state_dict()
+    assert any(not torch.equal(v, trained[f"heads.0.{n}"]) for n, v in fresh.items())
+
+
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [

@@ -186,6 +186,8 @@ def load_backbone(model: MultiExitNetwork, cfg: TrainConfig) -> None:
             their_points = checkpoint_exit_points(state, model)
         state = exported_weights(state)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if cfg.init_heads and their_points is None:
+        their_points = state_dict_exit_points(tensors, model, cfg)
     prefixed = any(k.startswith("backbone.") for k in tensors)
     weights = (
         {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
@@ -226,6 +228,21 @@ def checkpoint_exit_points(state: dict[str, Any], model: MultiExitNetwork) -> tu
     except (ValueError, TypeError, KeyError) as exc:
         raise InitError(f"--init-heads: cannot read the exits of the checkpoint: {exc}") from exc
     return tuple(theirs.exit_points)
+
+
+def state_dict_exit_points(
+    tensors: dict[str, torch.Tensor], model: MultiExitNetwork, cfg: TrainConfig
+) -> tuple[str, ...] | None:
+    """The blocks a plain state_dict's exits follow. It records no layout, so it is read as
+    the architecture's stage-end placement for its number of heads (the final one included),
+    which every model without `exit_blocks` has (e.g. weights recovered from a stage-end
+    bundle); None without heads."""
+    indices = {k.split(".")[1] for k in tensors if k.startswith("heads.")}
+    if not indices or not all(i.isdigit() for i in indices):
+        return None
+    config = {"arch": cfg.arch, "exits": max(int(i) for i in indices) + 1}
+    config.update({key: getattr(cfg, key) for key in ("width", "stem", "head", "act")})
+    return checkpoint_exit_points({"config": config}, model)
 
 
 def load_exit_heads(
