@@ -237,3 +237,18 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("earlyexit-soup: error:") and message in err[0]
     assert not out.exists()
+
+
+def test_broken_exits_names_the_exits_averaging_broke():
+    from training.soup import broken_exits
+
+    def entry(*accs):
+        return {"val": {f"acc_exit{k}": a for k, a in enumerate(accs, 1)}}
+
+    report = {
+        "ingredients": [entry(74.1, 82.4, 90.4), entry(74.4, 82.7, 90.3)],
+        "soup": entry(10.0, 82.9, 90.8),  # exit 1's heads started from different weights
+    }
+    assert broken_exits(report) == [1]
+    report["soup"] = entry(70.0, 82.9, 90.8)  # a few points lower is not flagged
+    assert broken_exits(report) == []

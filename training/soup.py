@@ -292,6 +292,20 @@ def score(
     return accuracy_metrics(predictions, ensemble, labels), predictions, ensemble
 
 
+def broken_exits(report: dict[str, Any], margin: float = 5.0) -> list[int]:
+    """Exits (1-based) whose soup scores more than `margin` points below its worst ingredient on
+    val: averaging broke them, which happens when those parts of the ingredients did not start
+    from the same weights (e.g. a head each draw initialised at random)."""
+    soup = _exit_accuracies(report["soup"]["val"])
+    worst = [
+        min(_exit_accuracies(entry["val"])[k] for entry in report["ingredients"])
+        for k in range(len(soup))
+    ]
+    return [
+        k + 1 for k, (mine, low) in enumerate(zip(soup, worst, strict=True)) if mine < low - margin
+    ]
+
+
 def plot_report(report: dict[str, Any], path: Path) -> None:
     """Per-exit validation and test accuracy of every ingredient (thin) and the soup (bold)."""
     from core.plots import pyplot, save_png

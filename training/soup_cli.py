@@ -138,7 +138,7 @@ def run(args: argparse.Namespace, command: str) -> int:
 
     from .compare import PREDICTIONS
     from .engine import atomic_torch_save, save_predictions
-    from .soup import load_data, make_soup, plot_report, score
+    from .soup import broken_exits, load_data, make_soup, plot_report, score
 
     config = soup_config(args)
     if args.threads < 1:
@@ -168,6 +168,13 @@ def run(args: argparse.Namespace, command: str) -> int:
     test, predictions, ensemble = score(soup, soup["model"], splits["test"])
     report["soup"] = {"val": val, "test": test}
     log.info("soup: val %.2f %%, test %.2f %% (deepest exit)", val["acc_last"], test["acc_last"])
+    report["broken_exits"] = broken_exits(report)
+    if report["broken_exits"]:
+        log.warning(
+            "exits %s of the soup score far below every ingredient: their weights did not start "
+            "from one network (e.g. heads initialised at random per draw), so they do not average",
+            ", ".join(map(str, report["broken_exits"])),
+        )
     labels = splits["test"].labels.astype(np.int64)
     if args.reference is not None:
         report["reference"] = _reference_test(args.reference, predictions, labels)
