@@ -486,6 +486,15 @@ def test_init_heads_from_a_plain_state_dict_reads_it_as_stage_ends(tmp_path):
             assert torch.equal(value, trained[f"heads.{theirs}.{name}"]), (mine, name)
     fresh = grown.model.heads[0].state_dict()
     assert any(not torch.equal(v, trained[f"heads.0.{n}"]) for n, v in fresh.items())
+    # With as many heads as the run has exits, it is read as the run's own layout, whatever
+    # the blocks: a per-block model's recovered weights load back whole.
+    grown.fit(max_steps=1, progress=False)
+    per_block = torch.load(tmp_path / "grown" / "best.pt", weights_only=False)["model"]
+    torch.save(per_block, tmp_path / "per_block.pt")
+    again = _trainer(tmp_path / "again", head="lite", exits=4, exit_blocks=(1, 4, 6),
+                     init=str(tmp_path / "per_block.pt"), init_heads=True)  # fmt: skip
+    for name, value in again.model.heads.state_dict().items():
+        assert torch.equal(value, per_block[f"heads.{name}"]), name
 
 
 @pytest.mark.parametrize(

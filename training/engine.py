@@ -233,14 +233,18 @@ def checkpoint_exit_points(state: dict[str, Any], model: MultiExitNetwork) -> tu
 def state_dict_exit_points(
     tensors: dict[str, torch.Tensor], model: MultiExitNetwork, cfg: TrainConfig
 ) -> tuple[str, ...] | None:
-    """The blocks a plain state_dict's exits follow. It records no layout, so it is read as
-    the architecture's stage-end placement for its number of heads (the final one included),
+    """The blocks a plain state_dict's exits follow. It records no layout: with as many heads
+    as this run has exits it is taken to be this run's layout (None, as before), with another
+    count the architecture's stage-end placement for that count (the final head included),
     which every model without `exit_blocks` has (e.g. weights recovered from a stage-end
-    bundle); None without heads."""
+    bundle). None without heads."""
     indices = {k.split(".")[1] for k in tensors if k.startswith("heads.")}
     if not indices or not all(i.isdigit() for i in indices):
         return None
-    config = {"arch": cfg.arch, "exits": max(int(i) for i in indices) + 1}
+    count = max(int(i) for i in indices) + 1
+    if count == model.num_exits:
+        return None
+    config = {"arch": cfg.arch, "exits": count}
     config.update({key: getattr(cfg, key) for key in ("width", "stem", "head", "act")})
     return checkpoint_exit_points({"config": config}, model)
 
