@@ -10,6 +10,9 @@ test_predictions.npz), for `earlyexit-export --checkpoint`.
     python scripts/select_exits.py --run runs/soup_heads/all --exit-blocks 1,2,4,6 \\
         --out runs/soup_heads/sel_1246 --data-dir ../shared/data
 
+`--heads-from` takes the heads of another network with the same backbone (the one the run's
+heads were trained on), at every block both exit after or only at `--heads-from-blocks`.
+
 Bad input (no such run, blocks the run has no exit after, a network that does not fit) is
 one line on stderr and exit 2, with nothing written.
 """
@@ -47,16 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint with the same backbone (e.g. the model the run's heads were trained "
         "on): its heads replace the run's at the blocks both exit after",
     )
+    p.add_argument(
+        "--heads-from-blocks",
+        help="with --heads-from: take its heads only at these comma-separated blocks (default: "
+        "every block both exit after), e.g. when one of its heads is broken, as a soup's head "
+        "that each ingredient initialised at random is",
+    )
     p.add_argument("--data-dir", help="dataset directory (default: the run's own)")
     p.add_argument("--threads", type=int, default=1)
     return p
 
 
 def select(
-    run: Path, blocks: tuple[int, ...], data_dir: str | None, heads_from: Path | None = None
+    run: Path,
+    blocks: tuple[int, ...],
+    data_dir: str | None,
+    heads_from: Path | None = None,
+    heads_from_blocks: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint of `run` with exits after `blocks` only (heads at blocks `heads_from`
-    exits after taken from it), val metrics filled in."""
+    exits after taken from it, or only at `heads_from_blocks`), val metrics filled in."""
     import torch
 
     from training.checkpoint_io import derived_checkpoint, read_checkpoint
@@ -83,6 +96,14 @@ def select(
     extra = sorted(set(blocks) - set(have))
     if extra:
         raise SelectError(f"--exit-blocks {extra}: {run} has exits after blocks {list(have)} only")
+    if heads_from_blocks is not None:
+        if heads_from is None:
+            raise SelectError("--heads-from-blocks needs --heads-from")
+        outside = sorted(set(heads_from_blocks) - set(blocks))
+        if outside:
+            raise SelectError(
+                f"--heads-from-blocks {outside}: not among the kept --exit-blocks {list(blocks)}"
+            )
     known = {f.name for f in TrainConfig.__dataclass_fields__.values()}
     base = TrainConfig(**{k: v for k, v in config.items() if k in known})
     cfg = replace(
@@ -112,10 +133,18 @@ def select(
                 f"--heads-from {heads_from}: its backbone differs from the run's; heads only "
                 "carry over between networks with the same frozen backbone"
             )
+        # The run's own heads at the blocks --heads-from-blocks leaves out, restored after.
+        keep = {
+            k: {n: v.clone() for n, v in model.heads[k].state_dict().items()}
+            for k, block in enumerate(blocks)
+            if heads_from_blocks is not None and block not in heads_from_blocks
+        }
         try:
             load_exit_heads(model, cfg, heads_from, theirs, checkpoint_exit_points(other, model))
         except InitError as exc:
             raise SelectError(str(exc)) from exc
+        for k, own in keep.items():
+            model.heads[k].load_state_dict(own)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     out = derived_checkpoint(checkpoint, state)
     # Costs per exit change with the exits kept (fewer heads on each path).
@@ -129,6 +158,7 @@ def select(
             "run": run.name,
             "exit_blocks": list(have),
             "heads_from": None if heads_from is None else heads_from.name,
+            "heads_from_blocks": None if heads_from_blocks is None else list(heads_from_blocks),
         },
     }
     out["config"] = saved
@@ -148,6 +178,17 @@ def split_of(checkpoint: dict[str, Any], data_dir: str | None, split: str) -> An
         raise SelectError(str(exc)) from exc
 
 
+def parse_blocks(text: str, flag: str) -> tuple[int, ...]:
+    """Comma-separated 1-based block indices, strictly increasing."""
+    try:
+        blocks = tuple(int(b) for b in str(text).split(",") if b.strip())
+    except ValueError as exc:
+        raise SelectError(f"{flag} {text!r}: not integers") from exc
+    if not blocks or list(blocks) != sorted(set(blocks)):
+        raise SelectError(f"{flag} {text!r}: must increase strictly")
+    return blocks
+
+
 def run_cli(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -157,16 +198,16 @@ def run_cli(args: argparse.Namespace) -> int:
     from training.engine import atomic_torch_save, save_predictions
     from training.soup import score
 
-    try:
-        blocks = tuple(int(b) for b in str(args.exit_blocks).split(",") if b.strip())
-    except ValueError as exc:
-        raise SelectError(f"--exit-blocks {args.exit_blocks!r}: not integers") from exc
-    if not blocks or list(blocks) != sorted(set(blocks)):
-        raise SelectError(f"--exit-blocks {args.exit_blocks!r}: must increase strictly")
+    blocks = parse_blocks(args.exit_blocks, "--exit-blocks")
+    heads_blocks = (
+        None
+        if args.heads_from_blocks is None
+        else parse_blocks(args.heads_from_blocks, "--heads-from-blocks")
+    )
     if args.threads < 1:
         raise SelectError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    checkpoint = select(args.run, blocks, args.data_dir, args.heads_from)
+    checkpoint = select(args.run, blocks, args.data_dir, args.heads_from, heads_blocks)
     test_data = split_of(checkpoint, args.data_dir, "test")
     test, predictions, ensemble = score(checkpoint, checkpoint["model"], test_data)
     logger.info("val %s", checkpoint["val_metrics"])

@@ -46,6 +46,7 @@ def test_the_kept_exits_are_the_trained_ones_bit_for_bit(all_blocks_run, tmp_pat
         "run": "all",
         "exit_blocks": [1, 2, 3, 4, 5, 6, 7],
         "heads_from": None,
+        "heads_from_blocks": None,
     }
     trained = model.state_dict()
     for mine, theirs in ((0, 1), (1, 4)):  # block 2 is exit 2 of 8, block 5 is exit 5
@@ -106,6 +107,28 @@ def test_heads_from_a_checkpoint_of_the_same_backbone(all_blocks_run, tmp_path, 
         heads = {k.removeprefix(f"heads.{mine}."): v for k, v in saved.items()
                  if k.startswith(f"heads.{mine}.")}  # fmt: skip
         assert heads and all(torch.equal(v, state[f"heads.{index}.{k}"]) for k, v in heads.items())
+
+    # --heads-from-blocks: its head only at block 2; blocks 1 and 4 keep the run's heads.
+    out3 = tmp_path / "sel3"
+    argv3 = ["--run", str(run), "--exit-blocks", "1,2,4", "--out", str(out3)]
+    assert select_exits.main([*argv3, "--heads-from", str(source), "--heads-from-blocks", "2"]) == 0
+    saved3 = torch.load(out3 / "best.pt", weights_only=False)
+    for mine, state, index in ((0, trained, 0), (1, theirs, 0), (2, trained, 3)):
+        heads = {k.removeprefix(f"heads.{mine}."): v for k, v in saved3["model"].items()
+                 if k.startswith(f"heads.{mine}.")}  # fmt: skip
+        assert heads and all(torch.equal(v, state[f"heads.{index}.{k}"]) for k, v in heads.items())
+    assert saved3["config"]["extra"]["selected_from"]["heads_from_blocks"] == [2]
+    for bad, needle in (
+        (["--heads-from-blocks", "2"], "needs --heads-from"),
+        (["--heads-from", str(source), "--heads-from-blocks", "3"], "not among the kept"),
+        (["--heads-from", str(source), "--heads-from-blocks", "4,2"], "must increase"),
+    ):
+        out4 = tmp_path / "sel4"
+        assert select_exits.main(["--run", str(run), "--exit-blocks", "1,2,4",
+                                  "--out", str(out4), *bad]) == 2  # fmt: skip
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err
+        assert not out4.exists()
 
     torch.manual_seed(10)
     foreign = create_model("resnet18", 10, exits=4, head="lite", width=0.125, stem="cifar")
