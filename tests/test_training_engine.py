@@ -679,3 +679,26 @@ def test_exit_blocks_fix_the_exit_count_and_train():
     trainer = Trainer(cfg, "unused", train_data=_arrays(16, 0), val_data=None)
     stats = trainer.train_step(*next(iter(trainer.train_loader.epoch(0))))
     assert math.isfinite(stats["total"]) and trainer.model.num_exits == 5
+
+
+def test_init_seed_gives_every_draw_the_same_fresh_heads(tmp_path):
+    """Draws meant for a soup: with one `init_seed`, runs of different seeds start from the
+    same weights, including a head --init does not supply; their data order still follows
+    `seed`. Without it each seed draws its own weights (heads that then do not average)."""
+    sd = _trainer(tmp_path / "sd", head="lite")
+    sd.fit(max_steps=1, progress=False)
+    start = str(tmp_path / "sd" / "best.pt")
+    common = {"head": "lite", "exits": 4, "exit_blocks": (1, 4, 6), "init": start,
+              "init_heads": True}  # fmt: skip
+    a = _trainer(tmp_path / "a", seed=1, init_seed=7, **common)
+    b = _trainer(tmp_path / "b", seed=2, init_seed=7, **common)
+    c = _trainer(tmp_path / "c", seed=2, **common)
+    state_a, state_b = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(v, state_b[k]) for k, v in state_a.items())
+    fresh_c = c.model.heads[0].state_dict()
+    assert any(not torch.equal(v, state_a[f"heads.0.{n}"]) for n, v in fresh_c.items())
+    # The data order still follows `seed`.
+    first = [t.train_loader.rows(0, 0) for t in (a, b, c)]
+    assert not torch.equal(first[0], first[1]) and torch.equal(first[1], first[2])
+    with pytest.raises(ValueError, match="init_seed must be >= 0"):
+        _trainer(tmp_path / "bad", init_seed=-1)

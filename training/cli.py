@@ -41,6 +41,7 @@ _FLAG_FIELDS = {
     "temperature": "temperature",
     "distill_off_epochs": "distill_off_epochs",
     "seed": "seed",
+    "init_seed": "init_seed",
     "cutout": "cutout",
     "cutmix": "cutmix",
     "autoaugment": "autoaugment",
@@ -219,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
         "runtime computes in; default 1)",
     )
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--init-seed",
+        type=int,
+        help="seed of the network's fresh weights (default: --seed); draws to be averaged "
+        "into a soup share it, so heads --init does not supply start alike",
+    )
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--best-metric", help="record key that picks best.pt (default val_acc_last)")
     p.add_argument(

@@ -102,6 +102,11 @@ class TrainConfig:
     prune_round_to: int = 1
     # run
     seed: int = 0
+    # seed of the network's fresh weights (None = `seed`): draws meant to be averaged into a
+    # soup share it, so a head that --init does not supply starts alike in every draw (heads
+    # that start apart do not average: docs/results/soup1246); data order and augmentation
+    # still follow `seed`
+    init_seed: int | None = None
     best_metric: str = "val_acc_last"
     amp: bool = True  # bf16 autocast, only on CUDA
     channels_last: bool = True  # CUDA and CPU (oneDNN convolutions run faster in NHWC)
@@ -184,6 +189,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.init_seed is not None and self.init_seed < 0:
+            raise ValueError(f"init_seed must be >= 0, got {self.init_seed}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
         if self.width <= 0:

@@ -550,8 +550,14 @@ class Trainer:
         self.epoch_seconds = 0.0
 
     def create_network(self, widths: dict[str, int] | None = None) -> MultiExitNetwork:
-        """The run's network, fresh, at the given pruned site widths (None = as built)."""
-        return network_from_config(self.cfg, self.num_classes, self.input_shape[0], widths)
+        """The run's network, fresh, at the given pruned site widths (None = as built). With
+        `init_seed` its weights are drawn from that seed, and the run's own random stream is
+        left where it was."""
+        if self.cfg.init_seed is None:
+            return network_from_config(self.cfg, self.num_classes, self.input_shape[0], widths)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.init_seed)
+            return network_from_config(self.cfg, self.num_classes, self.input_shape[0], widths)
 
     def _make_optimizer(self) -> torch.optim.SGD:
         # Loss parameters (feature adapters) train with the model and live in the checkpoint.
