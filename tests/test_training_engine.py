@@ -693,10 +693,15 @@ def test_init_seed_gives_every_draw_the_same_fresh_heads(tmp_path):
     a = _trainer(tmp_path / "a", seed=1, init_seed=7, **common)
     b = _trainer(tmp_path / "b", seed=2, init_seed=7, **common)
     c = _trainer(tmp_path / "c", seed=2, **common)
+    stream_c = torch.get_rng_state()
     state_a, state_b = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(v, state_b[k]) for k, v in state_a.items())
     fresh_c = c.model.heads[0].state_dict()
     assert any(not torch.equal(v, state_a[f"heads.0.{n}"]) for n, v in fresh_c.items())
+    # init_seed == seed is the run without one (the same global stream afterwards too).
+    same = _trainer(tmp_path / "same", seed=2, init_seed=2, **common)
+    assert torch.equal(torch.get_rng_state(), stream_c)
+    assert all(torch.equal(v, c.model.state_dict()[k]) for k, v in same.model.state_dict().items())
     # The data order still follows `seed`.
     first = [t.train_loader.rows(0, 0) for t in (a, b, c)]
     assert not torch.equal(first[0], first[1]) and torch.equal(first[1], first[2])

@@ -552,8 +552,9 @@ class Trainer:
     def create_network(self, widths: dict[str, int] | None = None) -> MultiExitNetwork:
         """The run's network, fresh, at the given pruned site widths (None = as built). With
         `init_seed` its weights are drawn from that seed, and the run's own random stream is
-        left where it was."""
-        if self.cfg.init_seed is None:
+        left where it was; an `init_seed` equal to `seed` is the run without one, bit for bit
+        (the draw of that seed is then also the recipe's)."""
+        if self.cfg.init_seed is None or self.cfg.init_seed == self.cfg.seed:
             return network_from_config(self.cfg, self.num_classes, self.input_shape[0], widths)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.init_seed)
